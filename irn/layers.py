@@ -1,0 +1,206 @@
+"""The implicit residual block (paper eq. 7, the theta-method):
+
+    y = x + h * ((1 - theta) * F(x) + theta * F(y))
+
+Forward: a solver from ``irn.solvers`` finds ``y*`` without building a graph. The block then
+returns one more application of the map, ``x + h(1-theta)F(x) + h theta F(y*)`` with ``y*``
+held constant (the graph the gradient flows through). Backward: an ``autograd.Function``
+sitting on that output turns the incoming gradient ``g`` into ``v`` solving
+
+    (I - h theta J_F(y*)^T) v = g
+
+before autograd pushes ``v`` through the one-step graph, which yields
+``dL/dx = v + h(1-theta) J_F(x)^T v`` and ``dL/dw = h[(1-theta) dF(x)/dw + theta dF(y*)/dw]^T v``
+(implicit function theorem). Nothing of the iterations is saved for backward.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from . import solvers as S
+from .solvers import ConvergenceWarning, SolverError, SolveStats
+
+POLICIES = ("warn", "raise", "ignore")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _choice(name: str, value, allowed) -> None:
+    _require(value in allowed, f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+class _ImplicitBackward(torch.autograd.Function):
+    """Identity in forward; in backward replaces ``g`` by ``(I - h theta J_F(y*)^T)^{-1} g``."""
+
+    @staticmethod
+    def forward(ctx, out, y_star, block):
+        ctx.block = block
+        ctx.save_for_backward(y_star)
+        return out.view_as(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y_star,) = ctx.saved_tensors
+        return ctx.block._solve_adjoint(y_star, grad), None, None
+
+
+class ImplicitResidualBlock(nn.Module):
+    """``y = x + h((1-theta) F(x) + theta F(y))`` for any residual function ``F``.
+
+    Args:
+        F: module mapping a batch ``(B, *)`` to a batch of the same shape.
+        h: step size, > 0.
+        theta: implicitness in [0, 1]; 0 is the explicit ResNet step (no solve).
+        solver: forward solver, one of ``irn.solvers.FORWARD_SOLVERS``.
+        backward: ``neumann``, ``gmres``, ``direct`` (implicit differentiation),
+            ``unrolled`` (autograd through the iterations), ``jacobian_free`` (``v = g``).
+        tol, max_iters: stopping rule of the forward solve, ``max_b ||R_b(y)|| <= tol``.
+        lin_tol, lin_max_iters: same for the backward linear solve (default: tol, max_iters).
+        solver_options: solver-specific settings (see ``irn.solvers.SOLVER_OPTIONS``).
+        on_nonconvergence: ``warn`` | ``raise`` | ``ignore``.
+
+    After a forward, ``last_stats`` holds the solve's :class:`irn.SolveStats`; the backward
+    fills in its backward fields. With ``keep_iterates = True`` the forward also records the
+    differentiable residual norms of the iterates (``iterate_residuals``) for
+    :func:`irn.regularizers.fixed_point`.
+    """
+
+    def __init__(self, F: nn.Module, h: float = 1.0, theta: float = 0.5, *,
+                 solver: str = "fixed_point", backward: str = "neumann", tol: float = 1e-6,
+                 max_iters: int = 50, lin_tol: float | None = None,
+                 lin_max_iters: int | None = None, solver_options: dict | None = None,
+                 on_nonconvergence: str = "warn"):
+        super().__init__()
+        _require(isinstance(F, nn.Module), f"F must be a torch.nn.Module, got {type(F).__name__}")
+        _require(h > 0, f"h must be > 0, got {h!r}")
+        _require(0 <= theta <= 1, f"theta must be in [0, 1], got {theta!r}")
+        _choice("solver", solver, S.FORWARD_SOLVERS)
+        _choice("backward", backward, S.BACKWARDS)
+        _require(tol > 0, f"tol must be > 0, got {tol!r}")
+        _require(isinstance(max_iters, int) and max_iters >= 1,
+                 f"max_iters must be an int >= 1, got {max_iters!r}")
+        lin_tol = tol if lin_tol is None else lin_tol
+        lin_max_iters = max_iters if lin_max_iters is None else lin_max_iters
+        _require(lin_tol > 0, f"lin_tol must be > 0, got {lin_tol!r}")
+        _require(isinstance(lin_max_iters, int) and lin_max_iters >= 1,
+                 f"lin_max_iters must be an int >= 1, got {lin_max_iters!r}")
+        solver_options = dict(solver_options or {})
+        allowed = S.SOLVER_OPTIONS[solver]
+        for key in solver_options:
+            _require(key in allowed, f"solver_options key {key!r} is not known to solver "
+                                     f"{solver!r}; allowed keys: {allowed}")
+        if solver == "nonlinear_cg" and "variant" in solver_options:
+            _choice("solver_options['variant']", solver_options["variant"], S.NCG_VARIANTS)
+        _choice("on_nonconvergence", on_nonconvergence, POLICIES)
+
+        self.F = F
+        self.h, self.theta = float(h), float(theta)
+        self.solver, self.backward = solver, backward
+        self.tol, self.max_iters = float(tol), max_iters
+        self.lin_tol, self.lin_max_iters = float(lin_tol), lin_max_iters
+        self.solver_options = solver_options
+        self.on_nonconvergence = on_nonconvergence
+        self.name = "block"  # ImplicitResNet renames its blocks "block 0", "block 1", ...
+        self.keep_iterates = False
+        self.iterate_residuals: list[torch.Tensor] | None = None  # None: not recorded
+        self.last_stats: SolveStats | None = None
+        self.backward_converged: bool | None = None  # of the latest backward (None: none yet)
+        self._checked_shape = False
+
+    def extra_repr(self) -> str:
+        return (f"h={self.h}, theta={self.theta}, solver={self.solver!r}, "
+                f"backward={self.backward!r}, tol={self.tol}, max_iters={self.max_iters}")
+
+    # -- helpers --------------------------------------------------------------------------
+    def _residual_function(self, y: torch.Tensor) -> torch.Tensor:
+        fy = self.F(y)
+        if not self._checked_shape:
+            _require(fy.shape == y.shape, f"F must return a tensor of its input's shape: got "
+                                          f"{tuple(fy.shape)} for input {tuple(y.shape)}")
+            self._checked_shape = True
+        return fy
+
+    def _nonconvergence(self, what: str, iterations: int, residual: float) -> None:
+        message = (f"{self.name}: {what} solve did not converge in {iterations} iterations "
+                   f"(residual {residual:.3e})")
+        if self.on_nonconvergence == "raise":
+            raise SolverError(message)
+        if self.on_nonconvergence == "warn":
+            warnings.warn(message, ConvergenceWarning, stacklevel=4)
+
+    def _run(self, solve, *args, what: str, **kwargs):
+        try:
+            return solve(*args, **kwargs)
+        except SolverError as err:
+            raise SolverError(f"{self.name}: {what} solve failed: {err}") from None
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _require(x.dim() >= 1, "x must be batch-first with at least one dimension")
+        h, theta = self.h, self.theta
+        if theta == 0:
+            self.iterate_residuals = [] if self.keep_iterates else None
+            self.last_stats = SolveStats(0, 0.0, True)
+            return x + h * self._residual_function(x)
+
+        grad_on = torch.is_grad_enabled()
+        unrolled = self.backward == "unrolled" and grad_on
+        differentiable = unrolled or (self.keep_iterates and grad_on)
+        with torch.set_grad_enabled(differentiable):
+            explicit = x + h * (1 - theta) * self._residual_function(x)
+
+            def step(y):
+                return explicit + h * theta * self._residual_function(y)
+
+            record = [] if self.keep_iterates else None
+            y_star, info = self._run(S.FORWARD_SOLVERS[self.solver], step, x, tol=self.tol,
+                                     max_iters=self.max_iters, differentiable=differentiable,
+                                     record=record, **self.solver_options, what="forward")
+        self.iterate_residuals = [r.mean() for r in record] if record is not None else None
+        residual = float(info.residual)
+        self.last_stats = SolveStats(info.iterations, residual, info.converged)
+        self.backward_converged = None
+        if not info.converged:
+            self._nonconvergence("forward", info.iterations, residual)
+
+        if not grad_on:
+            return step(y_star)
+        if not unrolled:
+            y_star = y_star.detach()
+        # one more application of the map, on a graph with y* held constant
+        explicit = x + h * (1 - theta) * self._residual_function(x)
+        out = explicit + h * theta * self._residual_function(y_star)
+        return _ImplicitBackward.apply(out, y_star, self)
+
+    # -- backward -------------------------------------------------------------------------
+    def _solve_adjoint(self, y_star: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """``v`` with ``(I - h theta J_F(y*)^T) v = grad`` (or ``grad`` itself for the
+        backwards that solve nothing); records the backward statistics."""
+        stats = self.last_stats
+        if self.backward in ("unrolled", "jacobian_free"):
+            stats.backward_iterations, stats.backward_residual = 0, 0.0
+            return grad
+        scale = self.h * self.theta
+        with torch.enable_grad():
+            y_in = y_star.detach().requires_grad_()
+            fy = self.F(y_in)
+
+        def vjp(u):  # (h theta J_F(y*))^T u, reusing the one graph of F(y*)
+            return scale * torch.autograd.grad(fy, y_in, u, retain_graph=True)[0]
+
+        v, info = self._run(S.LINEAR_SOLVERS[self.backward], vjp, grad, tol=self.lin_tol,
+                            max_iters=self.lin_max_iters, what="backward")
+        residual = float(info.residual)
+        stats.backward_iterations, stats.backward_residual = info.iterations, residual
+        self.backward_converged = info.converged
+        if not info.converged:
+            self._nonconvergence("backward", info.iterations, residual)
+        return v

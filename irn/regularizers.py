@@ -1,0 +1,66 @@
+"""The two regularisers of the paper (section 2.2; reconstructed in SPEC section 1)."""
+
+from __future__ import annotations
+
+import torch
+
+from .layers import _require
+from .solvers import batch_norm
+
+
+def fixed_point(net, alpha: float) -> torch.Tensor:
+    """Fixed-point regulariser (paper eq. 9)::
+
+        R_fp = (1/L) sum_l sum_{k=1}^{K_l - 1} relu(r_l^k - alpha r_l^{k-1})
+
+    with ``r_l^k`` the batch mean of ``||y_l^{k+1} - y_l^k||`` over the iterates of layer
+    ``l`` in the latest forward. Zero when every layer contracts at rate ``alpha`` or faster.
+    Needs ``net.keep_iterates = True`` during that forward (``ValueError`` otherwise).
+    """
+    _require(0 < alpha < 1, f"alpha must be in (0, 1), got {alpha!r}")
+    blocks = list(net.blocks)
+    _require(any(block.iterate_residuals is not None for block in blocks),
+             "no iterates recorded: set net.keep_iterates = True and run a forward pass "
+             "before calling irn.regularizers.fixed_point")
+    total = None
+    for block in blocks:
+        r = block.iterate_residuals or []
+        for k in range(1, len(r)):
+            term = torch.relu(r[k] - alpha * r[k - 1])
+            total = term if total is None else total + term
+    if total is None:  # every layer converged at its first iterate (or is explicit)
+        p = next(net.parameters())
+        return torch.zeros((), dtype=p.dtype, device=p.device)
+    return total / len(blocks)
+
+
+def perturbation(net, y0: torch.Tensor, sigma: float, beta: float, streams: int,
+                 generator: torch.Generator | None = None, return_output: bool = False):
+    """Perturbation (stability) regulariser (paper eq. 10)::
+
+        R_stab = (1/(L S)) sum_s sum_{l=1}^{L} mean_b relu(d_l^s - beta d_{l-1}^s),
+        d_l^s = ||y~_l^s - y_l||,   y~_0^s = y0 + sigma xi^s,  xi^s ~ N(0, I)
+
+    The clean input and the ``S = streams`` perturbed copies go through ``net`` in one
+    batched pass. With ``return_output=True`` returns ``(R_stab, net(y0))``, the clean
+    output of that same pass, so the data loss needs no second forward.
+    """
+    _require(sigma >= 0, f"sigma must be >= 0, got {sigma!r}")
+    _require(beta > 0, f"beta must be > 0, got {beta!r}")
+    _require(isinstance(streams, int) and streams >= 1,
+             f"streams must be an int >= 1, got {streams!r}")
+    batch = y0.shape[0]
+    noise_device = generator.device if generator is not None else y0.device
+    xi = torch.randn((streams,) + tuple(y0.shape), generator=generator, dtype=y0.dtype,
+                     device=noise_device).to(y0.device)
+    inputs = torch.cat([y0.unsqueeze(0), y0 + sigma * xi]).reshape((-1,) + y0.shape[1:])
+    states = net.trajectory(inputs)  # (L + 1, (S + 1) B, dim)
+    states = states.reshape(states.shape[0], streams + 1, batch, *states.shape[2:])
+    clean, perturbed = states[:, :1], states[:, 1:]
+    num_layers = states.shape[0] - 1
+    d = batch_norm((perturbed - clean).reshape(-1, *states.shape[3:]))
+    d = d.reshape(num_layers + 1, streams, batch)  # d[l, s, b]
+    value = torch.relu(d[1:] - beta * d[:-1]).mean(dim=2).sum() / (num_layers * streams)
+    if return_output:
+        return value, states[-1, 0]
+    return value

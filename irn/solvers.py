@@ -1,0 +1,359 @@
+"""Solvers for the implicit block: nonlinear (forward) and linear (backward).
+
+Every forward solver finds a fixed point ``y = g(y)`` of a map ``g`` acting on a batch
+(shape ``(B, *)``), starting at ``y0``, with one stopping rule (SPEC section 1):
+
+    R(y) = y - g(y),   converged when  max_b ||R_b(y)||_2 <= tol,   at most max_iters iterations.
+
+Contract of a forward solver::
+
+    solver(g, y0, *, tol, max_iters, differentiable=False, record=None, **options)
+        -> (y_star, SolveInfo)
+
+Each iteration evaluates the residual of the current iterate ``y^k`` (one application of
+``g`` for ``fixed_point``), stops if it is small enough, otherwise moves to ``y^{k+1}``.
+``y_star`` is the last iterate whose residual is known, so ``SolveInfo.residual`` is
+exactly ``max_b ||R_b(y_star)||``. With ``differentiable=True`` the iterates keep their
+autograd graph (for ``unrolled`` backward and the fixed-point regulariser); ``record``,
+when given, is a list that receives the per-sample residual norms ``||R_b(y^k)||`` of
+every iterate (for ``fixed_point`` these are ``||y^{k+1} - y^k||``).
+
+Every linear solver solves ``(I - J^T) v = b`` for the Jacobian ``J`` of the map at the
+solution, given only the vector-Jacobian product ``vjp(u) = J^T u``::
+
+    solver(vjp, b, *, tol, max_iters) -> (v, SolveInfo)
+
+stopping when ``max_b ||b_b - (I - J^T) v_b|| <= tol * max(1, max_b ||b_b||)``.
+
+Convergence is tested once per iteration on one scalar, the batch maximum of the residual
+norm; that scalar is also the NaN/inf check, so a loop does one device-to-host transfer
+per iteration and no other.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class SolverError(RuntimeError):
+    """A solve failed: non-finite values, or non-convergence under ``on_nonconvergence="raise"``."""
+
+
+class ConvergenceWarning(UserWarning):
+    """A solve stopped at its iteration cap with the residual above the tolerance."""
+
+
+@dataclass
+class SolveStats:
+    """Statistics of a block's latest solve (backward fields filled in by the backward pass)."""
+
+    iterations: int
+    residual: float
+    converged: bool
+    backward_iterations: int | None = None
+    backward_residual: float | None = None
+
+
+@dataclass
+class SolveInfo:
+    """What one solver call reports: iterations done, final residual (a 0-d tensor), converged."""
+
+    iterations: int
+    residual: Tensor
+    converged: bool
+
+
+def batch_norm(t: Tensor) -> Tensor:
+    """Per-sample Euclidean norm ``||t_b||_2`` of a batch-first tensor, shape ``(B,)``."""
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
+
+
+def batch_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample inner product ``<a_b, b_b>``, shaped ``(B, 1, ..., 1)`` to broadcast against ``a``."""
+    dots = (a * b).reshape(a.shape[0], -1).sum(dim=1)
+    return dots.reshape((-1,) + (1,) * (a.dim() - 1))
+
+
+def _check_finite(res: float, iteration: int) -> None:
+    if not math.isfinite(res):
+        raise SolverError(f"non-finite value (NaN or inf) at iteration {iteration}")
+
+
+class _Monitor:
+    """The shared stopping rule: one residual scalar per iteration, stop at tol or max_iters."""
+
+    def __init__(self, tol: float, max_iters: int, record: list | None):
+        self.tol, self.max_iters, self.record = tol, max_iters, record
+        self.iteration = 0
+        self.residual = None
+
+    def done(self, residual: Tensor) -> bool:
+        """Register the residual ``R(y^k)`` of the current iterate; True when the loop must stop."""
+        self.iteration += 1
+        norms = batch_norm(residual)
+        if self.record is not None:
+            self.record.append(norms)
+        self.residual = norms.max().detach()
+        res = float(self.residual)  # the one host transfer of this iteration
+        _check_finite(res, self.iteration)
+        return res <= self.tol or self.iteration >= self.max_iters
+
+    def info(self) -> SolveInfo:
+        return SolveInfo(self.iteration, self.residual, bool(self.residual <= self.tol))
+
+
+def _value_and_gradient(g: Callable, y: Tensor, differentiable: bool):
+    """Residual ``R(y) = y - g(y)`` and the gradient of ``phi = 1/2 ||R||^2``: ``R - J_g(y)^T R``."""
+    with torch.enable_grad():
+        y_in = y if differentiable and y.requires_grad else y.detach().requires_grad_()
+        gy = g(y_in)
+        residual = y_in - gy
+        (jtr,) = torch.autograd.grad(gy, y_in, residual, create_graph=differentiable,
+                                     retain_graph=differentiable)
+    if not differentiable:
+        residual = residual.detach()
+    return residual, residual - jtr
+
+
+# ----------------------------------------------------------------------------- forward solvers
+
+def fixed_point(g, y0, *, tol, max_iters, differentiable=False, record=None):
+    """Picard iteration ``y^{k+1} = g(y^k)`` (paper eq. 8), i.e.
+    ``y^{k+1} = x + h(1-theta) F(x) + h theta F(y^k)`` for the theta-block."""
+    monitor, y = _Monitor(tol, max_iters, record), y0
+    while True:
+        gy = g(y)
+        if monitor.done(y - gy):
+            return y, monitor.info()
+        y = gy
+
+
+def gradient_descent(g, y0, *, tol, max_iters, differentiable=False, record=None, step_size=0.5):
+    """Fixed-step gradient descent on ``phi(y) = 1/2 ||R(y)||^2``:
+    ``y^{k+1} = y^k - step_size * (R - h theta J_F(y^k)^T R)``."""
+    if not step_size > 0:
+        raise ValueError(f"solver_options['step_size'] must be > 0, got {step_size!r}")
+    monitor, y = _Monitor(tol, max_iters, record), y0
+    while True:
+        residual, grad = _value_and_gradient(g, y, differentiable)
+        if monitor.done(residual):
+            return y, monitor.info()
+        y = y - step_size * grad
+
+
+NCG_VARIANTS = ("polak_ribiere", "fletcher_reeves")
+
+
+def nonlinear_cg(g, y0, *, tol, max_iters, differentiable=False, record=None,
+                 variant="polak_ribiere"):
+    """Nonlinear conjugate gradients on ``phi(y) = 1/2 ||R(y)||^2``, per sample.
+
+    Direction ``d^{k+1} = -grad^{k+1} + beta_k d^k`` with Fletcher-Reeves
+    ``beta = |grad^{k+1}|^2 / |grad^k|^2`` or Polak-Ribiere+
+    ``beta = max(0, <grad^{k+1}, grad^{k+1} - grad^k> / |grad^k|^2)``; restart with steepest
+    descent when ``d`` is not a descent direction. Step length by one secant step on the
+    directional derivative, ``alpha = -s phi'(0) / (phi'(s) - phi'(0))`` with trial step
+    ``s = 1``, which is exact when ``F`` is linear (``phi`` quadratic).
+    """
+    if variant not in NCG_VARIANTS:
+        raise ValueError(f"solver_options['variant'] must be one of {NCG_VARIANTS}, got {variant!r}")
+    monitor, y = _Monitor(tol, max_iters, record), y0
+    grad_old = direction = None
+    while True:
+        residual, grad = _value_and_gradient(g, y, differentiable)
+        if monitor.done(residual):
+            return y, monitor.info()
+        if direction is None:
+            direction = -grad
+        else:
+            denom = batch_dot(grad_old, grad_old)
+            numer = batch_dot(grad, grad - grad_old if variant == "polak_ribiere" else grad)
+            beta = torch.where(denom > 0, numer / torch.where(denom > 0, denom, 1), 0).clamp_min(0)
+            direction = -grad + beta * direction
+            descent = batch_dot(grad, direction) < 0
+            direction = torch.where(descent, direction, -grad)
+        slope0 = batch_dot(grad, direction)
+        _, grad_trial = _value_and_gradient(g, y + direction, differentiable)
+        curvature = batch_dot(grad_trial, direction) - slope0
+        # secant step; where the curvature is not positive fall back to the trial step s = 1
+        good = curvature > 0
+        alpha = torch.where(good, -slope0 / torch.where(good, curvature, 1), 1.0)
+        y = y + alpha * direction
+        grad_old = grad
+
+
+def anderson(g, y0, *, tol, max_iters, differentiable=False, record=None,
+             memory=5, regularization=1e-4):
+    """Anderson acceleration of ``y = g(y)`` with window ``m = memory``:
+    ``y^{k+1} = sum_i a_i g(y^{k-i})``, where ``a`` minimises ``||sum_i a_i R(y^{k-i})||^2
+    + regularization * min_i ||R(y^{k-i})||^2 * ||a||^2`` subject to ``sum_i a_i = 1``
+    (per sample; the Tikhonov weight is relative, so the method is scale-invariant)."""
+    if not (isinstance(memory, int) and memory >= 1):
+        raise ValueError(f"solver_options['memory'] must be an int >= 1, got {memory!r}")
+    if not regularization >= 0:
+        raise ValueError(f"solver_options['regularization'] must be >= 0, got {regularization!r}")
+    monitor, y = _Monitor(tol, max_iters, record), y0
+    batch = y0.shape[0]
+    ys, gs = [], []
+    while True:
+        gy = g(y)
+        if monitor.done(y - gy):
+            return y, monitor.info()
+        ys, gs = (ys + [y])[-memory:], (gs + [gy])[-memory:]
+        n = len(ys)
+        if n == 1:
+            y = gy
+            continue
+        res = torch.stack([(gi - yi).reshape(batch, -1) for gi, yi in zip(gs, ys)], dim=1)
+        gram = res @ res.transpose(1, 2)  # (B, n, n)
+        # Tikhonov term relative to the smallest squared residual in the window: scale-invariant,
+        # so it does not swamp the system once the residuals are small
+        # (floored, so that a sample whose residuals are exactly zero keeps a solvable system)
+        scale = gram.diagonal(dim1=1, dim2=2).amin(dim=1).reshape(batch, 1, 1)
+        ridge = (regularization * scale).clamp_min(torch.finfo(y.dtype).tiny ** 0.5)
+        gram = gram + ridge * torch.eye(n, dtype=y.dtype, device=y.device)
+        # bordered system [[0, 1^T], [1, G]] [mu; a] = [1; 0] enforces sum(a) = 1
+        system = torch.zeros(batch, n + 1, n + 1, dtype=y.dtype, device=y.device)
+        system[:, 0, 1:] = 1
+        system[:, 1:, 0] = 1
+        system = system + torch.nn.functional.pad(gram, (1, 0, 1, 0))
+        rhs = torch.zeros(batch, n + 1, 1, dtype=y.dtype, device=y.device)
+        rhs[:, 0] = 1
+        weights = torch.linalg.solve(system, rhs)[:, 1:, 0]  # (B, n)
+        stacked = torch.stack([gi.reshape(batch, -1) for gi in gs], dim=1)
+        y = (weights.unsqueeze(1) @ stacked).reshape(y0.shape)
+
+
+FORWARD_SOLVERS = {
+    "fixed_point": fixed_point,
+    "gradient_descent": gradient_descent,
+    "nonlinear_cg": nonlinear_cg,
+    "anderson": anderson,
+}
+#: solver name -> the keys its ``solver_options`` accept
+SOLVER_OPTIONS = {
+    "fixed_point": (),
+    "gradient_descent": ("step_size",),
+    "nonlinear_cg": ("variant",),
+    "anderson": ("memory", "regularization"),
+}
+
+
+# ------------------------------------------------------------------------------ linear solvers
+
+def _linear_threshold(b: Tensor, tol: float) -> float:
+    return tol * max(1.0, float(batch_norm(b).max()))
+
+
+def neumann(vjp, b, *, tol, max_iters):
+    """Neumann series for ``(I - J^T) v = b``: ``v_0 = b``, ``v_{k+1} = b + J^T v_k``,
+    stopping when ``max_b ||v_{k+1} - v_k|| <= tol * max(1, max_b ||b_b||)``
+    (``v_{k+1} - v_k`` is the residual of ``v_k``)."""
+    threshold = _linear_threshold(b, tol)
+    v, iteration = b, 0
+    while True:
+        v_next = b + vjp(v)
+        iteration += 1
+        residual = batch_norm(v_next - v).max()
+        res = float(residual)
+        _check_finite(res, iteration)
+        v = v_next
+        if res <= threshold or iteration >= max_iters:
+            return v, SolveInfo(iteration, residual, res <= threshold)
+
+
+def gmres(vjp, b, *, tol, max_iters, restart=30):
+    """Matrix-free restarted GMRES for ``(I - J^T) v = b``, all samples at once.
+
+    The operator is block-diagonal over the batch, so each sample has its own Krylov space;
+    they are built in lockstep (per-sample inner products, Givens rotations and
+    back-substitution), and a sample whose space is exhausted (happy breakdown) just stops
+    moving. ``iterations`` counts operator applications in Arnoldi steps."""
+    shape, batch = b.shape, b.shape[0]
+    b_flat = b.reshape(batch, -1)
+    n = b_flat.shape[1]
+    threshold = _linear_threshold(b, tol)
+
+    def operator(v_flat):
+        return v_flat - vjp(v_flat.reshape(shape)).reshape(batch, -1)
+
+    x = torch.zeros_like(b_flat)
+    r = b_flat
+    iteration = 0
+    while True:
+        beta = torch.linalg.vector_norm(r, dim=1)
+        res = float(beta.max())
+        _check_finite(res, iteration)
+        if res <= threshold or iteration >= max_iters:
+            return x.reshape(shape), SolveInfo(iteration, beta.max(), res <= threshold)
+        m = min(restart, n, max_iters - iteration)
+        basis = [r / torch.where(beta > 0, beta, 1).unsqueeze(1)]
+        hess = torch.zeros(batch, m + 1, m, dtype=b.dtype, device=b.device)
+        cs = torch.zeros(batch, m, dtype=b.dtype, device=b.device)
+        sn = torch.zeros_like(cs)
+        s = torch.zeros(batch, m + 1, dtype=b.dtype, device=b.device)
+        s[:, 0] = beta
+        k = 0
+        for j in range(m):
+            w = operator(basis[j])
+            iteration += 1
+            for i in range(j + 1):  # modified Gram-Schmidt
+                hess[:, i, j] = (w * basis[i]).sum(dim=1)
+                w = w - hess[:, i, j, None] * basis[i]
+            norm_w = torch.linalg.vector_norm(w, dim=1)
+            hess[:, j + 1, j] = norm_w
+            basis.append(w / torch.where(norm_w > 0, norm_w, 1).unsqueeze(1))
+            for i in range(j):  # apply the earlier rotations to the new column
+                top = cs[:, i] * hess[:, i, j] + sn[:, i] * hess[:, i + 1, j]
+                hess[:, i + 1, j] = -sn[:, i] * hess[:, i, j] + cs[:, i] * hess[:, i + 1, j]
+                hess[:, i, j] = top
+            a, c = hess[:, j, j], hess[:, j + 1, j]
+            radius = torch.hypot(a, c)
+            safe = torch.where(radius > 0, radius, 1)
+            cs[:, j] = torch.where(radius > 0, a / safe, 1)
+            sn[:, j] = torch.where(radius > 0, c / safe, 0)
+            hess[:, j, j] = radius
+            hess[:, j + 1, j] = 0
+            s[:, j + 1] = -sn[:, j] * s[:, j]
+            s[:, j] = cs[:, j] * s[:, j]
+            k = j + 1
+            estimate = float(s[:, j + 1].abs().max())
+            _check_finite(estimate, iteration)
+            if estimate <= threshold:
+                break
+        # back-substitution on the rotated (upper-triangular) Hessenberg matrix
+        coef = torch.zeros(batch, k, dtype=b.dtype, device=b.device)
+        for i in range(k - 1, -1, -1):
+            acc = s[:, i] - (hess[:, i, i + 1:k] * coef[:, i + 1:k]).sum(dim=1)
+            diag = hess[:, i, i]
+            coef[:, i] = torch.where(diag != 0, acc / torch.where(diag != 0, diag, 1), 0)
+        x = x + sum(coef[:, i, None] * basis[i] for i in range(k))
+        r = b_flat - operator(x)  # true residual: restart from it (not an Arnoldi step)
+
+
+def direct(vjp, b, *, tol, max_iters):
+    """Dense solve of ``(I - J^T) v = b`` per sample: ``J^T`` is assembled from ``n``
+    vector-Jacobian products with the unit vectors (all samples at once), then one batched
+    ``torch.linalg.solve``. Reports 0 iterations; ``residual`` is the true residual."""
+    shape, batch = b.shape, b.shape[0]
+    n = b[0].numel()
+    eye = torch.eye(n, dtype=b.dtype, device=b.device)
+    # vjp(e_i) is J^T e_i, the i-th column of J^T
+    columns = [vjp(eye[i].expand(batch, n).reshape(shape)).reshape(batch, n) for i in range(n)]
+    jt = torch.stack(columns, dim=2)  # (B, n, n) = J^T
+    v = torch.linalg.solve(eye - jt, b.reshape(batch, n, 1))
+    residual = torch.linalg.vector_norm(b.reshape(batch, n, 1) - (eye - jt) @ v, dim=(1, 2)).max()
+    res = float(residual)
+    _check_finite(res, 0)
+    return v.reshape(shape), SolveInfo(0, residual, res <= _linear_threshold(b, tol))
+
+
+LINEAR_SOLVERS = {"neumann": neumann, "gmres": gmres, "direct": direct}
+#: every backward mode: the linear solvers plus the two that solve nothing
+BACKWARDS = ("neumann", "gmres", "direct", "unrolled", "jacobian_free")

@@ -1,0 +1,125 @@
+"""The training loop of the examples: Adam with a step-decayed learning rate, optional
+regularisers, and a per-epoch record of losses and solver statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import regularizers
+from .layers import _choice, _require
+from .models import ImplicitModel
+
+LOSSES = {"mse": torch.nn.functional.mse_loss, "cross_entropy": torch.nn.functional.cross_entropy}
+
+
+def per_layer(history: pd.DataFrame, name: str) -> np.ndarray:
+    """The per-layer columns ``{name}_0 .. {name}_{L-1}`` of a training history: ``(epochs, L)``.
+    ``name`` is ``forward_iterations``, ``backward_iterations`` or ``grad``."""
+    columns = [c for c in history.columns if c.rsplit("_", 1)[0] == name and c.rsplit("_", 1)[1].isdigit()]
+    _require(bool(columns), f"name must be one of ('forward_iterations', "
+                            f"'backward_iterations', 'grad'), got {name!r}")
+    columns.sort(key=lambda c: int(c.rsplit("_", 1)[1]))
+    return history[columns].to_numpy()
+
+
+def evaluate(model: ImplicitModel, x: torch.Tensor, y: torch.Tensor, loss: str = "mse") -> dict:
+    """Loss (and accuracy, for classification) of ``model`` on ``(x, y)`` without gradients."""
+    _choice("loss", loss, LOSSES)
+    with torch.no_grad():
+        out = model(x)
+        result = {"loss": float(LOSSES[loss](out, y))}
+        if loss == "cross_entropy":
+            result["accuracy"] = float((out.argmax(dim=1) == y).double().mean())
+    return result
+
+
+def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step: int = 300,
+          lr_gamma: float = 0.5, loss: str = "mse", batch_size: int | None = None,
+          stab_weight: float = 0.0, stab_sigma: float = 0.05, stab_beta: float = 1.0,
+          stab_streams: int = 2, fp_weight: float = 0.0, fp_alpha: float = 0.5,
+          seed: int = 0, device="cpu", progress: bool = True, desc: str | None = None
+          ) -> pd.DataFrame:
+    """Train ``model`` (an :class:`irn.models.ImplicitModel`) with Adam on ``data``.
+
+    Loss: ``data_loss + fp_weight R_fp(alpha) + stab_weight R_stab(sigma, beta, streams)``.
+    The learning rate is multiplied by ``lr_gamma`` every ``lr_step`` epochs. ``batch_size``
+    None is full batch (the paper's setting). ``seed`` seeds minibatch order and the
+    perturbations of ``R_stab``. Returns one row per epoch: ``train_loss`` (data loss, mean
+    over the epoch's steps), ``reg_loss``, ``val_loss`` (and ``train_accuracy``,
+    ``val_accuracy`` for cross-entropy) after the epoch, ``converged`` (every solve of the
+    epoch met its tolerance), and per layer ``l``: ``forward_iterations_l``,
+    ``backward_iterations_l`` (means over the epoch's steps) and ``grad_l`` (mean absolute
+    gradient of the layer's parameters). Progress is shown with tqdm.
+    """
+    _choice("loss", loss, LOSSES)
+    _require(isinstance(epochs, int) and epochs >= 1, f"epochs must be an int >= 1, got {epochs!r}")
+    _require(lr > 0, f"lr must be > 0, got {lr!r}")
+    _require(stab_weight >= 0 and fp_weight >= 0, "stab_weight and fp_weight must be >= 0")
+    dtype = next(model.parameters()).dtype
+    model.to(device)
+    data = data.to(device=device, dtype=dtype)
+    blocks = list(model.net.blocks)
+    model.net.keep_iterates = fp_weight > 0
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
+    generator = torch.Generator(device=torch.device(device)).manual_seed(seed)
+    order_generator = torch.Generator().manual_seed(seed)
+    n = data.x_train.shape[0]
+    batch_size = n if batch_size is None else batch_size
+    loss_fn = LOSSES[loss]
+
+    rows = []
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, mininterval=1.0)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(n, generator=order_generator) if batch_size < n else torch.arange(n)
+        sums = {"train_loss": 0.0, "reg_loss": 0.0}
+        fwd, bwd, grad = (np.zeros(len(blocks)) for _ in range(3))
+        converged, steps = True, 0
+        for start in range(0, n, batch_size):
+            index = order[start:start + batch_size].to(device)
+            x, y = data.x_train[index], data.y_train[index]
+            optimizer.zero_grad(set_to_none=True)
+            y0 = model.embed(x)
+            reg = torch.zeros((), dtype=dtype, device=device)
+            if stab_weight > 0:
+                r_stab, y_last = regularizers.perturbation(
+                    model.net, y0, stab_sigma, stab_beta, stab_streams, generator=generator,
+                    return_output=True)
+                reg = reg + stab_weight * r_stab
+            else:
+                y_last = model.net(y0)
+            if fp_weight > 0:
+                reg = reg + fp_weight * regularizers.fixed_point(model.net, fp_alpha)
+            data_loss = loss_fn(model.readout(y_last), y)
+            (data_loss + reg).backward()
+            optimizer.step()
+            steps += 1
+            sums["train_loss"] += float(data_loss)
+            sums["reg_loss"] += float(reg)
+            for l, block in enumerate(blocks):
+                stats = block.last_stats
+                fwd[l] += stats.iterations
+                bwd[l] += stats.backward_iterations or 0
+                converged &= stats.converged and block.backward_converged is not False
+                grads = [p.grad.abs().mean() for p in block.parameters() if p.grad is not None]
+                grad[l] += float(torch.stack(grads).mean()) if grads else 0.0
+        scheduler.step()
+        model.eval()
+        row = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}}
+        val = evaluate(model, data.x_val, data.y_val, loss)
+        row["val_loss"] = val["loss"]
+        if loss == "cross_entropy":
+            row["train_accuracy"] = evaluate(model, data.x_train, data.y_train, loss)["accuracy"]
+            row["val_accuracy"] = val["accuracy"]
+        row["converged"] = converged
+        for l in range(len(blocks)):
+            row[f"forward_iterations_{l}"] = fwd[l] / steps
+            row[f"backward_iterations_{l}"] = bwd[l] / steps
+            row[f"grad_{l}"] = grad[l] / steps
+        rows.append(row)
+        bar.set_postfix(loss=f"{row['train_loss']:.2e}", val=f"{row['val_loss']:.2e}", refresh=False)
+    return pd.DataFrame(rows)
