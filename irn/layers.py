@@ -193,10 +193,10 @@ class ImplicitResidualBlock(nn.Module):
             y_in = y_star.detach().requires_grad_()
             fy = self.F(y_in)
 
-        def vjp(u):  # (h theta J_F(y*))^T u, reusing the one graph of F(y*)
-            return scale * torch.autograd.grad(fy, y_in, u, retain_graph=True)[0]
+        def map_vjp(u):  # (h theta J_F(y*))^T u, reusing the one graph of F(y*)
+            return scale * S.vjp(fy, y_in, u)
 
-        v, info = self._run(S.LINEAR_SOLVERS[self.backward], vjp, grad, tol=self.lin_tol,
+        v, info = self._run(S.LINEAR_SOLVERS[self.backward], map_vjp, grad, tol=self.lin_tol,
                             max_iters=self.lin_max_iters, what="backward")
         residual = float(info.residual)
         stats.backward_iterations, stats.backward_residual = info.iterations, residual

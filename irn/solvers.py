@@ -108,14 +108,22 @@ class _Monitor:
         return SolveInfo(self.iteration, self.residual, bool(self.residual <= self.tol))
 
 
+def vjp(output: Tensor, inputs: Tensor, u: Tensor, create_graph: bool = False) -> Tensor:
+    """``J^T u`` for ``J = d output / d inputs`` on an existing graph (kept for reuse);
+    zero where ``output`` does not depend on ``inputs``."""
+    if not output.requires_grad:
+        return torch.zeros_like(inputs)
+    return torch.autograd.grad(output, inputs, u, retain_graph=True, create_graph=create_graph,
+                               allow_unused=True, materialize_grads=True)[0]
+
+
 def _value_and_gradient(g: Callable, y: Tensor, differentiable: bool):
     """Residual ``R(y) = y - g(y)`` and the gradient of ``phi = 1/2 ||R||^2``: ``R - J_g(y)^T R``."""
     with torch.enable_grad():
         y_in = y if differentiable and y.requires_grad else y.detach().requires_grad_()
         gy = g(y_in)
         residual = y_in - gy
-        (jtr,) = torch.autograd.grad(gy, y_in, residual, create_graph=differentiable,
-                                     retain_graph=differentiable)
+        jtr = vjp(gy, y_in, residual, create_graph=differentiable)
     if not differentiable:
         residual = residual.detach()
     return residual, residual - jtr
@@ -225,9 +233,14 @@ def anderson(g, y0, *, tol, max_iters, differentiable=False, record=None,
         system = system + torch.nn.functional.pad(gram, (1, 0, 1, 0))
         rhs = torch.zeros(batch, n + 1, 1, dtype=y.dtype, device=y.device)
         rhs[:, 0] = 1
-        weights = torch.linalg.solve(system, rhs)[:, 1:, 0]  # (B, n)
+        solution, failed = torch.linalg.solve_ex(system, rhs)
+        weights = solution[:, 1:, 0]  # (B, n)
         stacked = torch.stack([gi.reshape(batch, -1) for gi in gs], dim=1)
-        y = (weights.unsqueeze(1) @ stacked).reshape(y0.shape)
+        mixed = (weights.unsqueeze(1) @ stacked).reshape(y0.shape)
+        # samples already within tol (their window is numerically rank-deficient) and any
+        # system the factorisation rejects take the plain fixed-point step instead
+        plain = (batch_norm(gy - y) <= tol) | (failed != 0)
+        y = torch.where(plain.reshape((-1,) + (1,) * (y.dim() - 1)), gy, mixed)
 
 
 FORWARD_SOLVERS = {

@@ -1,0 +1,377 @@
+"""ImplicitResidualBlock: forward solutions, gradients, statistics, policies, errors."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import DT, Linear, TanhLayer, linear_solution, newton_solution, random_tanh
+from torch import nn
+
+import irn
+
+SOLVER_CASES = [("fixed_point", None), ("gradient_descent", None), ("anderson", None),
+                ("nonlinear_cg", {"variant": "polak_ribiere"}),
+                ("nonlinear_cg", {"variant": "fletcher_reeves"})]
+IMPLICIT_BACKWARDS = ["neumann", "gmres", "direct"]
+
+
+def linear_problem(rng, dim=3, batch=5, scale=0.4):
+    weight = torch.randn(dim, dim, generator=rng, dtype=DT) * scale
+    bias = torch.randn(dim, generator=rng, dtype=DT)
+    x = torch.randn(batch, dim, generator=rng, dtype=DT)
+    return weight, bias, x
+
+
+# ------------------------------------------------------------------------------ forward
+
+@pytest.mark.parametrize("solver,options", SOLVER_CASES)
+@pytest.mark.parametrize("theta", [0.5, 1.0])
+def test_linear_closed_form_every_solver(rng, solver, options, theta):
+    """For linear F the block has the closed form (I - h theta W) y = (I + h(1-theta) W) x + h b."""
+    weight, bias, x = linear_problem(rng)
+    h = 0.8
+    block = irn.ImplicitResidualBlock(Linear(weight, bias), h, theta, solver=solver,
+                                      solver_options=options, tol=1e-10, max_iters=500)
+    y = block(x)
+    assert block.last_stats.converged and block.last_stats.residual <= 1e-10
+    assert 1 <= block.last_stats.iterations <= 500
+    torch.testing.assert_close(y, linear_solution(weight, bias, x, h, theta), atol=1e-9, rtol=0)
+
+
+def test_nonlinear_cg_is_finite_termination_on_quadratics(rng):
+    """On a linear problem phi is quadratic: CG with exact line search ends in <= dim + 1 steps."""
+    weight, bias, x = linear_problem(rng, dim=4)
+    block = irn.ImplicitResidualBlock(Linear(weight, bias), 1.0, 1.0, solver="nonlinear_cg",
+                                      tol=1e-10, max_iters=100)
+    block(x)
+    assert block.last_stats.iterations <= 4 + 1
+
+
+@pytest.mark.parametrize("solver,options", SOLVER_CASES)
+def test_nonlinear_solution_matches_newton(rng, solver, options):
+    F = random_tanh(4, rng, scale=1.0)
+    x = torch.randn(6, 4, generator=rng, dtype=DT)
+    block = irn.ImplicitResidualBlock(F, 0.9, 0.75, solver=solver, solver_options=options,
+                                      tol=1e-11, max_iters=1000)
+    y = block(x)
+    torch.testing.assert_close(y, newton_solution(F, x, 0.9, 0.75), atol=1e-10, rtol=0)
+
+
+def test_theta_zero_is_the_explicit_resnet_step(rng):
+    F = random_tanh(3, rng)
+    x = torch.randn(4, 3, generator=rng, dtype=DT)
+    block = irn.ImplicitResidualBlock(F, 0.3, 0.0)
+    torch.testing.assert_close(block(x), x + 0.3 * F(x), atol=0, rtol=0)
+    assert block.last_stats == irn.SolveStats(iterations=0, residual=0.0, converged=True,
+                                              backward_iterations=None, backward_residual=None)
+
+
+def test_first_fixed_point_iterate_is_the_explicit_step(rng):
+    """y^0 = x, so with one map application the output is x + h F(x) and the residual is that of x."""
+    F = random_tanh(3, rng)
+    x = torch.randn(4, 3, generator=rng, dtype=DT)
+    block = irn.ImplicitResidualBlock(F, 0.5, 0.5, max_iters=1, on_nonconvergence="ignore")
+    y = block(x)
+    torch.testing.assert_close(y, x + 0.5 * F(x), atol=1e-15, rtol=0)
+    stats = block.last_stats
+    assert stats.iterations == 1 and not stats.converged
+    expected = torch.linalg.vector_norm(0.5 * F(x), dim=1).max().item()
+    assert stats.residual == pytest.approx(expected, rel=1e-12)
+
+
+def test_any_batch_first_shape(rng):
+    """F acting on (B, C, H, W): the block works on any batch-first shape."""
+    conv = nn.Conv2d(2, 2, 3, padding=1, dtype=DT)
+    with torch.no_grad():
+        conv.weight.mul_(0.3)
+    x = torch.randn(3, 2, 5, 5, generator=rng, dtype=DT)
+    block = irn.ImplicitResidualBlock(nn.Sequential(conv, nn.Tanh()), 0.5, 0.5, tol=1e-10)
+    y = block(x)
+    assert y.shape == x.shape
+    residual = y - x - 0.5 * (0.5 * block.F(x) + 0.5 * block.F(y))
+    assert residual.abs().max() < 1e-9
+
+
+def test_float32_and_no_grad(rng):
+    F = random_tanh(3, rng).float()
+    x = torch.randn(4, 3, generator=rng).float()
+    block = irn.ImplicitResidualBlock(F, 0.5, 0.5, tol=1e-5)
+    with torch.no_grad():
+        y = block(x)
+    assert y.dtype == torch.float32 and not y.requires_grad
+    assert block.last_stats.converged
+
+
+# ----------------------------------------------------------------------------- gradients
+
+def ift_reference_gradients(F, x, h, theta, g):
+    """dL/dx and dL/dparams of L = <g, y*(x, params)> from the implicit function theorem with
+    dense Jacobians (torch.autograd.functional.jacobian), y* from an independent Newton solve."""
+    y = newton_solution(F, x, h, theta)
+    names, params = zip(*F.named_parameters())
+
+    def step(xx, yy, *ps):  # x + h((1-theta)F(x) + theta F(y)) as a function of everything
+        values = {n: p for n, p in zip(names, ps)}
+        call = lambda z: torch.func.functional_call(F, values, (z,))
+        return xx + h * ((1 - theta) * call(xx) + theta * call(yy))
+
+    jac = torch.autograd.functional.jacobian(step, (x, y) + tuple(p.detach() for p in params))
+    n = x.numel()
+    a = torch.eye(n, dtype=DT) - jac[1].reshape(n, n)          # I - d step / d y
+    v = torch.linalg.solve(a.T, g.reshape(n))                  # adjoint solve
+    grads = [v @ j.reshape(n, -1) for j in (jac[0],) + tuple(jac[2:])]
+    return grads[0].reshape(x.shape), [gr.reshape(p.shape) for gr, p in zip(grads[1:], params)]
+
+
+@pytest.mark.parametrize("backward", IMPLICIT_BACKWARDS + ["unrolled"])
+@pytest.mark.parametrize("theta", [0.5, 1.0])
+def test_gradients_match_implicit_function_theorem(rng, backward, theta):
+    F = random_tanh(3, rng, scale=1.2)
+    x = torch.randn(4, 3, generator=rng, dtype=DT)
+    g = torch.randn(4, 3, generator=rng, dtype=DT)
+    h = 0.9
+    ref_x, ref_params = ift_reference_gradients(F, x, h, theta, g)
+    block = irn.ImplicitResidualBlock(F, h, theta, backward=backward, tol=1e-13, max_iters=500)
+    xg = x.clone().requires_grad_()
+    (block(xg) * g).sum().backward()
+    torch.testing.assert_close(xg.grad, ref_x, atol=1e-10, rtol=1e-9)
+    for p, ref in zip(F.parameters(), ref_params):
+        torch.testing.assert_close(p.grad, ref, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("backward", IMPLICIT_BACKWARDS + ["unrolled"])
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
+def test_gradcheck(rng, backward, solver):
+    """Finite differences of the whole block (input and weights) against its backward."""
+    F = random_tanh(3, rng, scale=1.0)
+    x = torch.randn(2, 3, generator=rng, dtype=DT, requires_grad=True)
+    block = irn.ImplicitResidualBlock(F, 0.7, 0.6, solver=solver, backward=backward,
+                                      tol=1e-13, max_iters=500)
+    weight, bias = F.weight, F.bias
+
+    def fn(xx, w, b):
+        return torch.func.functional_call(block, {"F.weight": w, "F.bias": b}, (xx,))
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bias), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_jacobian_free_drops_the_inverse(rng):
+    """jacobian_free uses v = g: dL/dx = g + h(1-theta) J_F(x)^T g, not the exact gradient."""
+    F = random_tanh(3, rng, scale=1.0)
+    x = torch.randn(4, 3, generator=rng, dtype=DT, requires_grad=True)
+    g = torch.randn(4, 3, generator=rng, dtype=DT)
+    h, theta = 0.8, 0.5
+    block = irn.ImplicitResidualBlock(F, h, theta, backward="jacobian_free", tol=1e-12)
+    (block(x) * g).sum().backward()
+    _, vjp = torch.func.vjp(F, x.detach())
+    torch.testing.assert_close(x.grad, g + h * (1 - theta) * vjp(g)[0], atol=1e-12, rtol=0)
+    exact, _ = ift_reference_gradients(F, x.detach(), h, theta, g)
+    assert (x.grad - exact).abs().max() > 1e-3
+
+
+def test_theta_zero_gradients_are_those_of_the_explicit_step(rng):
+    F = random_tanh(3, rng)
+    x = torch.randn(4, 3, generator=rng, dtype=DT, requires_grad=True)
+    block = irn.ImplicitResidualBlock(F, 0.3, 0.0)
+    block(x).pow(2).sum().backward()
+    grad_block = x.grad.clone()
+    x.grad = None
+    (x + 0.3 * F(x)).pow(2).sum().backward()
+    torch.testing.assert_close(grad_block, x.grad, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------- statistics
+
+@pytest.mark.parametrize("backward,expect_iters", [("neumann", None), ("gmres", None),
+                                                   ("direct", 0), ("unrolled", 0),
+                                                   ("jacobian_free", 0)])
+def test_backward_stats(rng, backward, expect_iters):
+    F = random_tanh(3, rng, scale=1.0)
+    x = torch.randn(4, 3, generator=rng, dtype=DT, requires_grad=True)
+    block = irn.ImplicitResidualBlock(F, 0.8, 0.5, backward=backward, tol=1e-10)
+    y = block(x)
+    assert block.last_stats.backward_iterations is None
+    assert block.last_stats.backward_residual is None
+    y.sum().backward()
+    stats = block.last_stats
+    if expect_iters is None:
+        assert 1 <= stats.backward_iterations <= block.lin_max_iters
+        assert stats.backward_residual <= 1e-10 * max(1.0, 3 ** 0.5)
+    else:
+        assert stats.backward_iterations == expect_iters
+        assert stats.backward_residual <= 1e-10
+
+
+def test_neumann_iterations_follow_the_contraction_rate(rng):
+    """Linear F = c I: the Neumann residual is (h theta c)^k ||g||, so the iteration count is known."""
+    c, h, theta, tol = 0.5, 1.0, 1.0, 1e-8
+    F = Linear(c * torch.eye(2, dtype=DT))
+    x = torch.randn(3, 2, generator=rng, dtype=DT, requires_grad=True)
+    block = irn.ImplicitResidualBlock(F, h, theta, tol=tol, max_iters=200)
+    g = torch.randn(3, 2, generator=rng, dtype=DT)
+    (block(x) * g).sum().backward()
+    q, gmax = h * theta * c, torch.linalg.vector_norm(g, dim=1).max().item()
+    # residual after k iterations is q^k max||g||; stop at the first k with q^k gmax <= tol max(1, gmax)
+    k = 1
+    while q ** k * gmax > tol * max(1.0, gmax):
+        k += 1
+    assert block.last_stats.backward_iterations == k
+    # and the gradient is the exact one: dL/dx = (1 + h(1-theta)c) / (1 - h theta c) g
+    torch.testing.assert_close(x.grad, g / (1 - q), atol=1e-7, rtol=0)
+
+
+def test_forward_iterations_follow_the_contraction_rate(rng):
+    """Linear F = c I with fixed_point: ||R(y^k)|| = q^k ||R(x)||, q = h theta c."""
+    c, h, theta, tol = 0.5, 1.0, 0.8, 1e-9
+    F = Linear(c * torch.eye(2, dtype=DT))
+    x = torch.randn(3, 2, generator=rng, dtype=DT)
+    block = irn.ImplicitResidualBlock(F, h, theta, tol=tol, max_iters=200)
+    block(x)
+    q, r0 = h * theta * c, (h * c * torch.linalg.vector_norm(x, dim=1)).max().item()
+    k = 0
+    while q ** k * r0 > tol:
+        k += 1
+    assert block.last_stats.iterations == k + 1  # residual of y^k needs the (k+1)-th map application
+    assert block.last_stats.residual == pytest.approx(q ** k * r0, rel=1e-9)
+
+
+def test_keep_iterates_records_fixed_point_differences(rng):
+    F = random_tanh(3, rng, scale=1.0)
+    x = torch.randn(5, 3, generator=rng, dtype=DT)
+    h, theta = 0.8, 0.7
+    block = irn.ImplicitResidualBlock(F, h, theta, tol=1e-8)
+    block(x)
+    assert block.iterate_residuals is None
+    block.keep_iterates = True
+    block(x)
+    r = block.iterate_residuals
+    assert len(r) == block.last_stats.iterations
+    ys = [x]  # independent fixed-point iteration
+    for _ in range(len(r)):
+        ys.append(x + h * ((1 - theta) * F(x) + theta * F(ys[-1])))
+    for k, rk in enumerate(r):
+        expected = torch.linalg.vector_norm(ys[k + 1] - ys[k], dim=1).mean()
+        torch.testing.assert_close(rk, expected, atol=1e-13, rtol=0)
+        assert rk.requires_grad
+
+
+# ------------------------------------------------------------------------------ policies
+
+def diverging_block(policy, c=2.5, **kw):
+    """F = c I with h theta = 1: the fixed-point map expands for c > 1, contracts slowly for c < 1."""
+    kw.setdefault("max_iters", 3)
+    return irn.ImplicitResidualBlock(Linear(c * torch.eye(2, dtype=DT)), 1.0, 1.0,
+                                     on_nonconvergence=policy, **kw)
+
+
+def test_nonconvergence_warns_naming_block_iterations_residual():
+    net = irn.ImplicitResNet(2, 3, h=1.0, theta=1.0, max_iters=2, activation="identity")
+    with torch.no_grad():
+        net.blocks[2].F.linear.weight.copy_(3 * torch.eye(2))
+    x = torch.ones(1, 2)
+    with pytest.warns(irn.ConvergenceWarning) as record:
+        net(x)
+    messages = [str(w.message) for w in record]
+    assert any("block 2" in m and "2 iterations" in m and "residual" in m for m in messages)
+    assert issubclass(irn.ConvergenceWarning, UserWarning)
+
+
+def test_nonconvergence_raise_and_ignore():
+    x = torch.ones(2, 2, dtype=DT)
+    with pytest.raises(irn.SolverError, match="block.*3 iterations.*residual"):
+        diverging_block("raise")(x)
+    assert issubclass(irn.SolverError, RuntimeError)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        block = diverging_block("ignore")
+        block(x)
+    assert not block.last_stats.converged and block.last_stats.iterations == 3
+
+
+def test_backward_nonconvergence_policy():
+    x = torch.ones(2, 2, dtype=DT, requires_grad=True)
+    block = diverging_block("warn", c=0.5, lin_max_iters=2, max_iters=100)
+    with pytest.warns(irn.ConvergenceWarning, match="backward"):
+        block(x).sum().backward()
+    assert block.last_stats.backward_iterations == 2
+    block = diverging_block("raise", c=0.5, lin_max_iters=2, max_iters=100)
+    with pytest.raises(irn.SolverError, match="backward"):
+        block(x).sum().backward()
+
+
+class NaNAfter(nn.Module):
+    """Finite for the first ``n`` calls, NaN afterwards."""
+
+    def __init__(self, n, value=float("nan")):
+        super().__init__()
+        self.n, self.calls, self.value = n, 0, value
+
+    def forward(self, y):
+        self.calls += 1
+        return 0.1 * y if self.calls <= self.n else torch.full_like(y, self.value)
+
+
+@pytest.mark.parametrize("policy", ["warn", "raise", "ignore"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_raises_naming_block_and_iteration(policy, value):
+    net = irn.ImplicitResNet(2, 2, h=1.0, theta=0.5, on_nonconvergence=policy)
+    net.blocks[1].F = NaNAfter(2, value)  # F(x) and F(y^0) finite, then non-finite
+    with pytest.raises(irn.SolverError, match=r"block 1.*iteration 2"):
+        net(torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("solver", ["gradient_descent", "nonlinear_cg", "anderson"])
+def test_nan_raises_for_every_solver(solver):
+    block = irn.ImplicitResidualBlock(NaNAfter(0), 1.0, 0.5, solver=solver)
+    with pytest.raises(irn.SolverError, match="iteration 1"):
+        block(torch.ones(2, 2))
+
+
+# ------------------------------------------------------------------------ bad arguments
+
+BAD_ARGUMENTS = [
+    (dict(theta=-0.1), "theta"), (dict(theta=1.5), "theta"), (dict(h=0.0), "h"),
+    (dict(h=-1.0), "h"), (dict(tol=0.0), "tol"), (dict(tol=-1e-3), "tol"),
+    (dict(max_iters=0), "max_iters"), (dict(solver="newton"), "solver"),
+    (dict(backward="adjoint"), "backward"), (dict(on_nonconvergence="panic"), "on_nonconvergence"),
+    (dict(lin_tol=0.0), "lin_tol"), (dict(lin_max_iters=0), "lin_max_iters"),
+    (dict(solver_options={"step_size": 0.1}), "step_size"),
+    (dict(solver="anderson", solver_options={"memroy": 3}), "memroy"),
+    (dict(solver="nonlinear_cg", solver_options={"variant": "hestenes"}), "variant"),
+]
+
+
+@pytest.mark.parametrize("kwargs,name", BAD_ARGUMENTS)
+def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        irn.ImplicitResidualBlock(nn.Identity(), **kwargs)
+
+
+def test_unknown_name_error_lists_allowed_values():
+    with pytest.raises(ValueError, match="fixed_point.*gradient_descent.*nonlinear_cg.*anderson"):
+        irn.ImplicitResidualBlock(nn.Identity(), solver="newton")
+    with pytest.raises(ValueError, match="neumann.*gmres.*direct.*unrolled.*jacobian_free"):
+        irn.ImplicitResidualBlock(nn.Identity(), backward="x")
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.5])
+def test_shape_changing_F_is_rejected_at_first_call(theta):
+    block = irn.ImplicitResidualBlock(nn.Linear(3, 2), theta=theta)
+    with pytest.raises(ValueError, match="shape"):
+        block(torch.ones(4, 3))
+
+
+def test_valid_solver_options_are_accepted(rng):
+    weight, bias, x = linear_problem(rng)
+    for solver, options in [("gradient_descent", {"step_size": 0.7}),
+                            ("anderson", {"memory": 3, "regularization": 1e-6})]:
+        block = irn.ImplicitResidualBlock(Linear(weight, bias), 0.5, 0.5, solver=solver,
+                                          solver_options=options, tol=1e-9, max_iters=300)
+        torch.testing.assert_close(block(x), linear_solution(weight, bias, x, 0.5, 0.5),
+                                   atol=1e-8, rtol=0)
+
+
+def test_block_exposes_F():
+    F = nn.Identity()
+    assert irn.ImplicitResidualBlock(F).F is F
+    assert irn.ImplicitResidualBlock(F).keep_iterates is False

@@ -1,0 +1,128 @@
+"""The solvers on their own: linear solvers on dense systems, registries, memory, determinism."""
+
+import pytest
+import torch
+from conftest import DT, random_tanh
+
+import irn
+from irn import solvers as S
+
+
+def dense_vjp(jt):
+    """vjp(u) = J^T u for a batch of dense matrices ``jt = J^T`` of shape (B, n, n)."""
+    return lambda u: (jt @ u.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("name", ["neumann", "gmres", "direct"])
+def test_linear_solvers_on_dense_systems(rng, name):
+    batch, n = 6, 7
+    jt = torch.randn(batch, n, n, generator=rng, dtype=DT)
+    jt = 0.6 * jt / torch.linalg.matrix_norm(jt, ord=2).reshape(batch, 1, 1)  # Neumann converges
+    b = torch.randn(batch, n, generator=rng, dtype=DT)
+    v, info = S.LINEAR_SOLVERS[name](dense_vjp(jt), b, tol=1e-12, max_iters=500)
+    exact = torch.linalg.solve(torch.eye(n, dtype=DT) - jt, b.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(v, exact, atol=1e-10, rtol=0)
+    assert info.converged
+
+
+def test_gmres_converges_in_at_most_n_steps_where_neumann_diverges(rng):
+    """GMRES needs no contraction: with ||J|| > 1 it still solves in <= n Arnoldi steps."""
+    batch, n = 4, 5
+    jt = 2.0 * torch.randn(batch, n, n, generator=rng, dtype=DT)
+    b = torch.randn(batch, n, generator=rng, dtype=DT)
+    v, info = S.gmres(dense_vjp(jt), b, tol=1e-10, max_iters=50)
+    exact = torch.linalg.solve(torch.eye(n, dtype=DT) - jt, b.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(v, exact, atol=1e-8, rtol=1e-8)
+    assert info.iterations <= n
+    _, info_neumann = S.neumann(dense_vjp(jt), b, tol=1e-10, max_iters=50)
+    assert not info_neumann.converged
+
+
+def test_gmres_restarts_and_happy_breakdown(rng):
+    """J = 0 for half the batch (exact after one step) and a restart shorter than n."""
+    batch, n = 4, 12
+    jt = 0.3 * torch.randn(batch, n, n, generator=rng, dtype=DT) / n ** 0.5
+    jt[:2] = 0
+    b = torch.randn(batch, n, generator=rng, dtype=DT)
+    v, info = S.gmres(dense_vjp(jt), b, tol=1e-12, max_iters=100, restart=3)
+    exact = torch.linalg.solve(torch.eye(n, dtype=DT) - jt, b.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(v, exact, atol=1e-10, rtol=0)
+    assert torch.isfinite(v).all()
+
+
+def test_lin_max_iters_is_a_hard_cap(rng):
+    batch, n = 3, 10
+    jt = 0.95 * torch.eye(n, dtype=DT).expand(batch, n, n)
+    b = torch.randn(batch, n, generator=rng, dtype=DT)
+    for name in ("neumann", "gmres"):
+        _, info = S.LINEAR_SOLVERS[name](dense_vjp(jt + 0.01 * torch.randn(batch, n, n, generator=rng, dtype=DT)),
+                                         b, tol=1e-14, max_iters=4)
+        assert info.iterations <= 4
+
+
+def test_registries_are_consistent():
+    assert set(S.FORWARD_SOLVERS) == set(S.SOLVER_OPTIONS) == {
+        "fixed_point", "gradient_descent", "nonlinear_cg", "anderson"}
+    assert set(S.LINEAR_SOLVERS) < set(S.BACKWARDS)
+    assert set(S.BACKWARDS) == {"neumann", "gmres", "direct", "unrolled", "jacobian_free"}
+
+
+# --------------------------------------------------------------------------------- memory
+
+def saved_bytes(fn):
+    """Bytes of the tensors autograd saves for backward while ``fn()`` builds its graph
+    (each storage counted once)."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
+
+
+def block_saved_bytes(backward, iterations, rng):
+    """Saved bytes of one block forward forced to run exactly ``iterations`` iterations."""
+    F = random_tanh(64, rng, scale=0.5)
+    x = torch.randn(32, 64, generator=rng, dtype=DT, requires_grad=True)
+    block = irn.ImplicitResidualBlock(F, 0.5, 0.5, backward=backward, tol=1e-30,
+                                      max_iters=iterations, on_nonconvergence="ignore")
+    nbytes, out = saved_bytes(lambda: block(x))
+    assert block.last_stats.iterations == iterations
+    out.sum().backward()  # the graph is usable
+    return nbytes
+
+
+@pytest.mark.parametrize("backward", ["neumann", "gmres", "direct", "jacobian_free"])
+def test_implicit_backward_memory_does_not_grow_with_iterations(rng, backward):
+    few, many = (block_saved_bytes(backward, k, rng) for k in (5, 40))
+    assert few == many
+    explicit_bytes, _ = saved_bytes(lambda: irn.ImplicitResidualBlock(
+        random_tanh(64, rng), 0.5, 0.0)(torch.randn(32, 64, dtype=DT, requires_grad=True)))
+    # x, y* and the graphs of two evaluations of F: about twice the explicit step
+    assert many <= 2.5 * explicit_bytes
+
+
+def test_unrolled_memory_grows_with_iterations(rng):
+    few, many = (block_saved_bytes("unrolled", k, rng) for k in (5, 40))
+    assert many > 5 * few
+
+
+# ---------------------------------------------------------------------------- determinism
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
+def test_determinism_bitwise(solver):
+    def run():
+        torch.manual_seed(7)
+        net = irn.ImplicitResNet(4, 5, h=0.5, theta=0.5, solver=solver).double()
+        y0 = torch.randn(16, 4, dtype=DT)
+        out = net(y0)
+        out.pow(2).sum().backward()
+        return out.detach(), [p.grad.clone() for p in net.parameters()]
+
+    (a, ga), (b, gb) = run(), run()
+    assert torch.equal(a, b)
+    assert all(torch.equal(x, y) for x, y in zip(ga, gb))
