@@ -98,8 +98,8 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
             (data_loss + reg).backward()
             optimizer.step()
             steps += 1
-            sums["train_loss"] += float(data_loss)
-            sums["reg_loss"] += float(reg)
+            sums["train_loss"] += float(data_loss.detach())
+            sums["reg_loss"] += float(reg.detach())
             for l, block in enumerate(blocks):
                 stats = block.last_stats
                 fwd[l] += stats.iterations

@@ -1,0 +1,126 @@
+"""ImplicitResNet, the example models and data, and the training loop."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import DT
+
+import irn
+from irn import data, models, training
+
+
+def test_stationary_initialisation():
+    net = irn.ImplicitResNet(5, 4, h=0.5, theta=0.5)
+    w0 = net.blocks[0].F.linear.weight
+    assert torch.linalg.eigvals(w0.double()).abs().max().item() == pytest.approx(1.0, rel=1e-6)
+    for block in net.blocks:
+        assert torch.equal(block.F.linear.weight, w0)
+        assert torch.all(block.F.linear.bias == 0)
+        assert block.F.linear.weight is not w0 or block is net.blocks[0]  # trained independently
+    assert isinstance(net.blocks[0].F.linear, torch.nn.Linear)
+
+
+def test_random_and_pytorch_initialisations_differ_per_layer():
+    for init in ("random", "pytorch"):
+        net = irn.ImplicitResNet(3, 2, init=init)
+        assert not torch.equal(net.blocks[0].F.linear.weight, net.blocks[1].F.linear.weight)
+
+
+def test_network_is_the_composition_of_its_blocks():
+    net = irn.ImplicitResNet(3, 4, h=0.25, theta=0.5, activation="tanh", tol=1e-12).double()
+    y0 = torch.randn(6, 3, dtype=DT)
+    traj = net.trajectory(y0)
+    assert traj.shape == (5, 6, 3)
+    torch.testing.assert_close(traj[0], y0)
+    torch.testing.assert_close(traj[-1], net(y0), atol=1e-12, rtol=0)
+    for l, block in enumerate(net.blocks):
+        y, x = traj[l + 1], traj[l]
+        residual = y - x - 0.25 * (0.5 * block.F(x) + 0.5 * block.F(y))
+        assert residual.abs().max() < 1e-11
+        assert block.name == f"block {l}"
+        assert block.h == 0.25 and block.theta == 0.5
+
+
+def test_block_kwargs_are_passed_on():
+    net = irn.ImplicitResNet(2, 3, theta=1.0, solver="anderson", backward="gmres", tol=1e-4,
+                             max_iters=7, on_nonconvergence="ignore")
+    assert all(b.solver == "anderson" and b.backward == "gmres" and b.tol == 1e-4
+               and b.max_iters == 7 and b.on_nonconvergence == "ignore" for b in net.blocks)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(activation="gelu"), "activation"), (dict(init="xavier"), "init"),
+    (dict(theta=2.0), "theta"), (dict(h=0.0), "h"), (dict(solver="x"), "solver")])
+def test_resnet_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        irn.ImplicitResNet(2, 3, **kwargs)
+
+
+def test_resnet_rejects_wrong_input_shape():
+    with pytest.raises(ValueError, match="y0"):
+        irn.ImplicitResNet(3, 2)(torch.ones(4, 2))
+
+
+def test_datasets():
+    sine = data.sine()
+    assert sine.x_train.shape == (20, 1) and sine.x_val.shape == (40, 1)
+    torch.testing.assert_close(sine.y_train, torch.sin(sine.x_train))
+    assert sine.x_train[0].item() == -5 and sine.x_train[-1].item() == 5
+    spirals = data.two_spirals()
+    assert spirals.x_train.shape == (97, 2) and spirals.x_val.shape == (97, 2)
+    x = torch.cat([spirals.x_train, spirals.x_val])
+    assert torch.linalg.vector_norm(x, dim=1).max().item() == pytest.approx(1.0)
+    # class 1 is the negative of class 0: index i of class 0 is sample i, of class 1 is 97 + i
+    full = torch.empty(194, 2, dtype=DT)
+    full[0::2], full[1::2] = spirals.x_train, spirals.x_val
+    torch.testing.assert_close(full[97:], -full[:97])
+    i = 5  # r_i (cos a_i, sin a_i), a_i = 3 pi i / 96, r_i = (104 - i) / 104
+    expected = (104 - i) / 104 * torch.tensor([np.cos(3 * np.pi * i / 96), np.sin(3 * np.pi * i / 96)])
+    torch.testing.assert_close(full[i], expected.to(DT))
+
+
+def test_example_models():
+    m = models.function_approximator(5, 0.5).double()
+    x = torch.linspace(-1, 1, 7, dtype=DT).unsqueeze(1)
+    assert m(x).shape == (7, 1)
+    torch.testing.assert_close(m.embed(x), torch.cat([x, torch.zeros_like(x)], 1))
+    assert m.net.blocks[0].h == 1.0 and m.net.blocks[0].F.activation == "tanh"
+    c = models.spiral_classifier(10, 0.0).double()
+    assert c(torch.ones(3, 2, dtype=DT)).shape == (3, 2)
+    assert c.trajectory(torch.ones(3, 2, dtype=DT)).shape == (11, 3, 4)
+
+
+def test_training_records_history_and_reduces_loss():
+    torch.manual_seed(0)
+    model = models.function_approximator(8, 0.5, T=2.0).double()  # h theta ||W|| small: converges
+    history = training.train(model, data.sine(), epochs=40, lr=1e-2, progress=False)
+    assert len(history) == 40 and list(history.epoch) == list(range(1, 41))
+    assert history.train_loss.iloc[-1] < 0.5 * history.train_loss.iloc[0]
+    assert np.isfinite(history.val_loss).all()
+    fwd = training.per_layer(history, "forward_iterations")
+    bwd = training.per_layer(history, "backward_iterations")
+    grad = training.per_layer(history, "grad")
+    assert fwd.shape == bwd.shape == grad.shape == (40, 8)
+    assert (fwd >= 1).all() and (bwd >= 1).all() and (grad > 0).all()
+    assert history.converged.all()
+
+
+def test_training_with_regularizers_and_classification_is_deterministic():
+    def run():
+        torch.manual_seed(1)
+        model = models.spiral_classifier(6, 0.5, on_nonconvergence="ignore").double()
+        return training.train(model, data.two_spirals(), epochs=5, loss="cross_entropy",
+                              stab_weight=1.0, stab_sigma=0.05, fp_weight=0.1,
+                              progress=False, seed=3)
+
+    a, b = run(), run()
+    assert "val_accuracy" in a and (a.reg_loss > 0).any()
+    assert a.drop(columns=[]).equals(b)
+
+
+def test_training_bad_arguments():
+    model = models.function_approximator(2, 0.5)
+    with pytest.raises(ValueError, match="loss"):
+        training.train(model, data.sine(), epochs=1, loss="hinge")
+    with pytest.raises(ValueError, match="epochs"):
+        training.train(model, data.sine(), epochs=0)
