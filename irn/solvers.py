@@ -120,7 +120,9 @@ def vjp(output: Tensor, inputs: Tensor, u: Tensor, create_graph: bool = False) -
 def _value_and_gradient(g: Callable, y: Tensor, differentiable: bool):
     """Residual ``R(y) = y - g(y)`` and the gradient of ``phi = 1/2 ||R||^2``: ``R - J_g(y)^T R``."""
     with torch.enable_grad():
-        y_in = y if differentiable and y.requires_grad else y.detach().requires_grad_()
+        # a fresh node for y: the gradient must not follow other paths from y's ancestors
+        # (the first iterate is x itself, on which g also depends through x + h(1-theta)F(x))
+        y_in = y.view_as(y) if differentiable and y.requires_grad else y.detach().requires_grad_()
         gy = g(y_in)
         residual = y_in - gy
         jtr = vjp(gy, y_in, residual, create_graph=differentiable)

@@ -139,6 +139,23 @@ def test_gradients_match_implicit_function_theorem(rng, backward, theta):
         torch.testing.assert_close(p.grad, ref, atol=1e-10, rtol=1e-9)
 
 
+@pytest.mark.parametrize("solver,options", SOLVER_CASES)
+def test_unrolled_gradient_through_every_solver(rng, solver, options):
+    """Autograd through converged iterations of any solver gives the implicit gradient (the
+    first iterate is x itself: only the path through F(y) may count in the solver's steps)."""
+    F = random_tanh(3, rng, scale=1.2)
+    x = torch.randn(4, 3, generator=rng, dtype=DT)
+    g = torch.randn(4, 3, generator=rng, dtype=DT)
+    ref_x, ref_params = ift_reference_gradients(F, x, 0.8, 0.6, g)
+    block = irn.ImplicitResidualBlock(F, 0.8, 0.6, solver=solver, solver_options=options,
+                                      backward="unrolled", tol=1e-12, max_iters=1000)
+    xg = x.clone().requires_grad_()
+    (block(xg) * g).sum().backward()
+    torch.testing.assert_close(xg.grad, ref_x, atol=1e-9, rtol=1e-8)
+    for p, ref in zip(F.parameters(), ref_params):
+        torch.testing.assert_close(p.grad, ref, atol=1e-9, rtol=1e-8)
+
+
 @pytest.mark.parametrize("backward", IMPLICIT_BACKWARDS + ["unrolled"])
 @pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
 def test_gradcheck(rng, backward, solver):
