@@ -150,10 +150,16 @@ def test_unrolled_gradient_through_every_solver(rng, solver, options):
     block = irn.ImplicitResidualBlock(F, 0.8, 0.6, solver=solver, solver_options=options,
                                       backward="unrolled", tol=1e-12, max_iters=1000)
     xg = x.clone().requires_grad_()
-    (block(xg) * g).sum().backward()
+    y = block(xg)
+    (y * g).sum().backward()
     torch.testing.assert_close(xg.grad, ref_x, atol=1e-9, rtol=1e-8)
     for p, ref in zip(F.parameters(), ref_params):
         torch.testing.assert_close(p.grad, ref, atol=1e-9, rtol=1e-8)
+    # building the graph must not change the iterates: same iterations, same output
+    plain = irn.ImplicitResidualBlock(F, 0.8, 0.6, solver=solver, solver_options=options,
+                                      tol=1e-12, max_iters=1000)
+    torch.testing.assert_close(plain(x), y.detach(), atol=1e-14, rtol=0)
+    assert plain.last_stats.iterations == block.last_stats.iterations
 
 
 @pytest.mark.parametrize("backward", IMPLICIT_BACKWARDS + ["unrolled"])
