@@ -36,6 +36,22 @@ def _choice(name: str, value, allowed) -> None:
     _require(value in allowed, f"{name} must be one of {tuple(allowed)}, got {value!r}")
 
 
+def vjp_operator(F: nn.Module, y: torch.Tensor, scale: float = 1.0):
+    """The map ``u -> scale * J_F(y)^T u``, built once and applied many times.
+
+    A residual function may provide its own, as a method ``F.vjp_operator(y, scale)`` (the
+    library's :class:`irn.models.Perceptron` does: two tensor operations per product instead
+    of an autograd call); otherwise one graph of ``F(y)`` is built and reused.
+    """
+    own = getattr(F, "vjp_operator", None)
+    if own is not None:
+        return own(y, scale)
+    with torch.enable_grad():
+        y_in = y.detach().requires_grad_()
+        fy = F(y_in)
+    return lambda u: scale * S.vjp(fy, y_in, u)
+
+
 class _ImplicitBackward(torch.autograd.Function):
     """Identity in forward; in backward replaces ``g`` by ``(I - h theta J_F(y*)^T)^{-1} g``."""
 
@@ -154,11 +170,13 @@ class ImplicitResidualBlock(nn.Module):
         grad_on = torch.is_grad_enabled()
         unrolled = self.backward == "unrolled" and grad_on
         differentiable = unrolled or (self.keep_iterates and grad_on)
+        # x + h(1-theta)F(x): evaluated once, on the graph when gradients are wanted
+        explicit = torch.add(x, self._residual_function(x), alpha=h * (1 - theta))
         with torch.set_grad_enabled(differentiable):
-            explicit = x + h * (1 - theta) * self._residual_function(x)
+            constant = explicit if differentiable else explicit.detach()
 
-            def step(y):
-                return explicit + h * theta * self._residual_function(y)
+            def step(y):  # the fixed-point map y -> x + h(1-theta)F(x) + h theta F(y)
+                return torch.add(constant, self._residual_function(y), alpha=h * theta)
 
             record = [] if self.keep_iterates else None
             y_star, info = self._run(S.FORWARD_SOLVERS[self.solver], step, x, tol=self.tol,
@@ -176,8 +194,7 @@ class ImplicitResidualBlock(nn.Module):
         if not unrolled:
             y_star = y_star.detach()
         # one more application of the map, on a graph with y* held constant
-        explicit = x + h * (1 - theta) * self._residual_function(x)
-        out = explicit + h * theta * self._residual_function(y_star)
+        out = torch.add(explicit, self._residual_function(y_star), alpha=h * theta)
         return _ImplicitBackward.apply(out, y_star, self)
 
     # -- backward -------------------------------------------------------------------------
@@ -188,14 +205,7 @@ class ImplicitResidualBlock(nn.Module):
         if self.backward in ("unrolled", "jacobian_free"):
             stats.backward_iterations, stats.backward_residual = 0, 0.0
             return grad
-        scale = self.h * self.theta
-        with torch.enable_grad():
-            y_in = y_star.detach().requires_grad_()
-            fy = self.F(y_in)
-
-        def map_vjp(u):  # (h theta J_F(y*))^T u, reusing the one graph of F(y*)
-            return scale * S.vjp(fy, y_in, u)
-
+        map_vjp = vjp_operator(self.F, y_star.detach(), scale=self.h * self.theta)
         v, info = self._run(S.LINEAR_SOLVERS[self.backward], map_vjp, grad, tol=self.lin_tol,
                             max_iters=self.lin_max_iters, what="backward")
         residual = float(info.residual)

@@ -14,6 +14,13 @@ from .layers import ImplicitResidualBlock, _choice, _require
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
                "identity": lambda t: t}
+# derivative of each activation, as a function of its input z
+DERIVATIVES = {
+    "relu": lambda z: (z > 0).to(z.dtype),
+    "tanh": lambda z: 1 - torch.tanh(z) ** 2,
+    "sigmoid": lambda z: torch.sigmoid(z) * (1 - torch.sigmoid(z)),
+    "identity": lambda z: torch.ones_like(z),
+}
 INITS = ("stationary", "random", "pytorch")
 
 
@@ -27,7 +34,16 @@ class Perceptron(nn.Module):
         self.activation = activation
 
     def forward(self, y):
-        return ACTIVATIONS[self.activation](self.linear(y))
+        # functional call: this runs once per solver iteration, a module call costs as much
+        return ACTIVATIONS[self.activation](
+            nn.functional.linear(y, self.linear.weight, self.linear.bias))
+
+    @torch.no_grad()
+    def vjp_operator(self, y, scale: float = 1.0):
+        """``u -> scale * J_F(y)^T u = scale * W^T (act'(W y + b) * u)``, for the backward solves."""
+        weight = self.linear.weight
+        slope = scale * DERIVATIVES[self.activation](self.linear(y))
+        return lambda u: (slope * u) @ weight
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"

@@ -71,7 +71,7 @@ class SolveInfo:
 
 def batch_norm(t: Tensor) -> Tensor:
     """Per-sample Euclidean norm ``||t_b||_2`` of a batch-first tensor, shape ``(B,)``."""
-    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1)
+    return torch.linalg.vector_norm(t if t.dim() == 2 else t.reshape(t.shape[0], -1), dim=1)
 
 
 def batch_dot(a: Tensor, b: Tensor) -> Tensor:
