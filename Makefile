@@ -6,7 +6,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export MPLBACKEND := Agg
 export SOURCE_DATE_EPOCH := 0
 export PYTHONHASHSEED := 0
 

@@ -3,14 +3,18 @@ regularisers, and a per-epoch record of losses and solver statistics."""
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import regularizers
 from .layers import _choice, _require
-from .models import ImplicitModel
+from .data import sine, two_spirals
+from .models import ImplicitModel, function_approximator, spiral_classifier
 
 LOSSES = {"mse": torch.nn.functional.mse_loss, "cross_entropy": torch.nn.functional.cross_entropy}
 
@@ -22,7 +26,8 @@ def per_layer(history: pd.DataFrame, name: str) -> np.ndarray:
     _require(bool(columns), f"name must be one of ('forward_iterations', "
                             f"'backward_iterations', 'grad'), got {name!r}")
     columns.sort(key=lambda c: int(c.rsplit("_", 1)[1]))
-    return history[columns].to_numpy()
+    # histories of deeper models concatenated with this one leave its extra columns empty
+    return history[columns].dropna(axis=1, how="all").to_numpy()
 
 
 def _mean_abs_gradients(blocks) -> np.ndarray:
@@ -132,3 +137,60 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
         rows.append(row)
         bar.set_postfix(loss=f"{row['train_loss']:.2e}", val=f"{row['val_loss']:.2e}", refresh=False)
     return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------- several models
+
+MODEL_FACTORIES = {"function_approximator": function_approximator,
+                   "spiral_classifier": spiral_classifier}
+DATASETS = {"sine": sine, "two_spirals": two_spirals}
+
+
+def build_model(model: str, seed: int, dtype=torch.float64, **model_kwargs) -> ImplicitModel:
+    """``MODEL_FACTORIES[model](**model_kwargs)`` initialised from ``torch.manual_seed(seed)``."""
+    _choice("model", model, MODEL_FACTORIES)
+    torch.manual_seed(seed)
+    return MODEL_FACTORIES[model](**model_kwargs).to(dtype)
+
+
+def _run_job(job: dict):
+    torch.set_num_threads(1)  # one job per core
+    model = build_model(job["model"], job["seed"], **job["model_kwargs"])
+    history = train(model, DATASETS[job["data"]](), seed=job["seed"], progress=False,
+                    **job["train_kwargs"])
+    return history, {k: v.cpu() for k, v in model.state_dict().items()}
+
+
+def train_many(jobs: list[dict], workers: int = 1, desc: str = "training"):
+    """Train independent models, ``workers`` at a time in separate processes.
+
+    Each job is a dict with ``model`` (a key of ``MODEL_FACTORIES``), ``model_kwargs``,
+    ``data`` (a key of ``DATASETS``), ``train_kwargs`` (for :func:`train`) and ``seed``
+    (initialisation and training noise). A job's result does not depend on ``workers``.
+    Returns ``[(model, history), ...]`` in the order of ``jobs``; progress is shown per job.
+    """
+    _require(isinstance(workers, int) and workers >= 1, f"workers must be an int >= 1, got {workers!r}")
+    for job in jobs:
+        missing = {"model", "model_kwargs", "data", "train_kwargs", "seed"} - set(job)
+        _require(not missing, f"job is missing keys {sorted(missing)}")
+        _choice("data", job["data"], DATASETS)
+    bar = tqdm(total=len(jobs), desc=desc, mininterval=0)
+    results = [None] * len(jobs)
+    if workers == 1:
+        for i, job in enumerate(jobs):
+            results[i] = _run_job(job)
+            bar.update()
+    else:
+        context = multiprocessing.get_context("spawn")  # fork is unsafe after torch started
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = {pool.submit(_run_job, job): i for i, job in enumerate(jobs)}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update()
+    bar.close()
+    trained = []
+    for job, (history, state) in zip(jobs, results):
+        model = build_model(job["model"], job["seed"], **job["model_kwargs"])
+        model.load_state_dict(state)
+        trained.append((model, history))
+    return trained

@@ -1,0 +1,331 @@
+"""One plotting function per figure of the paper, one shared style, deterministic files.
+
+Plotting never trains: every function takes trained models, histories or arrays and
+returns a ``matplotlib.figure.Figure``; :func:`save` writes it as PDF and PNG.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from . import stability
+from .training import per_layer
+
+STYLE = {
+    "font.family": "DejaVu Sans",  # ships with matplotlib: same glyphs on every machine
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "figure.dpi": 110,
+    "savefig.dpi": 200,
+    "savefig.bbox": "tight",
+    "lines.linewidth": 1.4,
+    "svg.hashsalt": "irn",
+}
+SCHEME_LABELS = {"forward_euler": "forward Euler", "backward_euler": "backward Euler",
+                 "trapezoidal": "trapezoidal", "verlet": "Verlet"}
+
+
+def use_style() -> None:
+    """Apply the shared figure style (called on import, and by every notebook)."""
+    matplotlib.rcParams.update(STYLE)
+
+
+use_style()
+
+
+def theta_colors(thetas) -> dict:
+    """A fixed colour per theta (viridis), the same in every figure."""
+    cmap = plt.get_cmap("viridis")
+    return {t: cmap(0.9 * t) for t in thetas}
+
+
+def save(fig, name: str, directory) -> None:
+    """Write ``fig`` to ``directory/name.pdf`` and ``.png`` without timestamps (so a regenerated
+    figure diffs cleanly), each through a temporary file and an atomic rename."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for ext, metadata in (("pdf", {"CreationDate": None, "ModDate": None, "Producer": None,
+                                   "Creator": None}),
+                          ("png", {"Software": None})):
+        path = directory / f"{name}.{ext}"
+        tmp = directory / f".{name}.tmp.{ext}"
+        fig.savefig(tmp, format=ext, metadata=metadata)
+        os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------- notebook 1: stability
+
+def phase_diagrams(h: float, steps: int, z0=(1.0, 0.0)):
+    """Figure 2: orbits of the four schemes on ``u' = v, v' = -u`` with the exact flow."""
+    fig, axes = plt.subplots(1, 4, figsize=(10, 3.0), sharex=True, sharey=True)
+    exact = stability.exact_orbit(h / 20, z0, 20 * steps)
+    limit = 1.0
+    for ax, scheme in zip(axes, stability.SCHEMES):
+        orbit = stability.orbit(scheme, h, z0, steps)
+        limit = max(limit, np.abs(orbit).max())
+        ax.plot(exact[:, 0], exact[:, 1], color="0.5", lw=1, ls="--", label="exact flow")
+        ax.plot(orbit[:, 0], orbit[:, 1], "o-", ms=1.8, lw=0.6, color="C0", label="scheme")
+        ax.plot(*orbit[0], "o", color="C3", ms=5, label="$z_0$")
+        rho = stability.spectral_radius(scheme, h)
+        ax.set_title(f"{SCHEME_LABELS[scheme]}\n$\\rho(M) = {rho:.3f}$")
+        ax.set_xlabel("$u$")
+        ax.set_aspect("equal")
+    axes[0].set_ylabel("$v$")
+    axes[0].set_xlim(-1.1 * limit, 1.1 * limit)
+    axes[0].set_ylim(-1.1 * limit, 1.1 * limit)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False,
+               bbox_to_anchor=(0.5, -0.06))
+    fig.suptitle(f"Phase diagrams of $u' = v,\\ v' = -u$, step $h = {h}$, {steps} steps", y=1.04)
+    return fig
+
+
+def spectral_radii(h_max: float = 4.0, points: int = 401):
+    """Spectral radius of one step of each scheme against the step size ``h``."""
+    hs = np.linspace(0, h_max, points)
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    for scheme in stability.SCHEMES:
+        ax.plot(hs, [stability.spectral_radius(scheme, h) for h in hs],
+                label=SCHEME_LABELS[scheme])
+    ax.axhline(1, color="0.3", lw=0.8, ls=":")
+    ax.set_xlabel("step size $h$")
+    ax.set_ylabel(r"spectral radius $\rho(M(h))$")
+    ax.set_ylim(0, 2.5)
+    ax.legend(frameon=False)
+    return fig
+
+
+def stability_regions(thetas=(0.0, 0.25, 0.5, 0.75, 1.0), extent: float = 4.0):
+    """Stability regions ``|R(z)| <= 1`` of the theta-method in the complex ``z = h lambda`` plane."""
+    x = np.linspace(-extent, extent, 401)
+    zr, zi = np.meshgrid(x, x)
+    z = zr + 1j * zi
+    fig, axes = plt.subplots(1, len(thetas), figsize=(2.1 * len(thetas), 2.4), sharey=True)
+    for ax, theta in zip(axes, thetas):
+        amp = np.abs(stability.theta_amplification(theta, z))
+        ax.contourf(zr, zi, np.where(np.isfinite(amp), amp, 1e9) <= 1, levels=[0.5, 1.5],
+                    colors=["C0"], alpha=0.35)
+        ax.contour(zr, zi, np.where(np.isfinite(amp), amp, 1e9), levels=[1.0], colors="C0",
+                   linewidths=1)
+        ax.axhline(0, color="0.3", lw=0.6)
+        ax.axvline(0, color="0.3", lw=0.6)
+        ax.set_title(rf"$\theta = {theta}$")
+        ax.set_xlabel(r"Re $h\lambda$")
+        ax.set_aspect("equal")
+        ax.grid(False)
+    axes[0].set_ylabel(r"Im $h\lambda$")
+    fig.suptitle(r"Stability regions $|R(z)| \leq 1$ (shaded) of the $\theta$-method", y=1.03)
+    return fig
+
+
+# ------------------------------------------------------------ notebook 2: function approximation
+
+def _band(ax, x, values, color, label, log=True):
+    """Median over seeds with the min-max band."""
+    values = np.asarray(values)
+    ax.plot(x, np.median(values, axis=0), color=color, label=label)
+    if values.shape[0] > 1:
+        ax.fill_between(x, values.min(axis=0), values.max(axis=0), color=color, alpha=0.2, lw=0)
+    if log:
+        ax.set_yscale("log")
+
+
+def _by_model(histories: pd.DataFrame):
+    """Group a long history frame (columns ``depth``, ``theta``, ``seed``, ``epoch``, ...)."""
+    return histories.groupby(["depth", "theta"], sort=True)
+
+
+def losses(histories: pd.DataFrame):
+    """Figure 4: training and validation loss per epoch, one panel per depth and loss,
+    median over seeds with the min-max band."""
+    depths = sorted(histories.depth.unique())
+    colors = theta_colors(sorted(histories.theta.unique()))
+    fig, axes = plt.subplots(len(depths), 2, figsize=(8, 2.7 * len(depths)), sharex=True,
+                             squeeze=False)
+    for (depth, theta), group in _by_model(histories):
+        row = depths.index(depth)
+        for col, column in enumerate(("train_loss", "val_loss")):
+            wide = group.pivot(index="seed", columns="epoch", values=column)
+            _band(axes[row, col], wide.columns, wide.to_numpy(), colors[theta], rf"$\theta = {theta}$")
+    for row, depth in enumerate(depths):
+        axes[row, 0].set_title(f"training loss, $L = {depth}$")
+        axes[row, 1].set_title(f"validation loss, $L = {depth}$")
+        axes[row, 0].set_ylabel("MSE")
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    axes[0, 1].legend(frameon=False, ncol=1, loc="upper right")
+    return fig
+
+
+def solver_iterations(histories: pd.DataFrame):
+    """Figure 5: mean fixed-point (forward) and Neumann (backward) iterations per layer and
+    epoch, implicit models only, median over seeds with the min-max band."""
+    implicit = histories[histories.theta > 0]
+    depths = sorted(implicit.depth.unique())
+    colors = theta_colors(sorted(histories.theta.unique()))
+    fig, axes = plt.subplots(len(depths), 2, figsize=(8, 2.7 * len(depths)), sharex=True,
+                             squeeze=False)
+    for (depth, theta), group in _by_model(implicit):
+        row = depths.index(depth)
+        for col, name in enumerate(("forward_iterations", "backward_iterations")):
+            per_seed = [per_layer(g, name).mean(axis=1) for _, g in group.groupby("seed")]
+            epochs = group[group.seed == group.seed.iloc[0]].epoch.to_numpy()
+            _band(axes[row, col], epochs, per_seed, colors[theta], rf"$\theta = {theta}$", log=False)
+    for row, depth in enumerate(depths):
+        axes[row, 0].set_title(f"fixed-point iterations, $L = {depth}$")
+        axes[row, 1].set_title(f"Neumann iterations, $L = {depth}$")
+        axes[row, 0].set_ylabel("mean per layer")
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    axes[0, 1].legend(frameon=False, loc="upper right")
+    return fig
+
+
+def gradient_magnitudes(histories: pd.DataFrame):
+    """Figure 6: mean absolute gradient of each layer's parameters, averaged over epochs,
+    against the layer index; median over seeds with the min-max band."""
+    depths = sorted(histories.depth.unique())
+    colors = theta_colors(sorted(histories.theta.unique()))
+    fig, axes = plt.subplots(1, len(depths), figsize=(4 * len(depths), 2.9), squeeze=False)
+    for (depth, theta), group in _by_model(histories):
+        ax = axes[0, depths.index(depth)]
+        per_seed = [per_layer(g, "grad").mean(axis=0) for _, g in group.groupby("seed")]
+        _band(ax, np.arange(1, depth + 1), per_seed, colors[theta], rf"$\theta = {theta}$")
+        ax.set_title(f"$L = {depth}$")
+        ax.set_xlabel("layer $l$")
+    axes[0, 0].set_ylabel(r"mean $|\partial \mathcal{L} / \partial w_l|$")
+    axes[0, -1].legend(frameon=False, loc="best")
+    return fig
+
+
+@torch.no_grad()
+def dynamics(models: dict, data, grid: int = 17, extent: float = 6.0):
+    """Figures 7 and 8: for each model (``{theta: model}``) the vector field ``F_0`` of its first
+    layer in the state plane with the trajectories ``y_0, ..., y_L`` of the training inputs
+    (top), and its output ``y_L[1]`` against ``x`` with the target (bottom)."""
+    thetas = sorted(models)
+    colors = theta_colors(thetas)
+    fig, axes = plt.subplots(2, len(thetas), figsize=(2.3 * len(thetas), 4.8), squeeze=False)
+    x_dense = torch.linspace(float(data.x_val.min()), float(data.x_val.max()), 200,
+                             dtype=data.x_val.dtype).unsqueeze(1)
+    u, v = np.meshgrid(np.linspace(-extent, extent, grid), np.linspace(-extent, extent, grid))
+    for col, theta in enumerate(thetas):
+        model = models[theta].cpu()
+        dtype = next(model.parameters()).dtype
+        ax = axes[0, col]
+        states = torch.tensor(np.stack([u.ravel(), v.ravel()], 1), dtype=dtype)
+        field = model.net.blocks[0].F(states).numpy()
+        ax.quiver(u, v, field[:, 0], field[:, 1], color="0.55", angles="xy", width=0.004)
+        traj = model.trajectory(data.x_train.to(dtype)).numpy()  # (L+1, B, 2)
+        for b in range(traj.shape[1]):
+            ax.plot(traj[:, b, 0], traj[:, b, 1], "-", color=colors[theta], lw=0.7, alpha=0.8)
+        ax.plot(traj[0, :, 0], traj[0, :, 1], "o", ms=2, color="k")
+        ax.plot(traj[-1, :, 0], traj[-1, :, 1], "o", ms=2, color="C3")
+        ax.set_xlim(-extent, extent)
+        ax.set_ylim(-extent, extent)
+        ax.set_title(rf"$\theta = {theta}$")
+        ax.set_xlabel("$y_1$")
+        ax = axes[1, col]
+        ax.plot(x_dense.numpy(), np.sin(x_dense.numpy()), color="0.6", ls="--", label="sin(x)")
+        ax.plot(x_dense.numpy(), model(x_dense.to(dtype)).numpy(), color=colors[theta],
+                label="model")
+        ax.plot(data.x_train.numpy(), data.y_train.numpy(), "o", ms=2.5, color="k",
+                label="training")
+        ax.set_ylim(-1.6, 1.6)
+        ax.set_xlabel("$x$")
+    axes[0, 0].set_ylabel("$y_2$")
+    axes[1, 0].set_ylabel("output $y_L[2]$")
+    axes[1, 0].legend(frameon=False, loc="lower left", fontsize=7)
+    return fig
+
+
+def regularizer_effect(histories: dict):
+    """Effect of a regulariser: mean forward iterations per layer and training loss against the
+    epoch for each labelled run (``{label: history}``)."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
+    for i, (label, history) in enumerate(histories.items()):
+        axes[0].plot(history.epoch, per_layer(history, "forward_iterations").mean(axis=1),
+                     color=f"C{i}", label=label)
+        axes[1].plot(history.epoch, history.train_loss, color=f"C{i}", label=label)
+    axes[0].set_ylabel("fixed-point iterations per layer")
+    axes[1].set_ylabel("training MSE")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    axes[0].legend(frameon=False)
+    return fig
+
+
+def activation_comparison(histories: dict, outputs: dict, data):
+    """Training loss and fitted output for the same model with different activations
+    (``{label: history}``, ``{label: (x, y)}``)."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
+    for i, (label, history) in enumerate(histories.items()):
+        axes[0].plot(history.epoch, history.train_loss, color=f"C{i}", label=label)
+        x, y = outputs[label]
+        axes[1].plot(x, y, color=f"C{i}", label=label)
+    axes[1].plot(data.x_train.numpy(), data.y_train.numpy(), "o", ms=2.5, color="k",
+                 label="training")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("training MSE")
+    axes[1].set_xlabel("$x$")
+    axes[1].set_ylabel("output")
+    axes[0].legend(frameon=False)
+    axes[1].legend(frameon=False, fontsize=7)
+    return fig
+
+
+# ---------------------------------------------------------------------- notebook 3: spirals
+
+@torch.no_grad()
+def decision_regions(models: dict, data, resolution: int = 200, extent: float = 1.3):
+    """Figure 9: decision regions of classifiers ``{(row_label, col_label): (model, accuracy)}``
+    on a grid, with the training (filled) and validation (hollow) points; validation
+    accuracy in each panel title."""
+    rows = list(dict.fromkeys(r for r, _ in models))
+    cols = list(dict.fromkeys(c for _, c in models))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.4 * len(cols), 2.4 * len(rows)),
+                             squeeze=False, sharex=True, sharey=True)
+    g = np.linspace(-extent, extent, resolution)
+    gx, gy = np.meshgrid(g, g)
+    for (r, c), (model, accuracy) in models.items():
+        ax = axes[rows.index(r), cols.index(c)]
+        dtype = next(model.parameters()).dtype
+        points = torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=dtype)
+        prob = torch.softmax(model.cpu()(points), dim=1)[:, 1].numpy().reshape(gx.shape)
+        ax.contourf(gx, gy, prob, levels=np.linspace(0, 1, 11), cmap="RdBu_r", alpha=0.55)
+        ax.contour(gx, gy, prob, levels=[0.5], colors="k", linewidths=0.8)
+        for split, style in (("train", dict(edgecolors="k", linewidths=0.4, s=9)),
+                             ("val", dict(facecolors="none", linewidths=0.8, s=9))):
+            x = getattr(data, f"x_{split}").numpy()
+            y = getattr(data, f"y_{split}").numpy()
+            for label, color in ((0, "C0"), (1, "C3")):
+                pts = x[y == label]
+                if split == "train":
+                    ax.scatter(pts[:, 0], pts[:, 1], c=color, **style)
+                else:
+                    ax.scatter(pts[:, 0], pts[:, 1], edgecolors=color, **style)
+        ax.set_title(f"{c}\n{r}: val. acc. {accuracy:.0%}")
+        ax.set_aspect("equal")
+        ax.grid(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("$x_1$")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("$x_2$")
+    return fig

@@ -1,0 +1,86 @@
+"""Execute one notebook headlessly with papermill under a parameter profile.
+
+    python scripts/run_notebook.py notebooks/02_function_approximation.ipynb \
+        --profile params/paper.yaml --output build/paper/02_function_approximation.ipynb \
+        --figures figures [-p epochs 300 ...]
+
+The profile file holds one section per notebook (its file name without extension). Every
+parameter name is checked against the notebook's `parameters` cell first: a misspelled or
+unknown name fails the run, naming it. Figures are written to a staging folder and moved
+into `--figures` only when the whole notebook succeeded, so a failed run leaves the previous
+figures in place; the executed notebook is likewise written under a temporary name first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import papermill
+import yaml
+from papermill.exceptions import PapermillExecutionError
+
+
+def load_parameters(profile: Path, notebook: Path, overrides: list[tuple[str, str]]) -> dict:
+    sections = yaml.safe_load(profile.read_text()) or {}
+    if notebook.stem not in sections:
+        sys.exit(f"error: {profile} has no section '{notebook.stem}'")
+    parameters = dict(sections[notebook.stem] or {})
+    for name, value in overrides:
+        parameters[name] = yaml.safe_load(value)
+    declared = papermill.inspect_notebook(str(notebook))
+    unknown = sorted(set(parameters) - set(declared) - {"figures_dir"})
+    if unknown:
+        sys.exit(f"error: unknown parameter(s) {', '.join(unknown)} for {notebook.name} "
+                 f"(from {profile} or -p); declared: {', '.join(sorted(declared))}")
+    return parameters
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("notebook", type=Path)
+    parser.add_argument("--profile", type=Path, required=True)
+    parser.add_argument("--output", type=Path, required=True, help="executed notebook")
+    parser.add_argument("--figures", type=Path, required=True, help="folder for the figures")
+    parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="override one parameter (YAML value)")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    args = parser.parse_args()
+
+    parameters = load_parameters(args.profile, args.notebook, args.p)
+    output = args.output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".staging-{args.notebook.stem}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    # the kernel runs beside the executed notebook; paths are relative so that an nbval
+    # re-execution of a reference notebook writes to the same kind of place
+    parameters["figures_dir"] = os.path.relpath(staging, output.parent)
+    tmp = output.with_name(f".{output.stem}.tmp.ipynb")
+    print(f"[run] {args.notebook} ({args.profile.stem} profile) -> {args.output}", flush=True)
+    start = time.time()
+    try:
+        papermill.execute_notebook(
+            str(args.notebook), str(tmp), parameters=parameters, kernel_name="python3",
+            cwd=str(output.parent), log_output=True, progress_bar=False,
+            execution_timeout=args.timeout)
+    except PapermillExecutionError as err:
+        print(f"\n[run] FAILED: {args.notebook} cell {err.exec_count} raised {err.ename}: "
+              f"{err.evalue}\n[run] previous figures in {args.figures} are untouched; the "
+              f"partial notebook is {tmp}", file=sys.stderr)
+        return 1
+    args.figures.mkdir(parents=True, exist_ok=True)
+    for path in sorted(staging.iterdir()):
+        os.replace(path, args.figures / path.name)
+    staging.rmdir()
+    os.replace(tmp, output)
+    print(f"[run] {args.notebook.name} done in {time.time() - start:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
