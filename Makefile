@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export SOURCE_DATE_EPOCH := 0
 export PYTHONHASHSEED := 0
 
-.PHONY: help venv test unit figures smoke bench lab clean
+.PHONY: help venv test unit figures smoke references bench lab clean
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -24,14 +24,50 @@ $(STAMP): pyproject.toml requirements.lock
 
 venv: $(STAMP) ## create .venv with the pinned dependencies
 
+# ------------------------------------------------------------------------ notebooks
+# A profile (params/<profile>.yaml) is split into one parameter file per notebook, rewritten
+# only when it changes: editing one section re-runs only that notebook. An executed notebook
+# depends on its source, its parameters, the irn/ sources and the runner.
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+NAMES := $(notdir $(basename $(NOTEBOOKS)))
+IRN_SRC := $(wildcard irn/*.py)
+RUNNER := scripts/run_notebook.py
+RUN := $(BIN)/python $(RUNNER) --timeout 3600
+
+define PROFILE_RULES
+build/$(1)/params.stamp: params/$(1).yaml scripts/split_params.py | $$(STAMP)
+	@$$(BIN)/python scripts/split_params.py params/$(1).yaml build/$(1)/params
+	@touch $$@
+build/$(1)/params/%.yaml: build/$(1)/params.stamp ;
+build/$(1)/%.ipynb: notebooks/%.ipynb build/$(1)/params/%.yaml $$(IRN_SRC) $$(RUNNER) | $$(STAMP)
+	$$(RUN) $$< --params build/$(1)/params/$$*.yaml --output $$@ --figures $(2)
+endef
+$(eval $(call PROFILE_RULES,paper,figures))
+$(eval $(call PROFILE_RULES,smoke,build/smoke/figures))
+.SECONDARY:
+
+figures: $(NAMES:%=build/paper/%.ipynb) ## regenerate every figure of the paper into figures/ (paper profile)
+
+smoke: $(NAMES:%=build/smoke/%.ipynb) ## run every notebook with the tiny smoke profile (build/smoke/)
+
+references: $(STAMP) ## regenerate the nbval references tests/notebooks/ (smoke profile)
+	@$(BIN)/python scripts/split_params.py params/smoke.yaml build/references/params
+	@for name in $(NAMES); do \
+	  $(RUN) notebooks/$$name.ipynb --params build/references/params/$$name.yaml \
+	    --output tests/notebooks/$$name.ipynb --figures build/references/figures || exit 1; \
+	done
+
+NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=600 -p no:cacheprovider
+
 unit: $(STAMP) ## run the unit tests only
 	$(BIN)/python -m pytest -q tests
 
-test: $(STAMP) ## run the unit tests and the notebook regression
-	$(BIN)/python -m pytest -q tests
+test: $(STAMP) ## run the unit tests and the notebook regression (nbval)
+	$(BIN)/python -m pytest -q $(NBVAL) tests
+	@rm -rf tests/notebooks/.staging-*
 
 lab: $(STAMP) ## open the notebooks in JupyterLab
 	$(BIN)/jupyter lab notebooks
 
 clean: ## remove build outputs (keeps .venv and figures/)
-	rm -rf build .pytest_cache
+	rm -rf build .pytest_cache tests/notebooks/.staging-*

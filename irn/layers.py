@@ -52,6 +52,15 @@ def vjp_operator(F: nn.Module, y: torch.Tensor, scale: float = 1.0):
     return lambda u: scale * S.vjp(fy, y_in, u)
 
 
+class _Latest:
+    """Mutable record of a block's latest solve."""
+
+    __slots__ = ("stats", "iterate_residuals", "backward_converged")
+
+    def __init__(self):
+        self.stats, self.iterate_residuals, self.backward_converged = None, None, None
+
+
 class _ImplicitBackward(torch.autograd.Function):
     """Identity in forward; in backward replaces ``g`` by ``(I - h theta J_F(y*)^T)^{-1} g``."""
 
@@ -126,10 +135,26 @@ class ImplicitResidualBlock(nn.Module):
         self.on_nonconvergence = on_nonconvergence
         self.name = "block"  # ImplicitResNet renames its blocks "block 0", "block 1", ...
         self.keep_iterates = False
-        self.iterate_residuals: list[torch.Tensor] | None = None  # None: not recorded
-        self.last_stats: SolveStats | None = None
-        self.backward_converged: bool | None = None  # of the latest backward (None: none yet)
+        # what the latest forward/backward left behind, in a plain object: nn.Module's own
+        # __setattr__ is slow enough to show in a 100-layer network's training step
+        self._latest = _Latest()
         self._checked_shape = False
+
+    @property
+    def last_stats(self) -> SolveStats | None:
+        """:class:`irn.SolveStats` of the latest forward (backward fields after its backward)."""
+        return self._latest.stats
+
+    @property
+    def iterate_residuals(self) -> list[torch.Tensor] | None:
+        """Batch means of ``||R(y^k)||`` of the latest forward's iterates (``= ||y^{k+1} - y^k||``
+        for ``fixed_point``), differentiable; None unless ``keep_iterates`` was set."""
+        return self._latest.iterate_residuals
+
+    @property
+    def backward_converged(self) -> bool | None:
+        """Whether the latest backward linear solve met ``lin_tol`` (None before any)."""
+        return self._latest.backward_converged
 
     def extra_repr(self) -> str:
         return (f"h={self.h}, theta={self.theta}, solver={self.solver!r}, "
@@ -162,10 +187,11 @@ class ImplicitResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _require(x.dim() >= 1, "x must be batch-first with at least one dimension")
         h, theta = self.h, self.theta
+        latest = self._latest
         if theta == 0:
-            self.iterate_residuals = [] if self.keep_iterates else None
-            self.last_stats = SolveStats(0, 0.0, True)
-            return x + h * self._residual_function(x)
+            latest.iterate_residuals = [] if self.keep_iterates else None
+            latest.stats, latest.backward_converged = SolveStats(0, 0.0, True), None
+            return torch.add(x, self._residual_function(x), alpha=h)
 
         grad_on = torch.is_grad_enabled()
         unrolled = self.backward == "unrolled" and grad_on
@@ -182,10 +208,10 @@ class ImplicitResidualBlock(nn.Module):
             y_star, info = self._run(S.FORWARD_SOLVERS[self.solver], step, x, tol=self.tol,
                                      max_iters=self.max_iters, differentiable=differentiable,
                                      record=record, **self.solver_options, what="forward")
-        self.iterate_residuals = [r.mean() for r in record] if record is not None else None
+        latest.iterate_residuals = [r.mean() for r in record] if record is not None else None
         residual = float(info.residual)
-        self.last_stats = SolveStats(info.iterations, residual, info.converged)
-        self.backward_converged = None
+        latest.stats = SolveStats(info.iterations, residual, info.converged)
+        latest.backward_converged = None
         if not info.converged:
             self._nonconvergence("forward", info.iterations, residual)
 
@@ -201,7 +227,8 @@ class ImplicitResidualBlock(nn.Module):
     def _solve_adjoint(self, y_star: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """``v`` with ``(I - h theta J_F(y*)^T) v = grad`` (or ``grad`` itself for the
         backwards that solve nothing); records the backward statistics."""
-        stats = self.last_stats
+        latest = self._latest
+        stats = latest.stats
         if self.backward in ("unrolled", "jacobian_free"):
             stats.backward_iterations, stats.backward_residual = 0, 0.0
             return grad
@@ -210,7 +237,7 @@ class ImplicitResidualBlock(nn.Module):
                             max_iters=self.lin_max_iters, what="backward")
         residual = float(info.residual)
         stats.backward_iterations, stats.backward_residual = info.iterations, residual
-        self.backward_converged = info.converged
+        latest.backward_converged = info.converged
         if not info.converged:
             self._nonconvergence("backward", info.iterations, residual)
         return v

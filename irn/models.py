@@ -98,8 +98,8 @@ class ImplicitResNet(nn.Module):
             block.keep_iterates = bool(value)
 
     def _check_input(self, y0):
-        _require(y0.dim() == 2 and y0.shape[1] == self.dim,
-                 f"y0 must have shape (batch, {self.dim}), got {tuple(y0.shape)}")
+        if not (y0.dim() == 2 and y0.shape[1] == self.dim):  # (no message built per call)
+            raise ValueError(f"y0 must have shape (batch, {self.dim}), got {tuple(y0.shape)}")
 
     def forward(self, y0: torch.Tensor) -> torch.Tensor:
         self._check_input(y0)

@@ -1,11 +1,11 @@
-"""Execute one notebook headlessly with papermill under a parameter profile.
+"""Execute one notebook headlessly with papermill, with checked parameters.
 
     python scripts/run_notebook.py notebooks/02_function_approximation.ipynb \
-        --profile params/paper.yaml --output build/paper/02_function_approximation.ipynb \
-        --figures figures [-p epochs 300 ...]
+        --params build/paper/params/02_function_approximation.yaml \
+        --output build/paper/02_function_approximation.ipynb --figures figures [-p epochs 300]
 
-The profile file holds one section per notebook (its file name without extension). Every
-parameter name is checked against the notebook's `parameters` cell first: a misspelled or
+``--params`` is a YAML file of this notebook's parameters (``scripts/split_params.py`` writes
+one per notebook from a profile); ``-p NAME VALUE`` overrides one. Every parameter name is checked against the notebook's `parameters` cell first: a misspelled or
 unknown name fails the run, naming it. Figures are written to a staging folder and moved
 into `--figures` only when the whole notebook succeeded, so a failed run leaves the previous
 figures in place; the executed notebook is likewise written under a temporary name first.
@@ -25,25 +25,22 @@ import yaml
 from papermill.exceptions import PapermillExecutionError
 
 
-def load_parameters(profile: Path, notebook: Path, overrides: list[tuple[str, str]]) -> dict:
-    sections = yaml.safe_load(profile.read_text()) or {}
-    if notebook.stem not in sections:
-        sys.exit(f"error: {profile} has no section '{notebook.stem}'")
-    parameters = dict(sections[notebook.stem] or {})
+def load_parameters(path: Path | None, notebook: Path, overrides: list[tuple[str, str]]) -> dict:
+    parameters = dict(yaml.safe_load(path.read_text()) or {}) if path else {}
     for name, value in overrides:
         parameters[name] = yaml.safe_load(value)
     declared = papermill.inspect_notebook(str(notebook))
     unknown = sorted(set(parameters) - set(declared) - {"figures_dir"})
     if unknown:
         sys.exit(f"error: unknown parameter(s) {', '.join(unknown)} for {notebook.name} "
-                 f"(from {profile} or -p); declared: {', '.join(sorted(declared))}")
+                 f"(from {path} or -p); declared: {', '.join(sorted(declared))}")
     return parameters
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("notebook", type=Path)
-    parser.add_argument("--profile", type=Path, required=True)
+    parser.add_argument("--params", type=Path, help="YAML file of parameters")
     parser.add_argument("--output", type=Path, required=True, help="executed notebook")
     parser.add_argument("--figures", type=Path, required=True, help="folder for the figures")
     parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
@@ -51,7 +48,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     args = parser.parse_args()
 
-    parameters = load_parameters(args.profile, args.notebook, args.p)
+    parameters = load_parameters(args.params, args.notebook, args.p)
     output = args.output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".staging-{args.notebook.stem}"
@@ -61,7 +58,7 @@ def main() -> int:
     # re-execution of a reference notebook writes to the same kind of place
     parameters["figures_dir"] = os.path.relpath(staging, output.parent)
     tmp = output.with_name(f".{output.stem}.tmp.ipynb")
-    print(f"[run] {args.notebook} ({args.profile.stem} profile) -> {args.output}", flush=True)
+    print(f"[run] {args.notebook} with {args.params} -> {args.output}", flush=True)
     start = time.time()
     try:
         papermill.execute_notebook(
