@@ -124,3 +124,13 @@ def test_training_bad_arguments():
         training.train(model, data.sine(), epochs=1, loss="hinge")
     with pytest.raises(ValueError, match="epochs"):
         training.train(model, data.sine(), epochs=0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "identity"])
+def test_perceptron_vjp_operator_matches_autograd(activation):
+    """The analytic J_F^T u of Perceptron (used by the backward solves) against autograd."""
+    F = models.Perceptron(3, activation).double()
+    y = torch.randn(5, 3, dtype=DT)
+    u = torch.randn(5, 3, dtype=DT)
+    _, vjp = torch.func.vjp(F, y)
+    torch.testing.assert_close(F.vjp_operator(y, 0.7)(u), 0.7 * vjp(u)[0], atol=1e-14, rtol=0)
