@@ -296,12 +296,12 @@ def activation_comparison(histories: dict, outputs: dict, data):
 @torch.no_grad()
 def decision_regions(models: dict, data, resolution: int = 200, extent: float = 1.3):
     """Figure 9: decision regions of classifiers ``{(row_label, col_label): (model, accuracy)}``
-    on a grid, with the training (filled) and validation (hollow) points; validation
-    accuracy in each panel title."""
+    on a grid (column labels on top, row labels on the left), with the training (filled) and
+    validation (hollow) points and the validation accuracy in each panel title."""
     rows = list(dict.fromkeys(r for r, _ in models))
     cols = list(dict.fromkeys(c for _, c in models))
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.4 * len(cols), 2.4 * len(rows)),
-                             squeeze=False, sharex=True, sharey=True)
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.4 * len(cols), 2.5 * len(rows)),
+                             squeeze=False, sharex=True, sharey=True, layout="constrained")
     g = np.linspace(-extent, extent, resolution)
     gx, gy = np.meshgrid(g, g)
     for (r, c), (model, accuracy) in models.items():
@@ -321,11 +321,12 @@ def decision_regions(models: dict, data, resolution: int = 200, extent: float = 
                     ax.scatter(pts[:, 0], pts[:, 1], c=color, **style)
                 else:
                     ax.scatter(pts[:, 0], pts[:, 1], edgecolors=color, **style)
-        ax.set_title(f"{c}\n{r}: val. acc. {accuracy:.0%}")
+        title = f"val. acc. {accuracy:.0%}"
+        ax.set_title(f"{c}\n{title}" if rows.index(r) == 0 else title)
         ax.set_aspect("equal")
         ax.grid(False)
     for ax in axes[-1]:
         ax.set_xlabel("$x_1$")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("$x_2$")
+    for ax, r in zip(axes[:, 0], rows):
+        ax.set_ylabel(f"{r}\n$x_2$")
     return fig
