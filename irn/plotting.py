@@ -11,6 +11,7 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 import torch
@@ -31,6 +32,7 @@ STYLE = {
     "axes.spines.top": False,
     "axes.spines.right": False,
     "figure.dpi": 110,
+    "figure.constrained_layout.use": True,  # no clipped labels, no overlapping titles
     "savefig.dpi": 200,
     "savefig.bbox": "tight",
     "lines.linewidth": 1.4,
@@ -89,9 +91,8 @@ def phase_diagrams(h: float, steps: int, z0=(1.0, 0.0)):
     axes[0].set_xlim(-1.1 * limit, 1.1 * limit)
     axes[0].set_ylim(-1.1 * limit, 1.1 * limit)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False,
-               bbox_to_anchor=(0.5, -0.06))
-    fig.suptitle(f"Phase diagrams of $u' = v,\\ v' = -u$, step $h = {h}$, {steps} steps", y=1.04)
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, frameon=False)
+    fig.suptitle(f"Phase diagrams of $u' = v,\\ v' = -u$, step $h = {h}$, {steps} steps")
     return fig
 
 
@@ -129,7 +130,7 @@ def stability_regions(thetas=(0.0, 0.25, 0.5, 0.75, 1.0), extent: float = 4.0):
         ax.set_aspect("equal")
         ax.grid(False)
     axes[0].set_ylabel(r"Im $h\lambda$")
-    fig.suptitle(r"Stability regions $|R(z)| \leq 1$ (shaded) of the $\theta$-method", y=1.03)
+    fig.suptitle(r"Stability regions $|R(z)| \leq 1$ (shaded) of the $\theta$-method")
     return fig
 
 
@@ -208,6 +209,7 @@ def gradient_magnitudes(histories: pd.DataFrame):
         _band(ax, np.arange(1, depth + 1), per_seed, colors[theta], rf"$\theta = {theta}$")
         ax.set_title(f"$L = {depth}$")
         ax.set_xlabel("layer $l$")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[0, 0].set_ylabel(r"mean $|\partial \mathcal{L} / \partial w_l|$")
     axes[0, -1].legend(frameon=False, loc="best")
     return fig
@@ -301,7 +303,7 @@ def decision_regions(models: dict, data, resolution: int = 200, extent: float = 
     rows = list(dict.fromkeys(r for r, _ in models))
     cols = list(dict.fromkeys(c for _, c in models))
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.4 * len(cols), 2.5 * len(rows)),
-                             squeeze=False, sharex=True, sharey=True, layout="constrained")
+                             squeeze=False, sharex=True, sharey=True)
     g = np.linspace(-extent, extent, resolution)
     gx, gy = np.meshgrid(g, g)
     for (r, c), (model, accuracy) in models.items():
