@@ -66,6 +66,10 @@ test: $(STAMP) ## run the unit tests and the notebook regression (nbval)
 	$(BIN)/python -m pytest -q $(NBVAL) tests
 	@rm -rf tests/notebooks/.staging-*
 
+bench: $(STAMP) ## benchmarks: print a table and write benchmarks/results.md
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[bench]"
+	$(BIN)/python benchmarks/bench.py
+
 lab: $(STAMP) ## open the notebooks in JupyterLab
 	$(BIN)/jupyter lab notebooks
 

@@ -175,7 +175,7 @@ class ImplicitResidualBlock(nn.Module):
         if self.on_nonconvergence == "raise":
             raise SolverError(message)
         if self.on_nonconvergence == "warn":
-            warnings.warn(message, ConvergenceWarning, stacklevel=4)
+            warnings.warn(message, ConvergenceWarning, stacklevel=5)  # the caller of block(x)
 
     def _run(self, solve, *args, what: str, **kwargs):
         try:

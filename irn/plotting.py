@@ -151,50 +151,44 @@ def _by_model(histories: pd.DataFrame):
     return histories.groupby(["depth", "theta"], sort=True)
 
 
+def _per_epoch_grid(histories: pd.DataFrame, quantities: dict, ylabel: str, log: bool):
+    """One row per depth, one column per quantity (``{title: history -> values per epoch}``);
+    one curve per theta, median over seeds with the min-max band."""
+    depths = sorted(histories.depth.unique())
+    colors = theta_colors(sorted(histories.theta.unique()))
+    fig, axes = plt.subplots(len(depths), len(quantities), figsize=(8, 2.7 * len(depths)),
+                             sharex=True, squeeze=False)
+    for (depth, theta), group in _by_model(histories):
+        seeds = [g for _, g in group.groupby("seed")]
+        for col, value in enumerate(quantities.values()):
+            _band(axes[depths.index(depth), col], seeds[0].epoch.to_numpy(),
+                  [value(g) for g in seeds], colors[theta], rf"$\theta = {theta}$", log=log)
+    for row, depth in enumerate(depths):
+        for col, title in enumerate(quantities):
+            axes[row, col].set_title(f"{title}, $L = {depth}$")
+        axes[row, 0].set_ylabel(ylabel)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    axes[0, -1].legend(frameon=False, loc="upper right")
+    return fig
+
+
 def losses(histories: pd.DataFrame):
     """Figure 4: training and validation loss per epoch, one panel per depth and loss,
     median over seeds with the min-max band."""
-    depths = sorted(histories.depth.unique())
-    colors = theta_colors(sorted(histories.theta.unique()))
-    fig, axes = plt.subplots(len(depths), 2, figsize=(8, 2.7 * len(depths)), sharex=True,
-                             squeeze=False)
-    for (depth, theta), group in _by_model(histories):
-        row = depths.index(depth)
-        for col, column in enumerate(("train_loss", "val_loss")):
-            wide = group.pivot(index="seed", columns="epoch", values=column)
-            _band(axes[row, col], wide.columns, wide.to_numpy(), colors[theta], rf"$\theta = {theta}$")
-    for row, depth in enumerate(depths):
-        axes[row, 0].set_title(f"training loss, $L = {depth}$")
-        axes[row, 1].set_title(f"validation loss, $L = {depth}$")
-        axes[row, 0].set_ylabel("MSE")
-    for ax in axes[-1]:
-        ax.set_xlabel("epoch")
-    axes[0, 1].legend(frameon=False, ncol=1, loc="upper right")
-    return fig
+    return _per_epoch_grid(histories, {"training loss": lambda h: h.train_loss.to_numpy(),
+                                       "validation loss": lambda h: h.val_loss.to_numpy()},
+                           "MSE", log=True)
 
 
 def solver_iterations(histories: pd.DataFrame):
     """Figure 5: mean fixed-point (forward) and Neumann (backward) iterations per layer and
     epoch, implicit models only, median over seeds with the min-max band."""
-    implicit = histories[histories.theta > 0]
-    depths = sorted(implicit.depth.unique())
-    colors = theta_colors(sorted(histories.theta.unique()))
-    fig, axes = plt.subplots(len(depths), 2, figsize=(8, 2.7 * len(depths)), sharex=True,
-                             squeeze=False)
-    for (depth, theta), group in _by_model(implicit):
-        row = depths.index(depth)
-        for col, name in enumerate(("forward_iterations", "backward_iterations")):
-            per_seed = [per_layer(g, name).mean(axis=1) for _, g in group.groupby("seed")]
-            epochs = group[group.seed == group.seed.iloc[0]].epoch.to_numpy()
-            _band(axes[row, col], epochs, per_seed, colors[theta], rf"$\theta = {theta}$", log=False)
-    for row, depth in enumerate(depths):
-        axes[row, 0].set_title(f"fixed-point iterations, $L = {depth}$")
-        axes[row, 1].set_title(f"Neumann iterations, $L = {depth}$")
-        axes[row, 0].set_ylabel("mean per layer")
-    for ax in axes[-1]:
-        ax.set_xlabel("epoch")
-    axes[0, 1].legend(frameon=False, loc="upper right")
-    return fig
+    return _per_epoch_grid(
+        histories[histories.theta > 0],
+        {"fixed-point iterations": lambda h: per_layer(h, "forward_iterations").mean(axis=1),
+         "Neumann iterations": lambda h: per_layer(h, "backward_iterations").mean(axis=1)},
+        "mean per layer", log=False)
 
 
 def gradient_magnitudes(histories: pd.DataFrame):

@@ -1,0 +1,261 @@
+"""What implicit layers cost, measured side by side in one run (``make bench``).
+
+Prints a table and writes it to ``benchmarks/results.md`` with the machine, the versions and
+the command. Times are medians of ``torch.utils.benchmark`` runs (warm-up, then repeated
+measurements); ratios are taken within this one run, so they hold on a noisy machine.
+
+    python benchmarks/bench.py [--threads 1] [--min-time 1.0] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tb
+
+import irn
+from irn import solvers as S
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reference import PlainImplicitBlock  # noqa: E402
+
+try:
+    import torchdeq
+except ImportError:  # a benchmark-only dependency: `pip install torchdeq==0.1.0`
+    torchdeq = None
+
+WORKLOADS = {  # name: (dim, batch, layers, h, theta, tol)
+    "W1 example 1, L=5": (2, 20, 5, 1.0, 0.5, 1e-6),
+    "W1 example 1, L=20": (2, 20, 20, 0.25, 0.5, 1e-6),
+    "W2 spirals": (4, 256, 100, 0.1, 0.5, 1e-6),
+    "W3 wide": (256, 128, 10, 0.5, 0.5, 1e-5),
+}
+
+
+def residual_functions(dim, layers, seed=0):
+    """``relu(W_l y + b_l)`` with ``W_l`` scaled to spectral norm 0.9."""
+    torch.manual_seed(seed)
+    fs = []
+    for _ in range(layers):
+        f = irn.models.Perceptron(dim, "relu")
+        with torch.no_grad():
+            f.linear.weight.mul_(0.9 / torch.linalg.matrix_norm(f.linear.weight, ord=2))
+        fs.append(f)
+    return fs
+
+
+class Chain(torch.nn.Module):
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def forward(self, y):
+        for block in self.blocks:
+            y = block(y)
+        return y
+
+
+class DEQBlock(torch.nn.Module):
+    """The same theta-block solved by torchdeq (implicit differentiation, its own solvers)."""
+
+    def __init__(self, F, h, theta, tol, solver, max_iters=50):
+        super().__init__()
+        self.F, self.h, self.theta = F, h, theta
+        # torchdeq's 'abs' stop mode is ours: max over the batch of per-sample residual norms
+        self.deq = torchdeq.get_deq(f_solver=solver, b_solver="fixed_point_iter",
+                                    f_max_iter=max_iters, b_max_iter=max_iters, f_tol=tol,
+                                    b_tol=tol, f_stop_mode="abs", b_stop_mode="abs", ift=True)
+
+    def forward(self, x):
+        explicit = x + self.h * (1 - self.theta) * self.F(x)
+        z, _ = self.deq(lambda z: explicit + self.h * self.theta * self.F(z), x)
+        return z[-1]
+
+
+def build(workload, method):
+    dim, batch, layers, h, theta, tol = WORKLOADS[workload]
+    fs = residual_functions(dim, layers)
+    kind, _, arg = method.partition(":")
+    if kind == "explicit":
+        blocks = [irn.ImplicitResidualBlock(f, h, 0.0) for f in fs]
+    elif kind == "irn":
+        solver, backward = arg.split("/")
+        blocks = [irn.ImplicitResidualBlock(f, h, theta, solver=solver, backward=backward,
+                                            tol=tol, on_nonconvergence="ignore") for f in fs]
+    elif kind == "plain":
+        blocks = [PlainImplicitBlock(f, h, theta, tol) for f in fs]
+    elif kind == "torchdeq":
+        blocks = [DEQBlock(f, h, theta, tol, arg) for f in fs]
+    net = Chain(blocks)
+    x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(batch, dim, generator=torch.Generator().manual_seed(2))
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(net(x), target)
+        loss.backward()
+
+    return net, step
+
+
+def methods_for(workload):
+    dim = WORKLOADS[workload][0]
+    methods = ["explicit", "plain", "irn:fixed_point/neumann", "irn:fixed_point/gmres"]
+    if dim <= 16:
+        methods.append("irn:fixed_point/direct")
+    methods += ["irn:fixed_point/unrolled", "irn:anderson/neumann", "irn:nonlinear_cg/neumann",
+                "irn:gradient_descent/neumann"]
+    if torchdeq is not None:
+        methods += ["torchdeq:fixed_point_iter", "torchdeq:anderson"]
+    return methods
+
+
+def median_time(fn, min_time):
+    fn()  # warm-up
+    fn()
+    return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_time).median
+
+
+def iterations(net):
+    stats = [b.last_stats for b in net.blocks if hasattr(b, "last_stats") and b.last_stats]
+    if not stats:
+        return "", ""
+    fwd = sum(s.iterations for s in stats) / len(stats)
+    bwd = sum(s.backward_iterations or 0 for s in stats) / len(stats)
+    return f"{fwd:.1f}", f"{bwd:.1f}"
+
+
+def saved_bytes(net, x):
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(x)
+    del out
+    return sum(storages.values())
+
+
+def memory_table(workload="W3 wide"):
+    dim, batch, layers, h, theta, _ = WORKLOADS[workload]
+    x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1))
+    explicit = saved_bytes(Chain([irn.ImplicitResidualBlock(f, h, 0.0)
+                                  for f in residual_functions(dim, layers)]), x)
+    rows = []
+    for backward in ("neumann", "gmres", "unrolled"):
+        row = [backward]
+        for k in (5, 20, 40):
+            net = Chain([irn.ImplicitResidualBlock(f, h, theta, backward=backward, tol=1e-30,
+                                                   max_iters=k, on_nonconvergence="ignore")
+                         for f in residual_functions(dim, layers)])
+            row.append(saved_bytes(net, x))
+        rows.append(row)
+    return explicit, rows
+
+
+def overhead(workload="W3 wide", min_time=1.0):
+    """Time of one fixed-point iteration / time of one evaluation of F plus the update."""
+    dim, batch, _, h, theta, _ = WORKLOADS[workload]
+    f = residual_functions(dim, 1)[0]
+    x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        explicit = x + h * (1 - theta) * f(x)
+
+        def g(y):
+            return torch.add(explicit, f(y), alpha=h * theta)
+
+        def solve(k):
+            return lambda: S.fixed_point(g, x, tol=1e-30, max_iters=k)
+
+        per_iter = (median_time(solve(45), min_time) - median_time(solve(5), min_time)) / 40
+        floor = median_time(lambda: g(x), min_time)
+    return per_iter, floor
+
+
+def wait_for_quiet(limit_s=60, threshold=0.5):
+    """The machine is shared: wait (up to limit_s) for the 1-minute load to drop."""
+    start = time.time()
+    while os.getloadavg()[0] > threshold and time.time() - start < limit_s:
+        time.sleep(5)
+    return os.getloadavg()[0]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
+    parser.add_argument("--quick", action="store_true", help="W1 only, short measurements")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = wait_for_quiet()
+    workloads = list(WORKLOADS)[:2] if args.quick else list(WORKLOADS)
+
+    lines = ["# Benchmarks", "",
+             f"Command: `{' '.join([Path(sys.executable).name] + sys.argv)}`  ",
+             f"Machine: {platform.machine()}, {os.cpu_count()} cores "
+             f"({_cpu_name()}); torch {torch.__version__}, {args.threads} thread(s), "
+             f"irn {irn.__version__}, torchdeq "
+             f"{getattr(torchdeq, '__version__', 'installed') if torchdeq else 'not installed'}  ",
+             f"Load average before: {load_before:.2f}", ""]
+
+    lines += ["## Time per training step (forward + MSE + backward), float32", "",
+              "| workload | method | ms / step | vs explicit | vs plain | vs unrolled "
+              "| fwd iters / layer | bwd iters / layer |", "|---|---|---|---|---|---|---|---|"]
+    for workload in workloads:
+        times, iters = {}, {}
+        for method in methods_for(workload):
+            net, step = build(workload, method)
+            times[method] = median_time(step, args.min_time)
+            iters[method] = iterations(net)
+            print(f"  {workload:<20} {method:<32} {1e3 * times[method]:9.2f} ms", flush=True)
+        ref, unrolled = times["plain"], times["irn:fixed_point/unrolled"]
+        for method, t in times.items():
+            fwd, bwd = iters[method]
+            lines.append(f"| {workload} | {method} | {1e3 * t:.2f} | {t / times['explicit']:.2f}x "
+                         f"| {t / ref:.2f}x | {t / unrolled:.2f}x | {fwd} | {bwd} |")
+        if torchdeq is not None:
+            lines.append(f"| {workload} | **irn fixed_point/neumann vs torchdeq fixed_point_iter** | "
+                         f"{times['irn:fixed_point/neumann'] / times['torchdeq:fixed_point_iter']:.2f}x "
+                         f"| | | | | |")
+
+    if not args.quick:
+        explicit, rows = memory_table()
+        lines += ["", "## Bytes saved for backward, W3 (forced 5 / 20 / 40 iterations)", "",
+                  f"Explicit ResNet: {explicit / 2**20:.2f} MiB", "",
+                  "| backward | 5 | 20 | 40 | 40 vs 5 | 40 vs explicit |", "|---|---|---|---|---|---|"]
+        for name, *b in rows:
+            lines.append(f"| {name} | " + " | ".join(f"{v / 2**20:.2f} MiB" for v in b)
+                         + f" | {b[2] / b[0]:.2f}x | {b[2] / explicit:.2f}x |")
+            print(lines[-1], flush=True)
+        per_iter, floor = overhead(min_time=args.min_time)
+        lines += ["", "## Per-iteration overhead, W3", "",
+                  f"One fixed-point iteration: {1e6 * per_iter:.1f} us; one evaluation of F plus "
+                  f"the update: {1e6 * floor:.1f} us; ratio **{per_iter / floor:.2f}x**"]
+        print(lines[-1], flush=True)
+    lines += ["", f"Load average after: {os.getloadavg()[0]:.2f}"]
+    args.output.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwritten to {args.output}")
+
+
+def _cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()
