@@ -210,10 +210,11 @@ def gradient_magnitudes(histories: pd.DataFrame):
 
 
 @torch.no_grad()
-def dynamics(models: dict, data, grid: int = 17, extent: float = 6.0):
+def dynamics(models: dict, data, grid: int = 17, extent: float = 6.0, unconverged=()):
     """Figures 7 and 8: for each model (``{theta: model}``) the vector field ``F_0`` of its first
     layer in the state plane with the trajectories ``y_0, ..., y_L`` of the training inputs
-    (top), and its output ``y_L[1]`` against ``x`` with the target (bottom)."""
+    (top), and its output ``y_L[1]`` against ``x`` with the target (bottom). Models whose
+    theta is in ``unconverged`` are marked in their title."""
     thetas = sorted(models)
     colors = theta_colors(thetas)
     fig, axes = plt.subplots(2, len(thetas), figsize=(2.3 * len(thetas), 4.8), squeeze=False)
@@ -234,7 +235,8 @@ def dynamics(models: dict, data, grid: int = 17, extent: float = 6.0):
         ax.plot(traj[-1, :, 0], traj[-1, :, 1], "o", ms=2, color="C3")
         ax.set_xlim(-extent, extent)
         ax.set_ylim(-extent, extent)
-        ax.set_title(rf"$\theta = {theta}$")
+        ax.set_title(rf"$\theta = {theta}$" + ("\n(solves not converged)" if theta in unconverged
+                                                 else ""))
         ax.set_xlabel("$y_1$")
         ax = axes[1, col]
         ax.plot(x_dense.numpy(), np.sin(x_dense.numpy()), color="0.6", ls="--", label="sin(x)")
