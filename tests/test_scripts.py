@@ -59,3 +59,17 @@ def test_split_params_rewrites_only_changed_files(tmp_path):
     assert second["03_two_spirals.yaml"] == first["03_two_spirals.yaml"]
     assert second["01_linear_stability.yaml"] != first["01_linear_stability.yaml"]
     assert yaml.safe_load((out / "01_linear_stability.yaml").read_text()) == {"h": 0.2}
+
+
+def test_nbval_references_run_the_current_notebooks():
+    """nbval re-executes the cells stored in tests/notebooks/: they must be the notebooks' own
+    (a stale reference would check old code). `make references` regenerates them."""
+    import nbformat
+
+    for source in sorted((ROOT / "notebooks").glob("[0-9]*.ipynb")):
+        reference = ROOT / "tests" / "notebooks" / source.name
+        assert reference.exists(), f"no nbval reference for {source.name}: run make references"
+        cells = [c.source for c in nbformat.read(source, 4).cells]
+        ref_cells = [c.source for c in nbformat.read(reference, 4).cells
+                     if "injected-parameters" not in c.metadata.get("tags", [])]
+        assert cells == ref_cells, f"{reference} is stale: run make references"
