@@ -115,7 +115,7 @@ def test_training_with_regularizers_and_classification_is_deterministic():
 
     a, b = run(), run()
     assert "val_accuracy" in a and (a.reg_loss > 0).any()
-    assert a.drop(columns=[]).equals(b)
+    assert a.equals(b)
 
 
 def test_training_bad_arguments():
