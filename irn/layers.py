@@ -191,7 +191,7 @@ class ImplicitResidualBlock(nn.Module):
         if theta == 0:
             latest.iterate_residuals = [] if self.keep_iterates else None
             latest.stats, latest.backward_converged = SolveStats(0, 0.0, True), None
-            return torch.add(x, self._residual_function(x), alpha=h)
+            return x + h * self._residual_function(x)  # exactly the ResNet step, bit for bit
 
         grad_on = torch.is_grad_enabled()
         unrolled = self.backward == "unrolled" and grad_on
