@@ -65,8 +65,8 @@ class _ImplicitBackward(torch.autograd.Function):
     """Identity in forward; in backward replaces ``g`` by ``(I - h theta J_F(y*)^T)^{-1} g``."""
 
     @staticmethod
-    def forward(ctx, out, y_star, block):
-        ctx.block = block
+    def forward(ctx, out, y_star, block, stats):
+        ctx.block, ctx.stats = block, stats  # the statistics of this forward, for its backward
         ctx.save_for_backward(y_star)
         return out.view_as(out)
 
@@ -74,7 +74,7 @@ class _ImplicitBackward(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (y_star,) = ctx.saved_tensors
-        return ctx.block._solve_adjoint(y_star, grad), None, None
+        return ctx.block._solve_adjoint(y_star, grad, ctx.stats), None, None, None
 
 
 class ImplicitResidualBlock(nn.Module):
@@ -221,14 +221,13 @@ class ImplicitResidualBlock(nn.Module):
             y_star = y_star.detach()
         # one more application of the map, on a graph with y* held constant
         out = torch.add(explicit, self._residual_function(y_star), alpha=h * theta)
-        return _ImplicitBackward.apply(out, y_star, self)
+        return _ImplicitBackward.apply(out, y_star, self, latest.stats)
 
     # -- backward -------------------------------------------------------------------------
-    def _solve_adjoint(self, y_star: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def _solve_adjoint(self, y_star: torch.Tensor, grad: torch.Tensor,
+                       stats: SolveStats) -> torch.Tensor:
         """``v`` with ``(I - h theta J_F(y*)^T) v = grad`` (or ``grad`` itself for the
-        backwards that solve nothing); records the backward statistics."""
-        latest = self._latest
-        stats = latest.stats
+        backwards that solve nothing); completes ``stats``, those of the matching forward."""
         if self.backward in ("unrolled", "jacobian_free"):
             stats.backward_iterations, stats.backward_residual = 0, 0.0
             return grad
@@ -237,7 +236,8 @@ class ImplicitResidualBlock(nn.Module):
                             max_iters=self.lin_max_iters, what="backward")
         residual = float(info.residual)
         stats.backward_iterations, stats.backward_residual = info.iterations, residual
-        latest.backward_converged = info.converged
+        if stats is self._latest.stats:
+            self._latest.backward_converged = info.converged
         if not info.converged:
             self._nonconvergence("backward", info.iterations, residual)
         return v

@@ -225,6 +225,18 @@ def test_backward_stats(rng, backward, expect_iters):
         assert stats.backward_residual <= 1e-10
 
 
+def test_backward_completes_the_stats_of_its_own_forward(rng):
+    F = random_tanh(3, rng)
+    x = torch.randn(4, 3, generator=rng, dtype=DT, requires_grad=True)
+    block = irn.ImplicitResidualBlock(F, 0.8, 0.5, tol=1e-10)
+    y = block(x)
+    first = block.last_stats
+    block(x.detach() * 2)  # a second forward (e.g. a validation pass) before the backward
+    second = block.last_stats
+    y.sum().backward()
+    assert first.backward_iterations >= 1 and second.backward_iterations is None
+
+
 def test_neumann_iterations_follow_the_contraction_rate(rng):
     """Linear F = c I: the Neumann residual is (h theta c)^k ||g||, so the iteration count is known."""
     c, h, theta, tol = 0.5, 1.0, 1.0, 1e-8
