@@ -213,3 +213,25 @@ def train_many(jobs: list[dict], workers: int = 1, desc: str = "training"):
         model.load_state_dict(state)
         trained.append((model, history))
     return trained
+
+
+def summarize(histories: pd.DataFrame, by=("depth", "theta")) -> pd.DataFrame:
+    """One row per model of a long history frame (the histories of :func:`train` with the
+    columns ``by`` and ``seed`` added): ``seeds``, ``converged_seeds`` (seeds whose every
+    solve of every epoch converged), ``converged_epochs`` (share of epochs), the final
+    ``train_loss`` and ``val_loss`` (median over seeds, with ``*_min`` and ``*_max``), and the
+    mean ``forward_iterations`` and ``backward_iterations`` per layer in the last epoch."""
+    rows = []
+    for key, group in histories.groupby(list(by), sort=True):
+        last = group[group.epoch == group.epoch.max()]
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        row["seeds"] = group.seed.nunique()
+        row["converged_seeds"] = int(group.groupby("seed").converged.all().sum())
+        row["converged_epochs"] = float(group.converged.mean())
+        for column in ("train_loss", "val_loss"):
+            row[column] = last[column].median()
+            row[f"{column}_min"], row[f"{column}_max"] = last[column].min(), last[column].max()
+        for name in ("forward_iterations", "backward_iterations"):
+            row[name] = float(np.nanmean(per_layer(last, name)))
+        rows.append(row)
+    return pd.DataFrame(rows)

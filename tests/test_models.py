@@ -1,6 +1,7 @@
 """ImplicitResNet, the example models and data, and the training loop."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import DT
@@ -134,3 +135,20 @@ def test_perceptron_vjp_operator_matches_autograd(activation):
     u = torch.randn(5, 3, dtype=DT)
     _, vjp = torch.func.vjp(F, y)
     torch.testing.assert_close(F.vjp_operator(y, 0.7)(u), 0.7 * vjp(u)[0], atol=1e-14, rtol=0)
+
+
+def test_summarize_histories():
+    """Per-model summary over seeds: medians, ranges, convergence counts, last-epoch iterations."""
+    rows = []
+    for seed, (loss, conv) in enumerate([(1.0, True), (3.0, False), (2.0, True)]):
+        for epoch in (1, 2):
+            rows.append({"epoch": epoch, "seed": seed, "depth": 2, "theta": 0.5,
+                         "train_loss": loss * epoch, "val_loss": loss, "converged": conv or epoch == 1,
+                         "forward_iterations_0": 4.0, "forward_iterations_1": 6.0,
+                         "backward_iterations_0": 2.0, "backward_iterations_1": 2.0})
+    table = training.summarize(pd.DataFrame(rows))
+    row = table.iloc[0]
+    assert (row.depth, row.theta, row.seeds, row.converged_seeds) == (2, 0.5, 3, 2)
+    assert row.converged_epochs == pytest.approx(5 / 6)
+    assert (row.train_loss, row.train_loss_min, row.train_loss_max) == (4.0, 2.0, 6.0)
+    assert (row.forward_iterations, row.backward_iterations) == (5.0, 2.0)
