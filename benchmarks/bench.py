@@ -1,10 +1,12 @@
 """What implicit layers cost, measured side by side in one run (``make bench``).
 
 Prints a table and writes it to ``benchmarks/results.md`` with the machine, the versions and
-the command. Times are medians of ``torch.utils.benchmark`` runs (warm-up, then repeated
-measurements); ratios are taken within this one run, so they hold on a noisy machine.
+the command. Each workload's methods are measured in interleaved rounds (``torch.utils.benchmark``
+medians: warm-up, then repeated measurements) and the median over rounds is kept; ratios are
+taken within this one run. On a shared machine single measurements of the same step varied
+by up to 2x between runs, hence the rounds.
 
-    python benchmarks/bench.py [--threads 1] [--min-time 1.0] [--quick]
+    python benchmarks/bench.py [--threads 1] [--min-time 2.0] [--rounds 5] [--quick]
 """
 
 from __future__ import annotations
@@ -191,7 +193,9 @@ def wait_for_quiet(limit_s=60, threshold=0.5):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
+    parser.add_argument("--min-time", type=float, default=2.0,
+                        help="seconds per method and workload, split over the rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per workload")
     parser.add_argument("--quick", action="store_true", help="W1 only, short measurements")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results.md")
     args = parser.parse_args()
@@ -211,12 +215,19 @@ def main():
               "| workload | method | ms / step | vs explicit | vs plain | vs unrolled "
               "| fwd iters / layer | bwd iters / layer |", "|---|---|---|---|---|---|---|---|"]
     for workload in workloads:
-        times, iters = {}, {}
-        for method in methods_for(workload):
-            net, step = build(workload, method)
-            times[method] = median_time(step, args.min_time)
-            iters[method] = iterations(net)
-            print(f"  {workload:<20} {method:<32} {1e3 * times[method]:9.2f} ms", flush=True)
+        # methods measured in interleaved rounds, median over rounds: a neighbour's burst of
+        # load then hits every method alike instead of skewing one ratio
+        built = {method: build(workload, method) for method in methods_for(workload)}
+        rounds = {method: [] for method in built}
+        for _ in range(args.rounds):
+            for method, (_, step) in built.items():
+                rounds[method].append(median_time(step, args.min_time / args.rounds))
+        times = {method: sorted(r)[len(r) // 2] for method, r in rounds.items()}
+        iters = {method: iterations(net) for method, (net, _) in built.items()}
+        for method, t in times.items():
+            spread = max(rounds[method]) / min(rounds[method])
+            print(f"  {workload:<20} {method:<32} {1e3 * t:9.2f} ms  (max/min over rounds "
+                  f"{spread:.2f})", flush=True)
         ref, unrolled = times["plain"], times["irn:fixed_point/unrolled"]
         for method, t in times.items():
             fwd, bwd = iters[method]
