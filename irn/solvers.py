@@ -362,7 +362,9 @@ def direct(vjp, b, *, tol, max_iters):
     # vjp(e_i) is J^T e_i, the i-th column of J^T
     columns = [vjp(eye[i].expand(batch, n).reshape(shape)).reshape(batch, n) for i in range(n)]
     jt = torch.stack(columns, dim=2)  # (B, n, n) = J^T
-    v = torch.linalg.solve(eye - jt, b.reshape(batch, n, 1))
+    v, singular = torch.linalg.solve_ex(eye - jt, b.reshape(batch, n, 1))
+    if bool((singular != 0).any()):  # I - J^T not invertible: no solution to report
+        raise SolverError("I - J^T is singular (iteration 0)")
     residual = torch.linalg.vector_norm(b.reshape(batch, n, 1) - (eye - jt) @ v, dim=(1, 2)).max()
     res = float(residual)
     _check_finite(res, 0)

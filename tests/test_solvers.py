@@ -60,6 +60,15 @@ def test_lin_max_iters_is_a_hard_cap(rng):
         assert info.iterations <= 4
 
 
+def test_direct_on_a_singular_system_raises_solver_error_naming_the_block():
+    """F = y with h theta = 1: I - h theta J^T = 0, the backward has no solution."""
+    block = irn.ImplicitResidualBlock(torch.nn.Identity(), 1.0, 1.0, backward="direct",
+                                      max_iters=2, on_nonconvergence="ignore")
+    x = torch.ones(2, 2, dtype=DT, requires_grad=True)
+    with pytest.raises(irn.SolverError, match="block: backward solve failed.*singular"):
+        block(x).sum().backward()
+
+
 def test_registries_are_consistent():
     assert set(S.FORWARD_SOLVERS) == set(S.SOLVER_OPTIONS) == {
         "fixed_point", "gradient_descent", "nonlinear_cg", "anderson"}
