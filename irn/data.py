@@ -45,3 +45,17 @@ def two_spirals(points: int = 97, turns: float = 1.5, dtype=torch.float64) -> Da
     x = torch.cat([spiral, -spiral])
     labels = torch.cat([torch.zeros(points, dtype=torch.long), torch.ones(points, dtype=torch.long)])
     return Dataset(x[0::2], labels[0::2], x[1::2], labels[1::2])
+
+
+def digits(dtype=torch.float64) -> Dataset:
+    """scikit-learn's bundled 8x8 handwritten digits (1797 samples, 10 classes; shipped with
+    the package, nothing is downloaded): inputs are the 64 pixel intensities scaled to
+    [0, 1], shape ``(n, 64)``; labels 0-9. Every fourth sample (index 3, 7, ...) validates
+    (449 samples, 41-50 per class), the other 1348 train."""
+    from sklearn.datasets import load_digits  # imported here: only this dataset needs it
+
+    raw = load_digits()
+    x = torch.tensor(raw.data / 16.0, dtype=dtype)
+    labels = torch.tensor(raw.target, dtype=torch.long)
+    val = torch.arange(len(labels)) % 4 == 3
+    return Dataset(x[~val], labels[~val], x[val], labels[val])

@@ -87,6 +87,30 @@ class ImplicitResNet(nn.Module):
                 block.F.linear.weight.copy_(weight)
                 block.F.linear.bias.zero_()
 
+    def with_settings(self, **block_kwargs) -> "ImplicitResNet":
+        """The same network (the same residual functions ``F_l`` and parameters, shared, not
+        copied) with other block settings: e.g. ``net.with_settings(solver="anderson")``
+        solves a trained network with another solver. Settings not given are kept (the
+        solver options too, unless ``solver`` changes)."""
+        blocks = []
+        for block in self.blocks:
+            settings = dict(h=block.h, theta=block.theta, solver=block.solver, backward=block.backward, tol=block.tol,
+                            max_iters=block.max_iters, lin_tol=block.lin_tol,
+                            lin_max_iters=block.lin_max_iters,
+                            solver_options=block.solver_options,
+                            on_nonconvergence=block.on_nonconvergence)
+            if "solver" in block_kwargs and "solver_options" not in block_kwargs:
+                settings["solver_options"] = None  # options belong to the old solver
+            settings.update(block_kwargs)
+            blocks.append(ImplicitResidualBlock(block.F, **settings))
+        clone = ImplicitResNet.__new__(ImplicitResNet)
+        nn.Module.__init__(clone)
+        clone.dim, clone.num_layers = self.dim, self.num_layers
+        clone.blocks = nn.ModuleList(blocks)
+        for block, old in zip(clone.blocks, self.blocks):
+            block.name = old.name
+        return clone
+
     @property
     def keep_iterates(self) -> bool:
         """Whether the blocks record their iterates (for ``irn.regularizers.fixed_point``)."""
@@ -170,3 +194,13 @@ def spiral_classifier(num_layers: int = 100, theta: float = 0.0, *, T: float = 1
     net = ImplicitResNet(dim, num_layers, T / num_layers, theta, activation=activation,
                          **block_kwargs)
     return ImplicitModel(PadEmbedding(2, dim), net, nn.Linear(dim, 2))
+
+
+def digits_classifier(num_layers: int = 10, theta: float = 0.0, *, T: float = 5.0,
+                      dim: int = 32, activation: str = "relu", in_features: int = 64,
+                      classes: int = 10, **block_kwargs) -> ImplicitModel:
+    """8x8 digits: a linear embedding ``R^64 -> R^dim``, ``L`` blocks of step ``T / L``, a
+    linear readout to ``classes`` logits."""
+    net = ImplicitResNet(dim, num_layers, T / num_layers, theta, activation=activation,
+                         **block_kwargs)
+    return ImplicitModel(nn.Linear(in_features, dim), net, nn.Linear(dim, classes))

@@ -34,19 +34,13 @@ def fixed_point(net, alpha: float) -> torch.Tensor:
     return total / len(blocks)
 
 
-def perturbation(net, y0: torch.Tensor, sigma: float, beta: float, streams: int,
-                 generator: torch.Generator | None = None, return_output: bool = False):
-    """Perturbation (stability) regulariser (paper eq. 10)::
-
-        R_stab = (1/(L S)) sum_s sum_{l=1}^{L} mean_b relu(d_l^s - beta d_{l-1}^s),
-        d_l^s = ||y~_l^s - y_l||,   y~_0^s = y0 + sigma xi^s,  xi^s ~ N(0, I)
-
-    The clean input and the ``S = streams`` perturbed copies go through ``net`` in one
-    batched pass. With ``return_output=True`` returns ``(R_stab, net(y0))``, the clean
-    output of that same pass, so the data loss needs no second forward.
-    """
+def perturbation_distances(net, y0: torch.Tensor, sigma: float, streams: int,
+                           generator: torch.Generator | None = None):
+    """Distances ``d_l^s = ||y~_l^s - y_l||`` between the hidden states of ``S = streams``
+    perturbed copies ``y~_0^s = y0 + sigma xi^s`` (``xi^s ~ N(0, I)``) and those of ``y0``,
+    for ``l = 0..L``: shape ``(L + 1, S, B)``. The clean input and the perturbed copies go
+    through ``net`` in one batched pass. Returns ``(d, net(y0))``."""
     _require(sigma >= 0, f"sigma must be >= 0, got {sigma!r}")
-    _require(beta > 0, f"beta must be > 0, got {beta!r}")
     _require(isinstance(streams, int) and streams >= 1,
              f"streams must be an int >= 1, got {streams!r}")
     batch = y0.shape[0]
@@ -57,10 +51,25 @@ def perturbation(net, y0: torch.Tensor, sigma: float, beta: float, streams: int,
     states = net.trajectory(inputs)  # (L + 1, (S + 1) B, dim)
     states = states.reshape(states.shape[0], streams + 1, batch, *states.shape[2:])
     clean, perturbed = states[:, :1], states[:, 1:]
-    num_layers = states.shape[0] - 1
     d = batch_norm((perturbed - clean).reshape(-1, *states.shape[3:]))
-    d = d.reshape(num_layers + 1, streams, batch)  # d[l, s, b]
+    return d.reshape(states.shape[0], streams, batch), states[-1, 0]
+
+
+def perturbation(net, y0: torch.Tensor, sigma: float, beta: float, streams: int,
+                 generator: torch.Generator | None = None, return_output: bool = False):
+    """Perturbation (stability) regulariser (paper eq. 10)::
+
+        R_stab = (1/(L S)) sum_s sum_{l=1}^{L} mean_b relu(d_l^s - beta d_{l-1}^s),
+        d_l^s = ||y~_l^s - y_l||,   y~_0^s = y0 + sigma xi^s,  xi^s ~ N(0, I)
+
+    (the distances of :func:`perturbation_distances`, fresh noise per call). With
+    ``return_output=True`` returns ``(R_stab, net(y0))``, the clean output of that same
+    batched pass, so the data loss needs no second forward.
+    """
+    _require(beta > 0, f"beta must be > 0, got {beta!r}")
+    d, output = perturbation_distances(net, y0, sigma, streams, generator)  # d[l, s, b]
+    num_layers = d.shape[0] - 1
     value = torch.relu(d[1:] - beta * d[:-1]).mean(dim=2).sum() / (num_layers * streams)
     if return_output:
-        return value, states[-1, 0]
+        return value, output
     return value

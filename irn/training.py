@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from . import regularizers
 from .layers import _choice, _require
-from .data import sine, two_spirals
-from .models import ImplicitModel, function_approximator, spiral_classifier
+from .data import digits, sine, two_spirals
+from .models import ImplicitModel, digits_classifier, function_approximator, spiral_classifier
 
 # modules whose forward depends on train()/eval()
 MODE_DEPENDENT = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
@@ -161,8 +161,8 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
 # ------------------------------------------------------------------------- several models
 
 MODEL_FACTORIES = {"function_approximator": function_approximator,
-                   "spiral_classifier": spiral_classifier}
-DATASETS = {"sine": sine, "two_spirals": two_spirals}
+                   "spiral_classifier": spiral_classifier, "digits_classifier": digits_classifier}
+DATASETS = {"sine": sine, "two_spirals": two_spirals, "digits": digits}
 
 
 def build_model(model: str, seed: int, dtype=torch.float64, **model_kwargs) -> ImplicitModel:

@@ -152,3 +152,15 @@ def test_summarize_histories():
     assert row.converged_epochs == pytest.approx(5 / 6)
     assert (row.train_loss, row.train_loss_min, row.train_loss_max) == (4.0, 2.0, 6.0)
     assert (row.forward_iterations, row.backward_iterations) == (5.0, 2.0)
+
+
+def test_digits_dataset_and_classifier():
+    dataset = data.digits()
+    assert dataset.x_train.shape == (1348, 64) and dataset.x_val.shape == (449, 64)
+    assert dataset.x_train.dtype == DT and 0 <= dataset.x_train.min() and dataset.x_val.max() <= 1
+    assert set(dataset.y_val.tolist()) == set(range(10))
+    assert torch.equal(data.digits().x_val, dataset.x_val)  # no randomness in the split
+    torch.manual_seed(0)
+    model = models.digits_classifier(num_layers=2, theta=0.5, T=1.0, dim=8).double()
+    assert model(dataset.x_val[:5]).shape == (5, 10)
+    assert model.embed.in_features == 64 and model.net.dim == 8
