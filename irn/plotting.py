@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import matplotlib
+import matplotlib.lines
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
@@ -328,4 +329,110 @@ def decision_regions(models: dict, data, resolution: int = 200, extent: float = 
         ax.set_xlabel("$x_1$")
     for ax, r in zip(axes[:, 0], rows):
         ax.set_ylabel(f"{r}\n$x_2$")
+    return fig
+
+
+# ------------------------------------------------------------------- notebook 4: robustness
+
+PERTURBATION_LABELS = {"gaussian": r"Gaussian noise, $\sigma$",
+                       "fgsm": r"FGSM, $\epsilon$ ($L_\infty$)",
+                       "pgd": r"PGD, $\epsilon$ ($L_\infty$)"}
+REGULARIZER_DASHES = {"none": "", "R_stab": (4, 2)}
+
+
+def _model_lines(ax, frame: pd.DataFrame, x: str, y: str, colors: dict):
+    """Mean over seeds with a +-1 standard deviation band (seaborn, ``errorbar="sd"``: no
+    bootstrap, so no randomness), one colour per theta, dashed with ``R_stab``."""
+    import seaborn as sns  # imported here: only the robustness figures use it
+
+    sns.lineplot(data=frame, x=x, y=y, hue="theta", style="regularizer", palette=colors,
+                 dashes=REGULARIZER_DASHES, errorbar="sd", err_kws={"alpha": 0.15, "lw": 0},
+                 marker="o", markersize=3, ax=ax, legend=False)
+
+
+def robustness_curves(curves: pd.DataFrame):
+    """Validation accuracy against the size of the perturbation, one row per dataset and one
+    column per perturbation (Gaussian noise, FGSM, PGD); one line per model (colour: theta,
+    dashed: trained with ``R_stab``), mean over seeds with a +-1 std band. ``curves`` has
+    columns ``dataset``, ``perturbation``, ``size``, ``accuracy``, ``theta``,
+    ``regularizer``, ``seed``."""
+    datasets = list(dict.fromkeys(curves.dataset))
+    kinds = [k for k in PERTURBATION_LABELS if k in set(curves.perturbation)]
+    colors = theta_colors(sorted(curves.theta.unique()))
+    fig, axes = plt.subplots(len(datasets), len(kinds), figsize=(2.8 * len(kinds), 2.6 * len(datasets)),
+                             squeeze=False, sharey=True)
+    for r, dataset in enumerate(datasets):
+        for c, kind in enumerate(kinds):
+            ax = axes[r, c]
+            frame = curves[(curves.dataset == dataset) & (curves.perturbation == kind)]
+            _model_lines(ax, frame, "size", "accuracy", colors)
+            ax.set_xlabel(PERTURBATION_LABELS[kind])
+            ax.set_ylabel(f"{dataset}\nvalidation accuracy" if c == 0 else "")
+            ax.set_ylim(0, 1.02)
+    _model_legend(axes[0, -1], colors, list(dict.fromkeys(curves.regularizer)), "lower left")
+    return fig
+
+
+def _model_legend(ax, colors: dict, regularizers, loc: str):
+    """One entry per theta (colour) and per regulariser (line style)."""
+    handles = [matplotlib.lines.Line2D([], [], color=color, label=rf"$\theta$ = {theta}")
+               for theta, color in colors.items()]
+    handles += [matplotlib.lines.Line2D([], [], color="0.3", label=name,
+                                        dashes=REGULARIZER_DASHES[name] or (None, None))
+                for name in regularizers]
+    ax.legend(handles=handles, frameon=False, fontsize=7, loc=loc)
+
+
+def perturbation_growth(growth: pd.DataFrame):
+    """Per-layer growth ``d_l / d_{l-1}`` of a hidden-state perturbation through the trained
+    networks, one panel per dataset, same lines as :func:`robustness_curves` (above 1: the
+    layer amplifies the perturbation). ``growth`` has columns ``dataset``, ``layer``,
+    ``growth``, ``theta``, ``regularizer``, ``seed``."""
+    datasets = list(dict.fromkeys(growth.dataset))
+    colors = theta_colors(sorted(growth.theta.unique()))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4 * len(datasets), 2.8), squeeze=False)
+    for c, dataset in enumerate(datasets):
+        ax = axes[0, c]
+        _model_lines(ax, growth[growth.dataset == dataset], "layer", "growth", colors)
+        ax.axhline(1.0, color="0.4", lw=0.8, ls=":")
+        ax.set_yscale("log")  # growth is a ratio; one exploding seed must not flatten the rest
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(dataset)
+        ax.set_xlabel("layer $l$")
+        ax.set_ylabel(r"$d_l / d_{l-1}$" if c == 0 else "")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    _model_legend(axes[0, -1], colors, list(dict.fromkeys(growth.regularizer)), "best")
+    return fig
+
+
+def solver_comparison(forward: pd.DataFrame, residuals: dict, backward: pd.DataFrame,
+                      layer: int | None = None):
+    """Forward solvers on one trained network: the residual history of one layer (default:
+    the layer the first solver needed most iterations for), the median wall time of a whole
+    forward, and the mean iterations of each backward linear solver (tables and histories of
+    :mod:`irn.diagnostics`)."""
+    names = list(forward.solver)
+    if layer is None:
+        layer = int(np.argmax([len(r) for r in residuals[names[0]]]))
+    fig, axes = plt.subplots(1, 3, figsize=(10, 2.9), width_ratios=(1.4, 1, 0.7))
+    for i, name in enumerate(names):
+        history = residuals[name][layer]
+        axes[0].plot(np.arange(1, len(history) + 1), history, color=f"C{i}", label=name)
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("iteration $k$")
+    axes[0].set_ylabel(r"mean $\|y^k - g(y^k)\|$")
+    axes[0].set_title(f"forward residual, layer {layer + 1}")
+    axes[0].legend(frameon=False, fontsize=7)
+    bars = axes[1].barh(names, forward.ms, color=[f"C{i}" for i in range(len(names))])
+    axes[1].bar_label(bars, [f"{it:.1f} it." for it in forward.iterations], fontsize=7, padding=2)
+    axes[1].invert_yaxis()
+    axes[1].set_xlabel("forward wall time (ms)")
+    axes[1].set_title("whole network, median")
+    axes[1].margins(x=0.3)
+    axes[2].bar(backward.backward, backward.iterations, color="0.5")
+    axes[2].set_ylabel("iterations per layer (mean)")
+    axes[2].set_title("backward linear solve")
+    for ax in axes[1:]:
+        ax.grid(axis="y" if ax is axes[2] else "x")
     return fig

@@ -12,3 +12,24 @@ def test_save_is_deterministic_and_leaves_no_temporary_files(tmp_path):
         assert a.read_bytes() == b.read_bytes()
     assert b"CreationDate" not in (tmp_path / "a" / "radius.pdf").read_bytes()
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["radius.pdf", "radius.png"]
+
+
+def test_seaborn_bands_are_deterministic(tmp_path):
+    # seaborn's default bootstrap bands are random; the robustness figures use errorbar="sd"
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = [dict(dataset=d, perturbation=p, size=s, accuracy=rng.uniform(), theta=t,
+                 regularizer=r, seed=seed)
+            for d in ("a", "b") for p in ("gaussian", "fgsm", "pgd") for s in (0.0, 0.1)
+            for t in (0.0, 1.0) for r in ("none", "R_stab") for seed in range(3)]
+    curves = pd.DataFrame(rows)
+    growth = curves.rename(columns={"size": "layer", "accuracy": "growth"})
+    growth["layer"] = (growth.layer * 10 + 1).astype(int)
+    growth["growth"] += 0.5
+    for run in ("a", "b"):
+        plotting.save(plotting.robustness_curves(curves), "curves", tmp_path / run)
+        plotting.save(plotting.perturbation_growth(growth), "growth", tmp_path / run)
+    for name in ("curves.png", "curves.pdf", "growth.png", "growth.pdf"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
