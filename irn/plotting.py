@@ -71,6 +71,16 @@ def save(fig, name: str, directory) -> None:
         os.replace(tmp, path)
 
 
+def save_table(frame: pd.DataFrame, name: str, directory, index: bool = True) -> None:
+    """Write ``frame`` to ``directory/name.csv`` (through a temporary file and an atomic
+    rename, like :func:`save`), floats with 6 significant digits so that reruns diff cleanly."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{name}.tmp.csv"
+    frame.to_csv(tmp, index=index, float_format="%.6g")
+    os.replace(tmp, directory / f"{name}.csv")
+
+
 # --------------------------------------------------------------------- notebook 1: stability
 
 def phase_diagrams(h: float, steps: int, z0=(1.0, 0.0)):

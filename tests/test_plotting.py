@@ -33,3 +33,12 @@ def test_seaborn_bands_are_deterministic(tmp_path):
         plotting.save(plotting.perturbation_growth(growth), "growth", tmp_path / run)
     for name in ("curves.png", "curves.pdf", "growth.png", "growth.pdf"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_save_table_creates_the_directory_and_rounds(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"a": [1 / 3, 2.0]}, index=["x", "y"])
+    plotting.save_table(frame, "t", tmp_path / "new")
+    assert (tmp_path / "new" / "t.csv").read_text() == ",a\nx,0.333333\ny,2\n"
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["t.csv"]
