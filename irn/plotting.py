@@ -406,7 +406,8 @@ def perturbation_growth(growth: pd.DataFrame):
         _model_lines(ax, growth[growth.dataset == dataset], "layer", "growth", colors)
         ax.axhline(1.0, color="0.4", lw=0.8, ls=":")
         ax.set_yscale("log")  # growth is a ratio; one exploding seed must not flatten the rest
-        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 1.2, 1.5, 2.0, 3.0, 5.0)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:g}"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(dataset)
         ax.set_xlabel("layer $l$")
