@@ -4,14 +4,15 @@
 
 Forward: a solver from ``irn.solvers`` finds ``y*`` without building a graph. The block then
 returns one more application of the map, ``x + h(1-theta)F(x) + h theta F(y*)`` with ``y*``
-held constant (the graph the gradient flows through). Backward: an ``autograd.Function``
-sitting on that output turns the incoming gradient ``g`` into ``v`` solving
+held constant. Backward: an ``autograd.Function`` computing the ``F(y*)`` term turns the
+incoming gradient ``g`` into ``v`` solving
 
-    (I - h theta J_F(y*)^T) v = g
+    (I - h theta J_F(y*)^T) v = g,
 
-before autograd pushes ``v`` through the one-step graph, which yields
-``dL/dx = v + h(1-theta) J_F(x)^T v`` and ``dL/dw = h[(1-theta) dF(x)/dw + theta dF(y*)/dw]^T v``
-(implicit function theorem). Nothing of the iterations is saved for backward.
+returns ``h theta (dF(y*)/dw)^T v`` for the parameters and hands ``v`` to the graph of
+``x + h(1-theta)F(x)``, which yields ``dL/dx = v + h(1-theta) J_F(x)^T v`` and
+``dL/dw = h[(1-theta) dF(x)/dw + theta dF(y*)/dw]^T v`` (implicit function theorem). Nothing
+of the iterations is saved for backward, and of the ``F(y*)`` term only ``y*``.
 """
 
 from __future__ import annotations
@@ -36,20 +37,34 @@ def _choice(name: str, value, allowed) -> None:
     _require(value in allowed, f"{name} must be one of {tuple(allowed)}, got {value!r}")
 
 
-def vjp_operator(F: nn.Module, y: torch.Tensor, scale: float = 1.0):
-    """The map ``u -> scale * J_F(y)^T u``, built once and applied many times.
+def linearize(F: nn.Module, y: torch.Tensor, scale: float = 1.0):
+    """The two products of the backward at ``y``, built once and applied many times::
 
-    A residual function may provide its own, as a method ``F.vjp_operator(y, scale)`` (the
-    library's :class:`irn.models.Perceptron` does: two tensor operations per product instead
-    of an autograd call); otherwise one graph of ``F(y)`` is built and reused.
+        input_vjp(u)     = scale * J_F(y)^T u                 (the adjoint linear solve)
+        parameter_vjp(u) = scale * (dF(y)/dw)^T u, one tensor per parameter w of F
+                           (None for a parameter that does not require grad)
+
+    A residual function may provide its own, as a method ``F.linearize(y, scale)`` (the
+    library's :class:`irn.models.Perceptron` does: a few tensor operations per product instead
+    of autograd calls); otherwise one graph of ``F(y)`` is built and serves both.
     """
-    own = getattr(F, "vjp_operator", None)
+    own = getattr(F, "linearize", None)
     if own is not None:
         return own(y, scale)
+    params = list(F.parameters())
     with torch.enable_grad():
         y_in = y.detach().requires_grad_()
         fy = F(y_in)
-    return lambda u: scale * S.vjp(fy, y_in, u)
+
+    def parameter_vjp(u):
+        wanted = [p for p in params if p.requires_grad]
+        if not (wanted and fy.requires_grad):
+            return [None] * len(params)
+        grads = iter(torch.autograd.grad(fy, wanted, scale * u, retain_graph=True,
+                                         allow_unused=True, materialize_grads=True))
+        return [next(grads) if p.requires_grad else None for p in params]
+
+    return (lambda u: scale * S.vjp(fy, y_in, u)), parameter_vjp
 
 
 class _Latest:
@@ -62,19 +77,41 @@ class _Latest:
 
 
 class _ImplicitBackward(torch.autograd.Function):
-    """Identity in forward; in backward replaces ``g`` by ``(I - h theta J_F(y*)^T)^{-1} g``."""
+    """The last application of the map, ``explicit + h theta F(y*)``, with its own backward.
+
+    Forward keeps only ``y*`` (no graph of ``F(y*)``). Backward solves
+    ``(I - h theta J_F(y*)^T) v = g`` and returns ``v`` for ``explicit`` (autograd pushes it
+    through ``x + h(1-theta)F(x)``) and ``h theta (dF(y*)/dw)^T v`` for F's parameters ``w``.
+    """
 
     @staticmethod
-    def forward(ctx, out, y_star, block, stats):
+    def forward(ctx, explicit, y_star, block, stats, *params):
         ctx.block, ctx.stats = block, stats  # the statistics of this forward, for its backward
         ctx.save_for_backward(y_star)
-        return out.view_as(out)
+        return torch.add(explicit, block._residual_function(y_star), alpha=block.h * block.theta)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (y_star,) = ctx.saved_tensors
-        return ctx.block._solve_adjoint(y_star, grad, ctx.stats), None, None, None
+        v, param_grads = ctx.block._solve_adjoint(y_star, grad, ctx.stats)
+        return (v, None, None, None, *param_grads)
+
+
+class _UnrolledBackward(torch.autograd.Function):
+    """Identity; its backward (autograd through the iterations, no linear solve) completes
+    the statistics of the matching forward."""
+
+    @staticmethod
+    def forward(ctx, out, stats):
+        ctx.stats = stats
+        return out.view_as(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        ctx.stats.backward_iterations, ctx.stats.backward_residual = 0, 0.0
+        return grad, None
 
 
 class ImplicitResidualBlock(nn.Module):
@@ -217,22 +254,23 @@ class ImplicitResidualBlock(nn.Module):
 
         if not grad_on:
             return step(y_star)
-        if not unrolled:
-            y_star = y_star.detach()
-        # one more application of the map, on a graph with y* held constant
-        out = torch.add(explicit, self._residual_function(y_star), alpha=h * theta)
-        return _ImplicitBackward.apply(out, y_star, self, latest.stats)
+        if unrolled:  # autograd through the iterations: one more application, on the graph
+            out = torch.add(explicit, self._residual_function(y_star), alpha=h * theta)
+            return _UnrolledBackward.apply(out, latest.stats)
+        # one more application of the map with y* held constant; its backward is implicit
+        return _ImplicitBackward.apply(explicit, y_star.detach(), self, latest.stats,
+                                       *self.F.parameters())
 
     # -- backward -------------------------------------------------------------------------
-    def _solve_adjoint(self, y_star: torch.Tensor, grad: torch.Tensor,
-                       stats: SolveStats) -> torch.Tensor:
-        """``v`` with ``(I - h theta J_F(y*)^T) v = grad`` (or ``grad`` itself for the
-        backwards that solve nothing); completes ``stats``, those of the matching forward."""
-        if self.backward in ("unrolled", "jacobian_free"):
+    def _solve_adjoint(self, y_star: torch.Tensor, grad: torch.Tensor, stats: SolveStats):
+        """``v`` with ``(I - h theta J_F(y*)^T) v = grad`` (``v = grad`` for
+        ``jacobian_free``) and ``h theta (dF(y*)/dw)^T v`` for F's parameters; completes
+        ``stats``, those of the matching forward."""
+        input_vjp, parameter_vjp = linearize(self.F, y_star, scale=self.h * self.theta)
+        if self.backward == "jacobian_free":
             stats.backward_iterations, stats.backward_residual = 0, 0.0
-            return grad
-        map_vjp = vjp_operator(self.F, y_star.detach(), scale=self.h * self.theta)
-        v, info = self._run(S.LINEAR_SOLVERS[self.backward], map_vjp, grad, tol=self.lin_tol,
+            return grad, parameter_vjp(grad)
+        v, info = self._run(S.LINEAR_SOLVERS[self.backward], input_vjp, grad, tol=self.lin_tol,
                             max_iters=self.lin_max_iters, what="backward")
         residual = float(info.residual)
         stats.backward_iterations, stats.backward_residual = info.iterations, residual
@@ -240,4 +278,4 @@ class ImplicitResidualBlock(nn.Module):
             self._latest.backward_converged = info.converged
         if not info.converged:
             self._nonconvergence("backward", info.iterations, residual)
-        return v
+        return v, parameter_vjp(v)

@@ -39,11 +39,20 @@ class Perceptron(nn.Module):
             nn.functional.linear(y, self.linear.weight, self.linear.bias))
 
     @torch.no_grad()
-    def vjp_operator(self, y, scale: float = 1.0):
-        """``u -> scale * J_F(y)^T u = scale * W^T (act'(W y + b) * u)``, for the backward solves."""
-        weight = self.linear.weight
+    def linearize(self, y, scale: float = 1.0):
+        """The products of the backward (see :func:`irn.layers.linearize`), with
+        ``s(u) = scale * act'(W y + b) * u``: ``u -> scale J_F(y)^T u = s(u) W`` and
+        ``u -> (dF/dW^T, dF/db^T) scale u = (s(u)^T y, sum_batch s(u))``."""
+        weight, bias = self.linear.weight, self.linear.bias
         slope = scale * DERIVATIVES[self.activation](self.linear(y))
-        return lambda u: (slope * u) @ weight
+
+        def parameter_vjp(u):
+            s = (slope * u).reshape(-1, slope.shape[-1])
+            grads = {"weight": s.T @ y.reshape(-1, y.shape[-1]), "bias": s.sum(dim=0)}
+            return [grads[name] if p.requires_grad else None
+                    for name, p in (("weight", weight), ("bias", bias))]
+
+        return (lambda u: (slope * u) @ weight), parameter_vjp
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"

@@ -128,13 +128,25 @@ def test_training_bad_arguments():
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "identity"])
-def test_perceptron_vjp_operator_matches_autograd(activation):
-    """The analytic J_F^T u of Perceptron (used by the backward solves) against autograd."""
+def test_perceptron_linearization_matches_autograd(activation):
+    """The analytic products of Perceptron's backward (J_F^T u for the linear solve, dF/dw^T u
+    for the parameters) against autograd, and against the generic linearisation of irn.layers."""
     F = models.Perceptron(3, activation).double()
     y = torch.randn(5, 3, dtype=DT)
     u = torch.randn(5, 3, dtype=DT)
-    _, vjp = torch.func.vjp(F, y)
-    torch.testing.assert_close(F.vjp_operator(y, 0.7)(u), 0.7 * vjp(u)[0], atol=1e-14, rtol=0)
+    _, vjp = torch.func.vjp(lambda params, y: torch.func.functional_call(F, params, (y,)),
+                            dict(F.named_parameters()), y)
+    param_grads, input_grad = vjp(u)
+    input_vjp, parameter_vjp = F.linearize(y, 0.7)
+    torch.testing.assert_close(input_vjp(u), 0.7 * input_grad, atol=1e-14, rtol=0)
+    for got, name in zip(parameter_vjp(u), ("linear.weight", "linear.bias")):
+        torch.testing.assert_close(got, 0.7 * param_grads[name], atol=1e-14, rtol=0)
+    generic = irn.layers.linearize(torch.nn.Sequential(F), y, 0.7)  # Sequential: no own linearize
+    torch.testing.assert_close(generic[0](u), input_vjp(u), atol=1e-14, rtol=0)
+    for a, b in zip(generic[1](u), parameter_vjp(u)):
+        torch.testing.assert_close(a, b, atol=1e-14, rtol=0)
+    F.linear.bias.requires_grad_(False)
+    assert F.linearize(y)[1](u)[1] is None and irn.layers.linearize(torch.nn.Sequential(F), y)[1](u)[1] is None
 
 
 def test_summarize_histories():
