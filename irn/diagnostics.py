@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .layers import _require
+from ._checks import require
 from .models import ImplicitModel
 from .training import LOSSES
 
@@ -53,7 +53,7 @@ def compare_forward_solvers(model: ImplicitModel, x: torch.Tensor, configs: dict
     first solver whose every layer converged (NaN if none did); ``residuals[name][l]`` is the batch-mean residual ``||y^k - g(y^k)||`` of layer
     ``l`` per iteration ``k``.
     """
-    _require(isinstance(repeats, int) and repeats >= 1, f"repeats must be an int >= 1, got {repeats!r}")
+    require(isinstance(repeats, int) and repeats >= 1, f"repeats must be an int >= 1, got {repeats!r}")
     configs = FORWARD_CONFIGS if configs is None else configs
     rows, residuals, outputs = [], {}, []
     with torch.no_grad():
@@ -83,7 +83,7 @@ def compare_backward_solvers(model: ImplicitModel, x, y, backwards=("neumann", "
     ``max_iterations``, ``converged_layers``, ``ms`` (median wall time of forward + backward)
     and ``max_gradient_difference`` from the gradient of the first backward whose every
     layer converged."""
-    _require(loss in LOSSES, f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
+    require(loss in LOSSES, f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     rows, gradients = [], []
     for name in backwards:

@@ -23,18 +23,10 @@ import torch
 from torch import nn
 
 from . import solvers as S
+from ._checks import choice, require
 from .solvers import ConvergenceWarning, SolverError, SolveStats
 
 POLICIES = ("warn", "raise", "ignore")
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _choice(name: str, value, allowed) -> None:
-    _require(value in allowed, f"{name} must be one of {tuple(allowed)}, got {value!r}")
 
 
 def linearize(F: nn.Module, y: torch.Tensor, scale: float = 1.0):
@@ -141,27 +133,27 @@ class ImplicitResidualBlock(nn.Module):
                  lin_max_iters: int | None = None, solver_options: dict | None = None,
                  on_nonconvergence: str = "warn"):
         super().__init__()
-        _require(isinstance(F, nn.Module), f"F must be a torch.nn.Module, got {type(F).__name__}")
-        _require(h > 0, f"h must be > 0, got {h!r}")
-        _require(0 <= theta <= 1, f"theta must be in [0, 1], got {theta!r}")
-        _choice("solver", solver, S.FORWARD_SOLVERS)
-        _choice("backward", backward, S.BACKWARDS)
-        _require(tol > 0, f"tol must be > 0, got {tol!r}")
-        _require(isinstance(max_iters, int) and max_iters >= 1,
+        require(isinstance(F, nn.Module), f"F must be a torch.nn.Module, got {type(F).__name__}")
+        require(h > 0, f"h must be > 0, got {h!r}")
+        require(0 <= theta <= 1, f"theta must be in [0, 1], got {theta!r}")
+        choice("solver", solver, S.FORWARD_SOLVERS)
+        choice("backward", backward, S.BACKWARDS)
+        require(tol > 0, f"tol must be > 0, got {tol!r}")
+        require(isinstance(max_iters, int) and max_iters >= 1,
                  f"max_iters must be an int >= 1, got {max_iters!r}")
         lin_tol = tol if lin_tol is None else lin_tol
         lin_max_iters = max_iters if lin_max_iters is None else lin_max_iters
-        _require(lin_tol > 0, f"lin_tol must be > 0, got {lin_tol!r}")
-        _require(isinstance(lin_max_iters, int) and lin_max_iters >= 1,
+        require(lin_tol > 0, f"lin_tol must be > 0, got {lin_tol!r}")
+        require(isinstance(lin_max_iters, int) and lin_max_iters >= 1,
                  f"lin_max_iters must be an int >= 1, got {lin_max_iters!r}")
         solver_options = dict(solver_options or {})
         allowed = S.SOLVER_OPTIONS[solver]
         for key in solver_options:
-            _require(key in allowed, f"solver_options key {key!r} is not known to solver "
+            require(key in allowed, f"solver_options key {key!r} is not known to solver "
                                      f"{solver!r}; allowed keys: {allowed}")
         if solver == "nonlinear_cg" and "variant" in solver_options:
-            _choice("solver_options['variant']", solver_options["variant"], S.NCG_VARIANTS)
-        _choice("on_nonconvergence", on_nonconvergence, POLICIES)
+            choice("solver_options['variant']", solver_options["variant"], S.NCG_VARIANTS)
+        choice("on_nonconvergence", on_nonconvergence, POLICIES)
 
         self.F = F
         self.h, self.theta = float(h), float(theta)
@@ -201,7 +193,7 @@ class ImplicitResidualBlock(nn.Module):
     def _residual_function(self, y: torch.Tensor) -> torch.Tensor:
         fy = self.F(y)
         if not self._checked_shape:
-            _require(fy.shape == y.shape, f"F must return a tensor of its input's shape: got "
+            require(fy.shape == y.shape, f"F must return a tensor of its input's shape: got "
                                           f"{tuple(fy.shape)} for input {tuple(y.shape)}")
             self._checked_shape = True
         return fy
@@ -222,7 +214,7 @@ class ImplicitResidualBlock(nn.Module):
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _require(x.dim() >= 1, "x must be batch-first with at least one dimension")
+        require(x.dim() >= 1, "x must be batch-first with at least one dimension")
         h, theta = self.h, self.theta
         latest = self._latest
         if theta == 0:

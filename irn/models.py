@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import ImplicitResidualBlock, _choice, _require
+from ._checks import choice, require
+from .layers import ImplicitResidualBlock
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
                "identity": lambda t: t}
@@ -29,7 +30,7 @@ class Perceptron(nn.Module):
 
     def __init__(self, dim: int, activation: str = "relu"):
         super().__init__()
-        _choice("activation", activation, ACTIVATIONS)
+        choice("activation", activation, ACTIVATIONS)
         self.linear = nn.Linear(dim, dim)
         self.activation = activation
 
@@ -76,11 +77,11 @@ class ImplicitResNet(nn.Module):
     def __init__(self, dim: int, num_layers: int, h: float = 1.0, theta: float = 0.0, *,
                  activation: str = "relu", init: str = "stationary", **block_kwargs):
         super().__init__()
-        _require(isinstance(dim, int) and dim >= 1, f"dim must be an int >= 1, got {dim!r}")
-        _require(isinstance(num_layers, int) and num_layers >= 1,
+        require(isinstance(dim, int) and dim >= 1, f"dim must be an int >= 1, got {dim!r}")
+        require(isinstance(num_layers, int) and num_layers >= 1,
                  f"num_layers must be an int >= 1, got {num_layers!r}")
-        _choice("activation", activation, ACTIVATIONS)
-        _choice("init", init, INITS)
+        choice("activation", activation, ACTIVATIONS)
+        choice("init", init, INITS)
         self.dim, self.num_layers = dim, num_layers
         self.blocks = nn.ModuleList(
             ImplicitResidualBlock(Perceptron(dim, activation), h, theta, **block_kwargs)
@@ -155,7 +156,7 @@ class PadEmbedding(nn.Module):
 
     def __init__(self, in_features: int, dim: int):
         super().__init__()
-        _require(dim >= in_features, f"dim must be >= in_features ({in_features}), got {dim}")
+        require(dim >= in_features, f"dim must be >= in_features ({in_features}), got {dim}")
         self.in_features, self.dim = in_features, dim
 
     def forward(self, x):

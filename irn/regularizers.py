@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .layers import _require
+from ._checks import require
 from .solvers import batch_norm
 
 
@@ -17,9 +17,9 @@ def fixed_point(net, alpha: float) -> torch.Tensor:
     ``l`` in the latest forward. Zero when every layer contracts at rate ``alpha`` or faster.
     Needs ``net.keep_iterates = True`` during that forward (``ValueError`` otherwise).
     """
-    _require(0 < alpha < 1, f"alpha must be in (0, 1), got {alpha!r}")
+    require(0 < alpha < 1, f"alpha must be in (0, 1), got {alpha!r}")
     blocks = list(net.blocks)
-    _require(any(block.iterate_residuals is not None for block in blocks),
+    require(any(block.iterate_residuals is not None for block in blocks),
              "no iterates recorded: set net.keep_iterates = True and run a forward pass "
              "before calling irn.regularizers.fixed_point")
     total = None
@@ -40,8 +40,8 @@ def perturbation_distances(net, y0: torch.Tensor, sigma: float, streams: int,
     perturbed copies ``y~_0^s = y0 + sigma xi^s`` (``xi^s ~ N(0, I)``) and those of ``y0``,
     for ``l = 0..L``: shape ``(L + 1, S, B)``. The clean input and the perturbed copies go
     through ``net`` in one batched pass. Returns ``(d, net(y0))``."""
-    _require(sigma >= 0, f"sigma must be >= 0, got {sigma!r}")
-    _require(isinstance(streams, int) and streams >= 1,
+    require(sigma >= 0, f"sigma must be >= 0, got {sigma!r}")
+    require(isinstance(streams, int) and streams >= 1,
              f"streams must be an int >= 1, got {streams!r}")
     batch = y0.shape[0]
     noise_device = generator.device if generator is not None else y0.device
@@ -66,7 +66,7 @@ def perturbation(net, y0: torch.Tensor, sigma: float, beta: float, streams: int,
     ``return_output=True`` returns ``(R_stab, net(y0))``, the clean output of that same
     batched pass, so the data loss needs no second forward.
     """
-    _require(beta > 0, f"beta must be > 0, got {beta!r}")
+    require(beta > 0, f"beta must be > 0, got {beta!r}")
     d, output = perturbation_distances(net, y0, sigma, streams, generator)  # d[l, s, b]
     num_layers = d.shape[0] - 1
     value = torch.relu(d[1:] - beta * d[:-1]).mean(dim=2).sum() / (num_layers * streams)

@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .layers import _choice, _require
+from ._checks import choice, require
 from .regularizers import perturbation_distances
 from .training import LOSSES
 
 
 def _check_bounds(bounds):
-    _require(bounds is None or (len(bounds) == 2 and bounds[0] < bounds[1]),
+    require(bounds is None or (len(bounds) == 2 and bounds[0] < bounds[1]),
              f"bounds must be None or (low, high) with low < high, got {bounds!r}")
 
 
@@ -30,7 +30,7 @@ def _clip(x, bounds):
 def input_gradient(model, x: torch.Tensor, y: torch.Tensor, loss: str = "cross_entropy"):
     """``d loss(model(x), y) / dx`` with the loss summed over the batch (so each sample's
     gradient is its own); the model's parameters get no gradient."""
-    _choice("loss", loss, LOSSES)
+    choice("loss", loss, LOSSES)
     x = x.detach().requires_grad_()
     with torch.enable_grad():
         value = LOSSES[loss](model(x), y, reduction="sum")
@@ -41,7 +41,7 @@ def input_gradient(model, x: torch.Tensor, y: torch.Tensor, loss: str = "cross_e
 def fgsm(model, x, y, epsilon: float, *, loss: str = "cross_entropy", bounds=None):
     """Fast gradient sign method: ``x + epsilon * sign(grad_x loss)``, clipped to ``bounds``
     (``(low, high)`` of the input domain, or None)."""
-    _require(epsilon >= 0, f"epsilon must be >= 0, got {epsilon!r}")
+    require(epsilon >= 0, f"epsilon must be >= 0, got {epsilon!r}")
     _check_bounds(bounds)
     if epsilon == 0:
         return x.detach().clone()
@@ -57,9 +57,9 @@ def pgd(model, x, y, epsilon: float, *, steps: int = 10, step_size: float | None
 
     from a uniform random start in the ball (``generator`` seeds it); ``step_size`` defaults
     to ``2.5 epsilon / steps`` (Madry et al., 2018)."""
-    _require(epsilon >= 0, f"epsilon must be >= 0, got {epsilon!r}")
-    _require(isinstance(steps, int) and steps >= 1, f"steps must be an int >= 1, got {steps!r}")
-    _require(step_size is None or step_size > 0, f"step_size must be > 0, got {step_size!r}")
+    require(epsilon >= 0, f"epsilon must be >= 0, got {epsilon!r}")
+    require(isinstance(steps, int) and steps >= 1, f"steps must be an int >= 1, got {steps!r}")
+    require(step_size is None or step_size > 0, f"step_size must be > 0, got {step_size!r}")
     _check_bounds(bounds)
     x = x.detach()
     if epsilon == 0:
@@ -89,9 +89,9 @@ def noise_accuracy(model, x, y, sigmas, *, repeats: int = 10,
                    generator: torch.Generator | None = None, bounds=None) -> pd.DataFrame:
     """Accuracy on ``x + sigma * xi``, ``xi ~ N(0, I)`` (clipped to ``bounds``), averaged over
     ``repeats`` draws per ``sigma``: columns ``size`` (sigma), ``accuracy``."""
-    _require(isinstance(repeats, int) and repeats >= 1,
+    require(isinstance(repeats, int) and repeats >= 1,
              f"repeats must be an int >= 1, got {repeats!r}")
-    _require(all(s >= 0 for s in sigmas), f"sigmas must be >= 0, got {list(sigmas)!r}")
+    require(all(s >= 0 for s in sigmas), f"sigmas must be >= 0, got {list(sigmas)!r}")
     _check_bounds(bounds)
     rows = []
     for sigma in sigmas:
@@ -109,7 +109,7 @@ def adversarial_accuracy(model, x, y, epsilons, attack: str = "fgsm",
                          **attack_kwargs) -> pd.DataFrame:
     """Accuracy on ``ATTACKS[attack](model, x, y, epsilon, **attack_kwargs)`` for each
     ``epsilon``: columns ``size`` (epsilon), ``accuracy``."""
-    _choice("attack", attack, ATTACKS)
+    choice("attack", attack, ATTACKS)
     rows = [{"size": float(eps),
              "accuracy": accuracy(model, ATTACKS[attack](model, x, y, eps, **attack_kwargs), y)}
             for eps in epsilons]
@@ -123,7 +123,7 @@ def perturbation_growth(model, x, sigma: float, *, streams: int = 10,
     ``l = 1..L``, averaged over samples and ``streams`` Gaussian perturbations
     ``y~_0 = embed(x) + sigma xi`` (the distances of ``R_stab``; > 1 where layer ``l``
     amplifies the perturbation)."""
-    _require(sigma > 0, f"sigma must be > 0, got {sigma!r}")
+    require(sigma > 0, f"sigma must be > 0, got {sigma!r}")
     d, _ = perturbation_distances(model.net, model.embed(x), sigma, streams, generator)
     return (d[1:] / d[:-1]).mean(dim=(1, 2)).cpu().numpy()
 

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from . import regularizers
-from .layers import _choice, _require
+from ._checks import choice, require
 from .data import digits, sine, two_spirals
 from .models import ImplicitModel, digits_classifier, function_approximator, spiral_classifier
 
@@ -25,7 +25,7 @@ def per_layer(history: pd.DataFrame, name: str) -> np.ndarray:
     """The per-layer columns ``{name}_0 .. {name}_{L-1}`` of a training history: ``(epochs, L)``.
     ``name`` is ``forward_iterations``, ``backward_iterations`` or ``grad``."""
     columns = [c for c in history.columns if c.rsplit("_", 1)[0] == name and c.rsplit("_", 1)[1].isdigit()]
-    _require(bool(columns), f"name must be one of ('forward_iterations', "
+    require(bool(columns), f"name must be one of ('forward_iterations', "
                             f"'backward_iterations', 'grad'), got {name!r}")
     columns.sort(key=lambda c: int(c.rsplit("_", 1)[1]))
     # histories of deeper models concatenated with this one leave its extra columns empty
@@ -51,7 +51,7 @@ def _mean_abs_gradients(blocks) -> np.ndarray:
 
 def evaluate(model: ImplicitModel, x: torch.Tensor, y: torch.Tensor, loss: str = "mse") -> dict:
     """Loss (and accuracy, for classification) of ``model`` on ``(x, y)`` without gradients."""
-    _choice("loss", loss, LOSSES)
+    choice("loss", loss, LOSSES)
     with torch.no_grad():
         out = model(x)
         result = {"loss": float(LOSSES[loss](out, y))}
@@ -79,10 +79,10 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
     ``backward_iterations_l`` (means over the epoch's steps) and ``grad_l`` (mean absolute
     gradient of the layer's parameters). Progress is shown with tqdm.
     """
-    _choice("loss", loss, LOSSES)
-    _require(isinstance(epochs, int) and epochs >= 1, f"epochs must be an int >= 1, got {epochs!r}")
-    _require(lr > 0, f"lr must be > 0, got {lr!r}")
-    _require(stab_weight >= 0 and fp_weight >= 0, "stab_weight and fp_weight must be >= 0")
+    choice("loss", loss, LOSSES)
+    require(isinstance(epochs, int) and epochs >= 1, f"epochs must be an int >= 1, got {epochs!r}")
+    require(lr > 0, f"lr must be > 0, got {lr!r}")
+    require(stab_weight >= 0 and fp_weight >= 0, "stab_weight and fp_weight must be >= 0")
     dtype = next(model.parameters()).dtype
     model.to(device)
     data = data.to(device=device, dtype=dtype)
@@ -167,7 +167,7 @@ DATASETS = {"sine": sine, "two_spirals": two_spirals, "digits": digits}
 
 def build_model(model: str, seed: int, dtype=torch.float64, **model_kwargs) -> ImplicitModel:
     """``MODEL_FACTORIES[model](**model_kwargs)`` initialised from ``torch.manual_seed(seed)``."""
-    _choice("model", model, MODEL_FACTORIES)
+    choice("model", model, MODEL_FACTORIES)
     torch.manual_seed(seed)
     return MODEL_FACTORIES[model](**model_kwargs).to(dtype)
 
@@ -188,11 +188,11 @@ def train_many(jobs: list[dict], workers: int = 1, desc: str = "training"):
     (initialisation and training noise). A job's result does not depend on ``workers``.
     Returns ``[(model, history), ...]`` in the order of ``jobs``; progress is shown per job.
     """
-    _require(isinstance(workers, int) and workers >= 1, f"workers must be an int >= 1, got {workers!r}")
+    require(isinstance(workers, int) and workers >= 1, f"workers must be an int >= 1, got {workers!r}")
     for job in jobs:
         missing = {"model", "model_kwargs", "data", "train_kwargs", "seed"} - set(job)
-        _require(not missing, f"job is missing keys {sorted(missing)}")
-        _choice("data", job["data"], DATASETS)
+        require(not missing, f"job is missing keys {sorted(missing)}")
+        choice("data", job["data"], DATASETS)
     bar = tqdm(total=len(jobs), desc=desc, mininterval=0)
     results = [None] * len(jobs)
     if workers == 1:
