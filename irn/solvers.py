@@ -91,12 +91,12 @@ class _Monitor:
     def __init__(self, tol: float, max_iters: int, record: list | None):
         self.tol, self.max_iters, self.record = tol, max_iters, record
         self.iteration = 0
-        self.residual = None
+        self.residual = self.norms = None
 
     def done(self, residual: Tensor) -> bool:
         """Register the residual ``R(y^k)`` of the current iterate; True when the loop must stop."""
         self.iteration += 1
-        norms = batch_norm(residual)
+        self.norms = norms = batch_norm(residual)  # per sample, for solvers that need them
         if self.record is not None:
             self.record.append(norms)
         self.residual = norms.max().detach()
@@ -203,45 +203,42 @@ def anderson(g, y0, *, tol, max_iters, differentiable=False, record=None,
     """Anderson acceleration of ``y = g(y)`` with window ``m = memory``:
     ``y^{k+1} = sum_i a_i g(y^{k-i})``, where ``a`` minimises ``||sum_i a_i R(y^{k-i})||^2
     + regularization * min_i ||R(y^{k-i})||^2 * ||a||^2`` subject to ``sum_i a_i = 1``
-    (per sample; the Tikhonov weight is relative, so the method is scale-invariant)."""
+    (per sample; the Tikhonov weight is relative, so the method is scale-invariant). With
+    ``M = Gram + ridge I`` (symmetric positive definite) the minimiser is
+    ``a = M^{-1} 1 / (1^T M^{-1} 1)``, one Cholesky solve per iteration."""
     if not (isinstance(memory, int) and memory >= 1):
         raise ValueError(f"solver_options['memory'] must be an int >= 1, got {memory!r}")
     if not regularization >= 0:
         raise ValueError(f"solver_options['regularization'] must be >= 0, got {regularization!r}")
     monitor, y = _Monitor(tol, max_iters, record), y0
     batch = y0.shape[0]
-    ys, gs = [], []
+    residuals, values = [], []  # the window, flattened per sample: (B, D) each
     while True:
         gy = g(y)
-        if monitor.done(y - gy):
+        residual = gy - y
+        if monitor.done(residual):
             return y, monitor.info()
-        ys, gs = (ys + [y])[-memory:], (gs + [gy])[-memory:]
-        n = len(ys)
+        residuals = (residuals + [residual.reshape(batch, -1)])[-memory:]
+        values = (values + [gy.reshape(batch, -1)])[-memory:]
+        n = len(values)
         if n == 1:
             y = gy
             continue
-        res = torch.stack([(gi - yi).reshape(batch, -1) for gi, yi in zip(gs, ys)], dim=1)
-        gram = res @ res.transpose(1, 2)  # (B, n, n)
+        res = torch.stack(residuals, dim=1)  # (B, n, D)
+        gram = res @ res.transpose(1, 2)     # (B, n, n)
         # Tikhonov term relative to the smallest squared residual in the window: scale-invariant,
-        # so it does not swamp the system once the residuals are small
-        # (floored, so that a sample whose residuals are exactly zero keeps a solvable system)
-        scale = gram.diagonal(dim1=1, dim2=2).amin(dim=1).reshape(batch, 1, 1)
+        # so it does not swamp the system once the residuals are small (floored, so that a
+        # sample whose residuals are exactly zero keeps a solvable system)
+        scale = gram.diagonal(dim1=1, dim2=2).amin(dim=1)
         ridge = (regularization * scale).clamp_min(torch.finfo(y.dtype).tiny ** 0.5)
-        gram = gram + ridge * torch.eye(n, dtype=y.dtype, device=y.device)
-        # bordered system [[0, 1^T], [1, G]] [mu; a] = [1; 0] enforces sum(a) = 1
-        system = torch.zeros(batch, n + 1, n + 1, dtype=y.dtype, device=y.device)
-        system[:, 0, 1:] = 1
-        system[:, 1:, 0] = 1
-        system = system + torch.nn.functional.pad(gram, (1, 0, 1, 0))
-        rhs = torch.zeros(batch, n + 1, 1, dtype=y.dtype, device=y.device)
-        rhs[:, 0] = 1
-        solution, failed = torch.linalg.solve_ex(system, rhs)
-        weights = solution[:, 1:, 0]  # (B, n)
-        stacked = torch.stack([gi.reshape(batch, -1) for gi in gs], dim=1)
-        mixed = (weights.unsqueeze(1) @ stacked).reshape(y0.shape)
+        gram = gram + ridge.reshape(batch, 1, 1) * torch.eye(n, dtype=y.dtype, device=y.device)
+        factor, failed = torch.linalg.cholesky_ex(gram)
+        weights = torch.cholesky_solve(torch.ones_like(gram[:, :, :1]), factor)  # (B, n, 1)
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        mixed = (weights.transpose(1, 2) @ torch.stack(values, dim=1)).reshape(y0.shape)
         # samples already within tol (their window is numerically rank-deficient) and any
         # system the factorisation rejects take the plain fixed-point step instead
-        plain = (batch_norm(gy - y) <= tol) | (failed != 0)
+        plain = (monitor.norms <= tol) | (failed != 0)
         y = torch.where(plain.reshape((-1,) + (1,) * (y.dim() - 1)), gy, mixed)
 
 
