@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._checks import require
+from ._checks import choice, require
 from .models import ImplicitModel
 from .training import LOSSES
 
@@ -83,7 +83,7 @@ def compare_backward_solvers(model: ImplicitModel, x, y, backwards=("neumann", "
     ``max_iterations``, ``converged_layers``, ``ms`` (median wall time of forward + backward)
     and ``max_gradient_difference`` from the gradient of the first backward whose every
     layer converged."""
-    require(loss in LOSSES, f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
+    choice("loss", loss, LOSSES)
     params = [p for p in model.parameters() if p.requires_grad]
     rows, gradients = [], []
     for name in backwards:

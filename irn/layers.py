@@ -169,6 +169,20 @@ class ImplicitResidualBlock(nn.Module):
         self._latest = _Latest()
         self._checked_shape = False
 
+    def with_settings(self, **block_kwargs) -> "ImplicitResidualBlock":
+        """A block on the same ``F`` (shared, not copied) with some settings changed (any
+        keyword of the constructor but ``F``); the others are kept, the solver options too
+        unless ``solver`` changes (options belong to a solver)."""
+        settings = dict(h=self.h, theta=self.theta, solver=self.solver, backward=self.backward,
+                        tol=self.tol, max_iters=self.max_iters, lin_tol=self.lin_tol,
+                        lin_max_iters=self.lin_max_iters, solver_options=self.solver_options,
+                        on_nonconvergence=self.on_nonconvergence)
+        if "solver" in block_kwargs:
+            settings["solver_options"] = None
+        block = ImplicitResidualBlock(self.F, **(settings | block_kwargs))
+        block.name, block.keep_iterates = self.name, self.keep_iterates
+        return block
+
     @property
     def last_stats(self) -> SolveStats | None:
         """:class:`irn.SolveStats` of the latest forward (backward fields after its backward)."""

@@ -99,26 +99,13 @@ class ImplicitResNet(nn.Module):
 
     def with_settings(self, **block_kwargs) -> "ImplicitResNet":
         """The same network (the same residual functions ``F_l`` and parameters, shared, not
-        copied) with other block settings: e.g. ``net.with_settings(solver="anderson")``
-        solves a trained network with another solver. Settings not given are kept (the
-        solver options too, unless ``solver`` changes)."""
-        blocks = []
-        for block in self.blocks:
-            settings = dict(h=block.h, theta=block.theta, solver=block.solver, backward=block.backward, tol=block.tol,
-                            max_iters=block.max_iters, lin_tol=block.lin_tol,
-                            lin_max_iters=block.lin_max_iters,
-                            solver_options=block.solver_options,
-                            on_nonconvergence=block.on_nonconvergence)
-            if "solver" in block_kwargs and "solver_options" not in block_kwargs:
-                settings["solver_options"] = None  # options belong to the old solver
-            settings.update(block_kwargs)
-            blocks.append(ImplicitResidualBlock(block.F, **settings))
+        copied) with other block settings, see :meth:`irn.ImplicitResidualBlock.with_settings`:
+        e.g. ``net.with_settings(solver="anderson")`` solves a trained network with another
+        solver."""
         clone = ImplicitResNet.__new__(ImplicitResNet)
         nn.Module.__init__(clone)
         clone.dim, clone.num_layers = self.dim, self.num_layers
-        clone.blocks = nn.ModuleList(blocks)
-        for block, old in zip(clone.blocks, self.blocks):
-            block.name = old.name
+        clone.blocks = nn.ModuleList(block.with_settings(**block_kwargs) for block in self.blocks)
         return clone
 
     @property

@@ -34,6 +34,15 @@ def fixed_point(net, alpha: float) -> torch.Tensor:
     return total / len(blocks)
 
 
+def noise(shape, like: torch.Tensor, generator: torch.Generator | None = None,
+          uniform: bool = False) -> torch.Tensor:
+    """``N(0, 1)`` (or, with ``uniform``, ``U[0, 1)``) samples of ``shape`` with ``like``'s dtype
+    and device, drawn from ``generator`` on its own device (so a CPU generator seeds CUDA runs)."""
+    draw = torch.rand if uniform else torch.randn
+    device = generator.device if generator is not None else like.device
+    return draw(shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
+
+
 def perturbation_distances(net, y0: torch.Tensor, sigma: float, streams: int,
                            generator: torch.Generator | None = None):
     """Distances ``d_l^s = ||y~_l^s - y_l||`` between the hidden states of ``S = streams``
@@ -44,9 +53,7 @@ def perturbation_distances(net, y0: torch.Tensor, sigma: float, streams: int,
     require(isinstance(streams, int) and streams >= 1,
              f"streams must be an int >= 1, got {streams!r}")
     batch = y0.shape[0]
-    noise_device = generator.device if generator is not None else y0.device
-    xi = torch.randn((streams,) + tuple(y0.shape), generator=generator, dtype=y0.dtype,
-                     device=noise_device).to(y0.device)
+    xi = noise((streams,) + tuple(y0.shape), y0, generator)
     inputs = torch.cat([y0.unsqueeze(0), y0 + sigma * xi]).reshape((-1,) + y0.shape[1:])
     states = net.trajectory(inputs)  # (L + 1, (S + 1) B, dim)
     states = states.reshape(states.shape[0], streams + 1, batch, *states.shape[2:])

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from ._checks import choice, require
-from .regularizers import perturbation_distances
+from .regularizers import noise, perturbation_distances
 from .training import LOSSES
 
 
@@ -67,9 +67,8 @@ def pgd(model, x, y, epsilon: float, *, steps: int = 10, step_size: float | None
     step_size = 2.5 * epsilon / steps if step_size is None else step_size
     adv = x
     if random_start:
-        start = torch.rand(x.shape, generator=generator, dtype=x.dtype,
-                           device=generator.device if generator is not None else x.device)
-        adv = _clip(x + epsilon * (2 * start.to(x.device) - 1), bounds)
+        start = noise(x.shape, x, generator, uniform=True)
+        adv = _clip(x + epsilon * (2 * start - 1), bounds)
     for _ in range(steps):
         adv = adv + step_size * input_gradient(model, adv, y, loss).sign()
         adv = _clip(torch.minimum(torch.maximum(adv, x - epsilon), x + epsilon), bounds)
@@ -98,9 +97,7 @@ def noise_accuracy(model, x, y, sigmas, *, repeats: int = 10,
         draws = repeats if sigma > 0 else 1
         total = 0.0
         for _ in range(draws):
-            xi = torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                             device=generator.device if generator is not None else x.device)
-            total += accuracy(model, _clip(x + sigma * xi.to(x.device), bounds), y)
+            total += accuracy(model, _clip(x + sigma * noise(x.shape, x, generator), bounds), y)
         rows.append({"size": float(sigma), "accuracy": total / draws})
     return pd.DataFrame(rows)
 
@@ -163,3 +160,26 @@ def evaluate(model, data, *, sigmas, epsilons, pgd_steps: int = 10, repeats: int
                "converged": converged}
     curves = pd.concat(curves, ignore_index=True)[["perturbation", "size", "accuracy"]]
     return curves, growth, summary
+
+
+def summarize(curves: pd.DataFrame, summary: pd.DataFrame, sigma: dict, epsilon: dict,
+              by=("dataset", "theta", "regularizer")) -> pd.DataFrame:
+    """One row per model (the columns ``by``) of the long frames of :func:`evaluate` over
+    seeds (``curves`` and ``summary`` with the columns ``by`` and ``seed`` added): mean and
+    standard deviation over seeds (in %) of ``clean_accuracy`` and of the accuracy under
+    ``gaussian`` noise at ``sigma[dataset]`` and ``fgsm`` / ``pgd`` at ``epsilon[dataset]``
+    (``*_std``), the mean ``forward_iterations`` and ``converged_seeds``."""
+    keys = list(by) + ["seed"]
+    per_seed = summary.set_index(keys)
+    for kind, size_of in (("gaussian", sigma), ("fgsm", epsilon), ("pgd", epsilon)):
+        rows = curves[(curves.perturbation == kind)
+                      & (curves["size"] == curves.dataset.map(size_of))]
+        require(len(rows) == len(per_seed), f"every dataset's {kind} size must be one of its "
+                                            f"grid's sizes, got {size_of!r}")
+        per_seed[kind] = rows.set_index(keys).accuracy
+    metrics = ["clean_accuracy", "gaussian", "fgsm", "pgd"]
+    groups = per_seed.groupby(level=list(by), sort=False)
+    return pd.concat({m: 100 * groups[m].mean() for m in metrics}
+                     | {f"{m}_std": 100 * groups[m].std(ddof=0) for m in metrics}
+                     | {"forward_iterations": groups.forward_iterations.mean(),
+                        "converged_seeds": groups.converged.sum()}, axis=1)

@@ -160,3 +160,23 @@ def test_bad_arguments():
     for call, name in cases:
         with pytest.raises(ValueError, match=name):
             call()
+
+
+def test_summarize_means_and_stds_over_seeds():
+    import pandas as pd
+
+    rows, summary = [], []
+    for seed, acc in ((0, 0.5), (1, 0.7)):
+        tags = dict(dataset="d", theta=0.5, regularizer="none", seed=seed)
+        summary.append(tags | dict(clean_accuracy=acc + 0.2, forward_iterations=4.0 + seed,
+                                   converged=seed == 0))
+        for kind, size in (("gaussian", 0.0), ("gaussian", 0.1), ("fgsm", 0.2), ("pgd", 0.2)):
+            rows.append(tags | dict(perturbation=kind, size=size, accuracy=acc - size))
+    table = robustness.summarize(pd.DataFrame(rows), pd.DataFrame(summary), {"d": 0.1}, {"d": 0.2})
+    row = table.loc[("d", 0.5, "none")]
+    np.testing.assert_allclose([row.clean_accuracy, row.gaussian, row.fgsm, row.pgd],
+                               [80.0, 50.0, 40.0, 40.0])
+    np.testing.assert_allclose([row.clean_accuracy_std, row.gaussian_std], [10.0, 10.0])
+    assert row.forward_iterations == 4.5 and row.converged_seeds == 1
+    with pytest.raises(ValueError, match="gaussian"):
+        robustness.summarize(pd.DataFrame(rows), pd.DataFrame(summary), {"d": 0.3}, {"d": 0.2})
