@@ -4,7 +4,7 @@
 
 Forward: a solver from ``irn.solvers`` finds ``y*`` without building a graph. The block then
 returns one more application of the map, ``x + h(1-theta)F(x) + h theta F(y*)`` with ``y*``
-held constant. Backward: an ``autograd.Function`` computing the ``F(y*)`` term turns the
+held constant (``F(x)`` and ``F(y*)`` are the evaluations the solve made already). Backward: an ``autograd.Function`` computing the ``F(y*)`` term turns the
 incoming gradient ``g`` into ``v`` solving
 
     (I - h theta J_F(y*)^T) v = g,
@@ -77,17 +77,18 @@ class _ImplicitBackward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, explicit, y_star, block, stats, *params):
+    def forward(ctx, explicit, y_star, f_star, block, stats, *params):
+        # f_star = F(y*), evaluated by the solver already; only y* is kept for the backward
         ctx.block, ctx.stats = block, stats  # the statistics of this forward, for its backward
         ctx.save_for_backward(y_star)
-        return torch.add(explicit, block._residual_function(y_star), alpha=block.h * block.theta)
+        return torch.add(explicit, f_star, alpha=block.h * block.theta)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (y_star,) = ctx.saved_tensors
         v, param_grads = ctx.block._solve_adjoint(y_star, grad, ctx.stats)
-        return (v, None, None, None, *param_grads)
+        return (v, None, None, None, None, *param_grads)
 
 
 class _UnrolledBackward(torch.autograd.Function):
@@ -240,12 +241,29 @@ class ImplicitResidualBlock(nn.Module):
         unrolled = self.backward == "unrolled" and grad_on
         differentiable = unrolled or (self.keep_iterates and grad_on)
         # x + h(1-theta)F(x): evaluated once, on the graph when gradients are wanted
-        explicit = torch.add(x, self._residual_function(x), alpha=h * (1 - theta))
+        fx = self._residual_function(x)
+        explicit = torch.add(x, fx, alpha=h * (1 - theta))
+        # Without a graph, the latest evaluation of F is reused when asked for the same tensor
+        # again: the first iterate is x, whose F(x) the explicit term holds, and a solver's
+        # last evaluation is at the y* it returns, which the output needs: two of the 16
+        # evaluations of F per layer and training step on the benchmark's W3. (On a graph a
+        # shared node would change the order in which gradients are summed, so there F is
+        # evaluated afresh and results stay bit for bit those of separate evaluations.)
+        latest_f = [x, fx.detach()] if not differentiable else [None, None]
+
+        def evaluate_F(y):
+            if y is latest_f[0]:
+                return latest_f[1]
+            fy = self._residual_function(y)
+            if not differentiable:
+                latest_f[:] = y, fy
+            return fy
+
         with torch.set_grad_enabled(differentiable):
             constant = explicit if differentiable else explicit.detach()
 
             def step(y):  # the fixed-point map y -> x + h(1-theta)F(x) + h theta F(y)
-                return torch.add(constant, self._residual_function(y), alpha=h * theta)
+                return torch.add(constant, evaluate_F(y), alpha=h * theta)
 
             record = [] if self.keep_iterates else None
             y_star, info = self._run(S.FORWARD_SOLVERS[self.solver], step, x, tol=self.tol,
@@ -264,7 +282,9 @@ class ImplicitResidualBlock(nn.Module):
             out = torch.add(explicit, self._residual_function(y_star), alpha=h * theta)
             return _UnrolledBackward.apply(out, latest.stats)
         # one more application of the map with y* held constant; its backward is implicit
-        return _ImplicitBackward.apply(explicit, y_star.detach(), self, latest.stats,
+        with torch.no_grad():
+            f_star = evaluate_F(y_star)
+        return _ImplicitBackward.apply(explicit, y_star.detach(), f_star, self, latest.stats,
                                        *self.F.parameters())
 
     # -- backward -------------------------------------------------------------------------

@@ -350,7 +350,7 @@ class NaNAfter(nn.Module):
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nan_raises_naming_block_and_iteration(policy, value):
     net = irn.ImplicitResNet(2, 2, h=1.0, theta=0.5, on_nonconvergence=policy)
-    net.blocks[1].F = NaNAfter(2, value)  # F(x) and F(y^0) finite, then non-finite
+    net.blocks[1].F = NaNAfter(1, value)  # F(x) = F(y^0) finite (evaluated once), then non-finite
     with pytest.raises(irn.SolverError, match=r"block 1.*iteration 2"):
         net(torch.ones(3, 2))
 
@@ -410,3 +410,34 @@ def test_block_exposes_F():
     F = nn.Identity()
     assert irn.ImplicitResidualBlock(F).F is F
     assert irn.ImplicitResidualBlock(F).keep_iterates is False
+
+
+class Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear, self.calls = nn.Linear(3, 3).double(), 0
+
+    def forward(self, y):
+        self.calls += 1
+        return torch.tanh(self.linear(y))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_forward_evaluates_F_once_per_iteration(grad):
+    # F(x) serves both the explicit term and the first iterate y^0 = x, and the solver's
+    # last evaluation, at y*, serves the output: k iterations cost k evaluations of F
+    torch.manual_seed(0)
+    F = Counting()
+    block = irn.ImplicitResidualBlock(F, 0.5, 0.5, tol=1e-10)
+    x = torch.randn(4, 3, dtype=DT, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        out = block(x)
+    assert block.last_stats.iterations > 3
+    assert F.calls == block.last_stats.iterations
+    # the output is still one more application of the map at y*
+    with torch.no_grad():
+        explicit = torch.add(x, F(x), alpha=0.25)
+        y_star = irn.solvers.fixed_point(lambda y: torch.add(explicit, F(y), alpha=0.25), x,
+                                         tol=1e-10, max_iters=50)[0]
+        torch.testing.assert_close(out, torch.add(explicit, F(y_star), alpha=0.25),
+                                   rtol=0, atol=1e-14)
