@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.utils.benchmark as tb
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import irn
 from irn import solvers as S
@@ -80,9 +81,9 @@ class DEQBlock(torch.nn.Module):
         return z[-1]
 
 
-def build(workload, method):
+def build(workload, method, device="cpu"):
     dim, batch, layers, h, theta, tol = WORKLOADS[workload]
-    fs = residual_functions(dim, layers)
+    fs = [f.to(device) for f in residual_functions(dim, layers)]
     kind, _, arg = method.partition(":")
     if kind == "explicit":
         blocks = [irn.ImplicitResidualBlock(f, h, 0.0) for f in fs]
@@ -95,8 +96,8 @@ def build(workload, method):
     elif kind == "torchdeq":
         blocks = [DEQBlock(f, h, theta, tol, arg) for f in fs]
     net = Chain(blocks)
-    x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1))
-    target = torch.randn(batch, dim, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1)).to(device)
+    target = torch.randn(batch, dim, generator=torch.Generator().manual_seed(2)).to(device)
 
     def step():
         net.zero_grad(set_to_none=True)
@@ -182,12 +183,69 @@ def overhead(workload="W3 wide", min_time=1.0):
     return per_iter, floor
 
 
+class _Products(TorchDispatchMode):
+    """Counts and times the matrix products (``mm``, ``addmm``, ``bmm``) run under it,
+    those of the backward too: their kernels' wall time, in place, with the caches as the
+    step leaves them (the same product alone in a loop runs ~1.5x faster here)."""
+
+    PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+                torch.ops.aten.bmm.default)
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.flops, self.seconds = 0, 0, 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func not in self.PRODUCTS:
+            return func(*args, **(kwargs or {}))
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.seconds += time.perf_counter() - start
+        a, b = args[-2], args[-1]  # (.., m, k) @ (.., k, n): 2 m k n flops per matrix
+        self.count, self.flops = self.count + 1, self.flops + 2 * a.numel() * b.shape[-1]
+        return out
+
+
+def matrix_products(step, repeats=5):
+    """(number, flops, seconds) of the matrix products of one call of ``step`` (mean of
+    ``repeats`` calls after a warm-up)."""
+    step()
+    with _Products() as counter:
+        for _ in range(repeats):
+            step()
+    return counter.count // repeats, counter.flops // repeats, counter.seconds / repeats
+
+
 def wait_for_quiet(limit_s=60, threshold=0.5):
     """The machine is shared: wait (up to limit_s) for the 1-minute load to drop."""
     start = time.time()
     while os.getloadavg()[0] > threshold and time.time() - start < limit_s:
         time.sleep(5)
     return os.getloadavg()[0]
+
+
+def products_table(times, built, workload="W3 wide"):
+    """What bounds a step on W3: the time its matrix products take inside the step, against
+    the measured step time."""
+    lines = ["", "## What bounds W3: matrix products per step", "",
+             "Time in products: the wall time of the step's `mm` / `addmm` / `bmm` kernels, "
+             "timed one by one inside the step (mean of 5 steps).", "",
+             "| method | products / step | GFLOP / step | ms in products | ms / step "
+             "| share of the step in products |", "|---|---|---|---|---|---|"]
+    in_products = {}
+    for method in ("explicit", "plain", "irn:fixed_point/neumann", "irn:fixed_point/unrolled",
+                   "torchdeq:fixed_point_iter", "torchdeq:anderson"):
+        if method not in built:
+            continue
+        count, flops, seconds = matrix_products(built[method][1])
+        in_products[method] = seconds
+        lines.append(f"| {method} | {count} | {flops / 1e9:.2f} | {1e3 * seconds:.1f} | "
+                     f"{1e3 * times[method]:.1f} | {min(1.0, seconds / times[method]):.0%} |")
+    if "torchdeq:fixed_point_iter" in times:
+        best = in_products["irn:fixed_point/neumann"] / times["torchdeq:fixed_point_iter"]
+        lines += ["", "irn fixed_point/neumann's products alone vs torchdeq fixed_point_iter's "
+                  f"whole step: **{best:.2f}x**, the lowest ratio irn's products allow"]
+    return lines
 
 
 def main():
@@ -197,6 +255,9 @@ def main():
                         help="seconds per method and workload, split over the rounds")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per workload")
     parser.add_argument("--quick", action="store_true", help="W1 only, short measurements")
+    parser.add_argument("--device", default="cpu",
+                        help="where the steps run; on 'cuda' only the step-time table (the "
+                             "other sections time CPU kernels)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -209,20 +270,24 @@ def main():
              f"({_cpu_name()}); torch {torch.__version__}, {args.threads} thread(s), "
              f"irn {irn.__version__}, torchdeq "
              f"{getattr(torchdeq, '__version__', 'installed') if torchdeq else 'not installed'}  ",
-             f"Load average before: {load_before:.2f}", ""]
+             f"Device: {args.device}"
+             + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+             + "  ", f"Load average before: {load_before:.2f}", ""]
 
     lines += ["## Time per training step (forward + MSE + backward), float32", "",
               "| workload | method | ms / step | vs explicit | vs plain | vs unrolled "
               "| fwd iters / layer | bwd iters / layer |", "|---|---|---|---|---|---|---|---|"]
+    all_times, all_built = {}, {}
     for workload in workloads:
         # methods measured in interleaved rounds, median over rounds: a neighbour's burst of
         # load then hits every method alike instead of skewing one ratio
-        built = {method: build(workload, method) for method in methods_for(workload)}
+        built = {method: build(workload, method, args.device) for method in methods_for(workload)}
         rounds = {method: [] for method in built}
         for _ in range(args.rounds):
             for method, (_, step) in built.items():
                 rounds[method].append(median_time(step, args.min_time / args.rounds))
         times = {method: sorted(r)[len(r) // 2] for method, r in rounds.items()}
+        all_times[workload], all_built[workload] = times, built
         iters = {method: iterations(net) for method, (net, _) in built.items()}
         for method, t in times.items():
             spread = max(rounds[method]) / min(rounds[method])
@@ -238,7 +303,7 @@ def main():
                          f"{times['irn:fixed_point/neumann'] / times['torchdeq:fixed_point_iter']:.2f}x "
                          f"| | | | | |")
 
-    if not args.quick:
+    if not args.quick and args.device == "cpu":
         explicit, rows = memory_table()
         lines += ["", "## Bytes saved for backward, W3 (forced 5 / 20 / 40 iterations)", "",
                   f"Explicit ResNet: {explicit / 2**20:.2f} MiB", "",
@@ -252,6 +317,8 @@ def main():
                   f"One fixed-point iteration: {1e6 * per_iter:.1f} us; one evaluation of F plus "
                   f"the update: {1e6 * floor:.1f} us; ratio **{per_iter / floor:.2f}x**"]
         print(lines[-1], flush=True)
+        lines += products_table(all_times["W3 wide"], all_built["W3 wide"])
+        print("\n".join(lines[-12:]), flush=True)
     lines += ["", f"Load average after: {os.getloadavg()[0]:.2f}"]
     args.output.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
