@@ -6,7 +6,8 @@ medians: warm-up, then repeated measurements) and the median over rounds is kept
 taken within this one run. On a shared machine single measurements of the same step varied
 by up to 2x between runs, hence the rounds.
 
-    python benchmarks/bench.py [--threads 1] [--min-time 2.0] [--rounds 5] [--quick]
+    python benchmarks/bench.py [--threads 1] [--min-time 3.0] [--rounds 9] [--quick]
+                               [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -206,14 +207,21 @@ class _Products(TorchDispatchMode):
         return out
 
 
-def matrix_products(step, repeats=5):
-    """(number, flops, seconds) of the matrix products of one call of ``step`` (mean of
-    ``repeats`` calls after a warm-up)."""
+def matrix_products(step, repeats=21):
+    """(number, flops) of the matrix products of one call of ``step``, and the medians of the
+    time in products and of the whole step's time, over ``repeats`` pairs of calls (one timed
+    whole, one with its products timed), interleaved so that the machine's noise hits both."""
     step()
-    with _Products() as counter:
-        for _ in range(repeats):
+    whole, in_products = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        whole.append(time.perf_counter() - start)
+        with _Products() as counter:
             step()
-    return counter.count // repeats, counter.flops // repeats, counter.seconds / repeats
+        in_products.append(counter.seconds)
+    return (counter.count, counter.flops, sorted(in_products)[repeats // 2],
+            sorted(whole)[repeats // 2])
 
 
 def wait_for_quiet(limit_s=60, threshold=0.5):
@@ -224,36 +232,40 @@ def wait_for_quiet(limit_s=60, threshold=0.5):
     return os.getloadavg()[0]
 
 
-def products_table(times, built, workload="W3 wide"):
+def products_table(built, workload="W3 wide"):
     """What bounds a step on W3: the time its matrix products take inside the step, against
-    the measured step time."""
+    the step's time, both measured in the same interleaved calls."""
     lines = ["", "## What bounds W3: matrix products per step", "",
              "Time in products: the wall time of the step's `mm` / `addmm` / `bmm` kernels, "
-             "timed one by one inside the step (mean of 5 steps).", "",
+             "timed one by one inside a step; ms / step: the whole step, timed in calls "
+             "interleaved with those (medians of 21 each, so this table's step times differ "
+             "a little from the first table's).", "",
              "| method | products / step | GFLOP / step | ms in products | ms / step "
              "| share of the step in products |", "|---|---|---|---|---|---|"]
-    in_products = {}
+    in_products, whole = {}, {}
     for method in ("explicit", "plain", "irn:fixed_point/neumann", "irn:fixed_point/unrolled",
                    "torchdeq:fixed_point_iter", "torchdeq:anderson"):
         if method not in built:
             continue
-        count, flops, seconds = matrix_products(built[method][1])
-        in_products[method] = seconds
-        lines.append(f"| {method} | {count} | {flops / 1e9:.2f} | {1e3 * seconds:.1f} | "
-                     f"{1e3 * times[method]:.1f} | {min(1.0, seconds / times[method]):.0%} |")
-    if "torchdeq:fixed_point_iter" in times:
-        best = in_products["irn:fixed_point/neumann"] / times["torchdeq:fixed_point_iter"]
-        lines += ["", "irn fixed_point/neumann's products alone vs torchdeq fixed_point_iter's "
-                  f"whole step: **{best:.2f}x**, the lowest ratio irn's products allow"]
+        count, flops, in_products[method], whole[method] = matrix_products(built[method][1])
+        lines.append(f"| {method} | {count} | {flops / 1e9:.2f} | "
+                     f"{1e3 * in_products[method]:.1f} | {1e3 * whole[method]:.1f} | "
+                     f"{in_products[method] / whole[method]:.0%} |")
+    if "torchdeq:fixed_point_iter" in whole:
+        irn_, deq = "irn:fixed_point/neumann", "torchdeq:fixed_point_iter"
+        lines += ["", f"In these calls irn fixed_point/neumann takes {whole[irn_] / whole[deq]:.2f}x "
+                  f"torchdeq fixed_point_iter's step, and irn's products alone "
+                  f"**{in_products[irn_] / whole[deq]:.2f}x**: the lowest ratio that irn's "
+                  "products allow, however little else it did."]
     return lines
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--min-time", type=float, default=2.0,
+    parser.add_argument("--min-time", type=float, default=3.0,
                         help="seconds per method and workload, split over the rounds")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per workload")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per workload")
     parser.add_argument("--quick", action="store_true", help="W1 only, short measurements")
     parser.add_argument("--device", default="cpu",
                         help="where the steps run; on 'cuda' only the step-time table (the "
@@ -277,7 +289,7 @@ def main():
     lines += ["## Time per training step (forward + MSE + backward), float32", "",
               "| workload | method | ms / step | vs explicit | vs plain | vs unrolled "
               "| fwd iters / layer | bwd iters / layer |", "|---|---|---|---|---|---|---|---|"]
-    all_times, all_built = {}, {}
+    all_built = {}
     for workload in workloads:
         # methods measured in interleaved rounds, median over rounds: a neighbour's burst of
         # load then hits every method alike instead of skewing one ratio
@@ -287,7 +299,7 @@ def main():
             for method, (_, step) in built.items():
                 rounds[method].append(median_time(step, args.min_time / args.rounds))
         times = {method: sorted(r)[len(r) // 2] for method, r in rounds.items()}
-        all_times[workload], all_built[workload] = times, built
+        all_built[workload] = built
         iters = {method: iterations(net) for method, (net, _) in built.items()}
         for method, t in times.items():
             spread = max(rounds[method]) / min(rounds[method])
@@ -317,7 +329,7 @@ def main():
                   f"One fixed-point iteration: {1e6 * per_iter:.1f} us; one evaluation of F plus "
                   f"the update: {1e6 * floor:.1f} us; ratio **{per_iter / floor:.2f}x**"]
         print(lines[-1], flush=True)
-        lines += products_table(all_times["W3 wide"], all_built["W3 wide"])
+        lines += products_table(all_built["W3 wide"])
         print("\n".join(lines[-12:]), flush=True)
     lines += ["", f"Load average after: {os.getloadavg()[0]:.2f}"]
     args.output.write_text("\n".join(lines) + "\n")
