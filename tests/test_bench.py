@@ -1,0 +1,61 @@
+"""The benchmark's own measuring tools (``benchmarks/bench.py``), checked on cases whose
+answer is known; the benchmark itself runs with ``make bench``, not here."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import bench  # noqa: E402
+
+
+def test_matrix_products_counts_forward_and_backward():
+    # y = x W^T + b (addmm), loss = sum(y @ V): forward 2 products, backward 2 for the
+    # weights and 2 for the inputs (x requires grad); 2 m k n flops each
+    m, k, n = 5, 3, 4
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=gen, requires_grad=True)
+    w = torch.randn(n, k, generator=gen, requires_grad=True)
+    b = torch.randn(n, generator=gen, requires_grad=True)
+    v = torch.randn(n, 2, generator=gen, requires_grad=True)
+
+    def step():
+        (torch.nn.functional.linear(x, w, b) @ v).sum().backward()
+
+    count, flops, in_products, whole = bench.matrix_products(step, repeats=3)
+    assert count == 6
+    assert flops == 2 * (m * k * n + m * n * 2) + 2 * (n * m * 2 + m * 2 * n) \
+        + 2 * (n * m * k + m * n * k)
+    assert 0 < in_products and 0 < whole
+
+
+def test_saved_bytes_counts_each_storage_once():
+    x = torch.randn(8, 16)
+    w = torch.randn(16, 16, requires_grad=True)
+    net = torch.nn.Module()
+    net.forward = lambda x: torch.relu(x @ w) @ w  # saves x, w (once), relu's output
+    saved = bench.saved_bytes(net, x)
+    assert saved == 4 * (8 * 16 + 16 * 16 + 8 * 16)
+
+
+@pytest.mark.parametrize("method", [m for m in bench.methods_for("W1 example 1, L=5")
+                                    if not m.startswith("torchdeq")])
+def test_every_method_builds_and_steps(method):
+    net, step = bench.build("W1 example 1, L=5", method)
+    step()
+    grads = [p.grad for p in net.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_implicit_and_plain_steps_agree():
+    # the same equation: irn's implicit step and the plain reference loop give the same
+    # gradients up to the solver tolerances
+    grads = {}
+    for method in ("plain", "irn:fixed_point/neumann", "irn:fixed_point/direct"):
+        net, step = bench.build("W1 example 1, L=5", method)
+        step()
+        grads[method] = torch.cat([p.grad.flatten() for p in net.parameters()])
+    for method in ("irn:fixed_point/neumann", "irn:fixed_point/direct"):
+        torch.testing.assert_close(grads[method], grads["plain"], rtol=1e-4, atol=1e-5)
