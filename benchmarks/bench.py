@@ -311,9 +311,14 @@ def main():
             lines.append(f"| {workload} | {method} | {1e3 * t:.2f} | {t / times['explicit']:.2f}x "
                          f"| {t / ref:.2f}x | {t / unrolled:.2f}x | {fwd} | {bwd} |")
         if torchdeq is not None:
+            # the ratio within each round (both measured seconds apart), then its median and
+            # range over rounds: how far this machine's noise moves the headline
+            per_round = sorted(a / b for a, b in zip(rounds["irn:fixed_point/neumann"],
+                                                     rounds["torchdeq:fixed_point_iter"]))
             lines.append(f"| {workload} | **irn fixed_point/neumann vs torchdeq fixed_point_iter** | "
                          f"{times['irn:fixed_point/neumann'] / times['torchdeq:fixed_point_iter']:.2f}x "
-                         f"| | | | | |")
+                         f"| per round: median {per_round[len(per_round) // 2]:.2f}x, "
+                         f"{per_round[0]:.2f}x to {per_round[-1]:.2f}x | | | | |")
 
     if not args.quick and args.device == "cpu":
         explicit, rows = memory_table()
