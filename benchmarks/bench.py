@@ -1,18 +1,20 @@
 """What implicit layers cost, measured side by side in one run (``make bench``).
 
 Prints a table and writes it to ``benchmarks/results.md`` with the machine, the versions and
-the command. Each workload's methods are measured in interleaved rounds (``torch.utils.benchmark``
-medians: warm-up, then repeated measurements) and the median over rounds is kept; ratios are
-taken within this one run. On a shared machine single measurements of the same step varied
-by up to 2x between runs, hence the rounds.
+the command. Each workload's methods are measured in cycles that call every method's step
+once, in alternating order, and the median over cycles is kept; ratios are taken within this
+one run. On this shared machine measurements of the same step vary by up to 2x within
+minutes, and bursts last from milliseconds to seconds: calls interleaved one by one meet the
+same bursts, which blocks of calls per method (an earlier version) did not.
 
-    python benchmarks/bench.py [--threads 1] [--min-time 3.0] [--rounds 9] [--quick]
+    python benchmarks/bench.py [--threads 1] [--min-time 3.0] [--min-cycles 15] [--quick]
                                [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import sys
@@ -118,6 +120,40 @@ def methods_for(workload):
     if torchdeq is not None:
         methods += ["torchdeq:fixed_point_iter", "torchdeq:anderson"]
     return methods
+
+
+def interleaved_times(steps, min_time, min_cycles, sync=lambda: None):
+    """Seconds per call of each of ``steps`` (a dict of callables), one list per step over
+    cycles that call every step once (order reversed every other cycle), as many cycles as
+    fit ``min_time`` seconds per step, at least ``min_cycles``."""
+    for step in steps.values():  # warm-up
+        step()
+        step()
+    sync()
+    start = time.perf_counter()
+    for step in steps.values():
+        step()
+    sync()
+    cycle = time.perf_counter() - start
+    cycles = max(min_cycles, int(min_time * len(steps) / cycle))
+    samples = {name: [] for name in steps}
+    order = list(steps)
+    gc.collect()
+    gc.disable()  # a collection inside one call would land on whichever step triggered it
+    try:
+        for i in range(cycles):
+            for name in order if i % 2 == 0 else order[::-1]:
+                start = time.perf_counter()
+                steps[name]()
+                sync()
+                samples[name].append(time.perf_counter() - start)
+    finally:
+        gc.enable()
+    return samples
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
 
 
 def median_time(fn, min_time):
@@ -264,8 +300,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-time", type=float, default=3.0,
-                        help="seconds per method and workload, split over the rounds")
-    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per workload")
+                        help="seconds of calls per method and workload")
+    parser.add_argument("--min-cycles", type=int, default=15,
+                        help="fewest cycles (one call of every method each) per workload")
     parser.add_argument("--quick", action="store_true", help="W1 only, short measurements")
     parser.add_argument("--device", default="cpu",
                         help="where the steps run; on 'cuda' only the step-time table (the "
@@ -273,6 +310,7 @@ def main():
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     load_before = wait_for_quiet()
     workloads = list(WORKLOADS)[:2] if args.quick else list(WORKLOADS)
 
@@ -291,34 +329,33 @@ def main():
               "| fwd iters / layer | bwd iters / layer |", "|---|---|---|---|---|---|---|---|"]
     all_built = {}
     for workload in workloads:
-        # methods measured in interleaved rounds, median over rounds: a neighbour's burst of
-        # load then hits every method alike instead of skewing one ratio
         built = {method: build(workload, method, args.device) for method in methods_for(workload)}
-        rounds = {method: [] for method in built}
-        for _ in range(args.rounds):
-            for method, (_, step) in built.items():
-                rounds[method].append(median_time(step, args.min_time / args.rounds))
-        times = {method: sorted(r)[len(r) // 2] for method, r in rounds.items()}
+        samples = interleaved_times({method: step for method, (_, step) in built.items()},
+                                    args.min_time, args.min_cycles, sync)
+        times = {method: median(r) for method, r in samples.items()}
         all_built[workload] = built
         iters = {method: iterations(net) for method, (net, _) in built.items()}
         for method, t in times.items():
-            spread = max(rounds[method]) / min(rounds[method])
-            print(f"  {workload:<20} {method:<32} {1e3 * t:9.2f} ms  (max/min over rounds "
-                  f"{spread:.2f})", flush=True)
+            r = sorted(samples[method])
+            print(f"  {workload:<20} {method:<32} {1e3 * t:9.2f} ms  ({len(r)} calls, "
+                  f"90th / 10th percentile {r[9 * len(r) // 10] / r[len(r) // 10]:.2f})",
+                  flush=True)
         ref, unrolled = times["plain"], times["irn:fixed_point/unrolled"]
         for method, t in times.items():
             fwd, bwd = iters[method]
             lines.append(f"| {workload} | {method} | {1e3 * t:.2f} | {t / times['explicit']:.2f}x "
                          f"| {t / ref:.2f}x | {t / unrolled:.2f}x | {fwd} | {bwd} |")
         if torchdeq is not None:
-            # the ratio within each round (both measured seconds apart), then its median and
-            # range over rounds: how far this machine's noise moves the headline
-            per_round = sorted(a / b for a, b in zip(rounds["irn:fixed_point/neumann"],
-                                                     rounds["torchdeq:fixed_point_iter"]))
+            # the ratio within each cycle, its 10th and 90th percentiles over cycles: how far
+            # this machine's noise moves the headline
+            per_cycle = sorted(a / b for a, b in zip(samples["irn:fixed_point/neumann"],
+                                                     samples["torchdeq:fixed_point_iter"]))
+            n = len(per_cycle)
             lines.append(f"| {workload} | **irn fixed_point/neumann vs torchdeq fixed_point_iter** | "
                          f"{times['irn:fixed_point/neumann'] / times['torchdeq:fixed_point_iter']:.2f}x "
-                         f"| per round: median {per_round[len(per_round) // 2]:.2f}x, "
-                         f"{per_round[0]:.2f}x to {per_round[-1]:.2f}x | | | | |")
+                         f"| within a cycle: median {per_cycle[n // 2]:.2f}x, 10th to 90th "
+                         f"percentile {per_cycle[n // 10]:.2f}x to {per_cycle[9 * n // 10]:.2f}x "
+                         f"| | | | |")
 
     if not args.quick and args.device == "cpu":
         explicit, rows = memory_table()
