@@ -7,7 +7,7 @@ one run. On this shared machine measurements of the same step vary by up to 2x w
 minutes, and bursts last from milliseconds to seconds: calls interleaved one by one meet the
 same bursts, which blocks of calls per method (an earlier version) did not.
 
-    python benchmarks/bench.py [--threads 1] [--min-time 3.0] [--min-cycles 15] [--quick]
+    python benchmarks/bench.py [--threads 1] [--min-time 3.0] [--min-cycles 31] [--quick]
                                [--device cpu|cuda]
 """
 
@@ -301,7 +301,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-time", type=float, default=3.0,
                         help="seconds of calls per method and workload")
-    parser.add_argument("--min-cycles", type=int, default=15,
+    parser.add_argument("--min-cycles", type=int, default=31,
                         help="fewest cycles (one call of every method each) per workload")
     parser.add_argument("--quick", action="store_true", help="W1 only, short measurements")
     parser.add_argument("--device", default="cpu",
