@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.utils.benchmark as tb
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import irn
@@ -156,12 +155,6 @@ def median(values):
     return sorted(values)[len(values) // 2]
 
 
-def median_time(fn, min_time):
-    fn()  # warm-up
-    fn()
-    return tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_time).median
-
-
 def iterations(net):
     stats = [b.last_stats for b in net.blocks if hasattr(b, "last_stats") and b.last_stats]
     if not stats:
@@ -215,8 +208,10 @@ def overhead(workload="W3 wide", min_time=1.0):
         def solve(k):
             return lambda: S.fixed_point(g, x, tol=1e-30, max_iters=k)
 
-        per_iter = (median_time(solve(45), min_time) - median_time(solve(5), min_time)) / 40
-        floor = median_time(lambda: g(x), min_time)
+        samples = interleaved_times({"45": solve(45), "5": solve(5), "g": lambda: g(x)},
+                                    min_time, min_cycles=31)
+        per_iter = (median(samples["45"]) - median(samples["5"])) / 40
+        floor = median(samples["g"])
     return per_iter, floor
 
 
@@ -256,8 +251,7 @@ def matrix_products(step, repeats=21):
         with _Products() as counter:
             step()
         in_products.append(counter.seconds)
-    return (counter.count, counter.flops, sorted(in_products)[repeats // 2],
-            sorted(whole)[repeats // 2])
+    return counter.count, counter.flops, median(in_products), median(whole)
 
 
 def wait_for_quiet(limit_s=60, threshold=0.5):
