@@ -59,3 +59,12 @@ def test_implicit_and_plain_steps_agree():
         grads[method] = torch.cat([p.grad.flatten() for p in net.parameters()])
     for method in ("irn:fixed_point/neumann", "irn:fixed_point/direct"):
         torch.testing.assert_close(grads[method], grads["plain"], rtol=1e-4, atol=1e-5)
+
+
+def test_interleaved_times_calls_every_step_each_cycle():
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    samples = bench.interleaved_times(steps, min_time=0.0, min_cycles=4)
+    assert {name: len(s) for name, s in samples.items()} == {"a": 4, "b": 4, "c": 4}
+    timed = calls[9:]  # after two warm-up calls each and one cycle that sizes the rest
+    assert timed == list("abc") + list("cba") + list("abc") + list("cba")
