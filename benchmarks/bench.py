@@ -177,20 +177,55 @@ def saved_bytes(net, x):
     return sum(storages.values())
 
 
-def memory_table(workload="W3 wide"):
+def memory_net(backward=None, iterations=5, workload="W3 wide"):
+    """The workload's network with every solve forced to ``iterations`` iterations
+    (``backward`` None: the explicit ResNet), and its input."""
     dim, batch, layers, h, theta, _ = WORKLOADS[workload]
     x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1))
-    explicit = saved_bytes(Chain([irn.ImplicitResidualBlock(f, h, 0.0)
-                                  for f in residual_functions(dim, layers)]), x)
+    if backward is None:
+        return Chain([irn.ImplicitResidualBlock(f, h, 0.0)
+                      for f in residual_functions(dim, layers)]), x
+    return Chain([irn.ImplicitResidualBlock(f, h, theta, backward=backward, tol=1e-30,
+                                            max_iters=iterations, on_nonconvergence="ignore")
+                  for f in residual_functions(dim, layers)]), x
+
+
+def peak_memory(step):
+    """Peak of the tensor memory allocated during one call of ``step``, above what was live
+    before it. From the allocations and frees that ``torch.profiler`` records
+    (``profile_memory``), in time order: the process's resident size would mostly show the C
+    allocator's caching."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        # an operator's own allocations net of its frees; "[memory]" events: frees outside one
+        live += (event.cpu_memory_usage if event.name == "[memory]"
+                 else event.self_cpu_memory_usage)
+        peak = max(peak, live)
+    return peak
+
+
+def step_peak_memory(net, x):
+    """:func:`peak_memory` of one forward + backward (gradients included), after a warm-up."""
+    def step():
+        torch.nn.functional.mse_loss(net(x), x).backward()
+
+    step()
+    net.zero_grad(set_to_none=True)
+    return peak_memory(step)
+
+
+def memory_table():
+    """Bytes saved for backward and peak memory of a step, explicit ResNet and each backward
+    at 5 / 20 / 40 forced iterations: ``(explicit, rows)``, each a pair (saved, peak)."""
+    explicit = saved_bytes(*memory_net()), step_peak_memory(*memory_net())
     rows = []
     for backward in ("neumann", "gmres", "unrolled"):
-        row = [backward]
-        for k in (5, 20, 40):
-            net = Chain([irn.ImplicitResidualBlock(f, h, theta, backward=backward, tol=1e-30,
-                                                   max_iters=k, on_nonconvergence="ignore")
-                         for f in residual_functions(dim, layers)])
-            row.append(saved_bytes(net, x))
-        rows.append(row)
+        rows.append([backward] + [(saved_bytes(*memory_net(backward, k)),
+                                   step_peak_memory(*memory_net(backward, k)))
+                                  for k in (5, 20, 40)])
     return explicit, rows
 
 
@@ -353,13 +388,24 @@ def main():
 
     if not args.quick and args.device == "cpu":
         explicit, rows = memory_table()
-        lines += ["", "## Bytes saved for backward, W3 (forced 5 / 20 / 40 iterations)", "",
-                  f"Explicit ResNet: {explicit / 2**20:.2f} MiB", "",
-                  "| backward | 5 | 20 | 40 | 40 vs 5 | 40 vs explicit |", "|---|---|---|---|---|---|"]
-        for name, *b in rows:
-            lines.append(f"| {name} | " + " | ".join(f"{v / 2**20:.2f} MiB" for v in b)
-                         + f" | {b[2] / b[0]:.2f}x | {b[2] / explicit:.2f}x |")
-            print(lines[-1], flush=True)
+        for i, (title, how) in enumerate((
+                ("Bytes saved for backward", "the storages autograd keeps for the backward "
+                 "(saved-tensor hooks, each storage counted once)"),
+                ("Peak memory of a step", "the most tensor memory live at once during one "
+                 "forward + backward, above what was live before it, gradients included "
+                 "(`torch.profiler` allocation records). Bytes saved for backward count also "
+                 "what `unrolled` saves on graph branches that are dropped during the forward "
+                 "(the residual norms of the stopping rule), and they count the weights, which "
+                 "exist before the step: hence peaks below them"))):
+            lines += ["", f"## {title}, W3 (forced 5 / 20 / 40 iterations)", "", how + ".", "",
+                      f"Explicit ResNet: {explicit[i] / 2**20:.2f} MiB", "",
+                      "| backward | 5 | 20 | 40 | 40 vs 5 | 40 vs explicit |",
+                      "|---|---|---|---|---|---|"]
+            for name, *cells in rows:
+                b = [cell[i] for cell in cells]
+                lines.append(f"| {name} | " + " | ".join(f"{v / 2**20:.2f} MiB" for v in b)
+                             + f" | {b[2] / max(b[0], 1):.2f}x | {b[2] / max(explicit[i], 1):.2f}x |")
+                print(lines[-1], flush=True)
         per_iter, floor = overhead(min_time=args.min_time)
         lines += ["", "## Per-iteration overhead, W3", "",
                   f"One fixed-point iteration: {1e6 * per_iter:.1f} us; one evaluation of F plus "

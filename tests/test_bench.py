@@ -68,3 +68,15 @@ def test_interleaved_times_calls_every_step_each_cycle():
     assert {name: len(s) for name, s in samples.items()} == {"a": 4, "b": 4, "c": 4}
     timed = calls[9:]  # after two warm-up calls each and one cycle that sizes the rest
     assert timed == list("abc") + list("cba") + list("abc") + list("cba")
+
+
+def test_peak_memory_of_known_allocations():
+    # a (1000,) float32 tensor, doubled into a second one while the first is alive, then both
+    # freed: the peak is the two buffers, 8000 bytes (allocations may round up a little)
+    def step():
+        a = torch.ones(1000)
+        b = a * 2
+        del a, b
+
+    assert 8000 <= bench.peak_memory(step) < 8000 + 2 * 512
+    assert bench.peak_memory(lambda: None) == 0
