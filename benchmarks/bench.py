@@ -83,7 +83,17 @@ class DEQBlock(torch.nn.Module):
         return z[-1]
 
 
-def build(workload, method, device="cpu"):
+def inputs(workload, device="cpu"):
+    """The workload's input batch and regression target (seeded)."""
+    dim, batch = WORKLOADS[workload][:2]
+    x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1)).to(device)
+    target = torch.randn(batch, dim, generator=torch.Generator().manual_seed(2)).to(device)
+    return x, target
+
+
+def build(workload, method, device="cpu", **block_kwargs):
+    """``(net, step)`` for one method on one workload; ``block_kwargs`` override the irn
+    blocks' settings (the memory table forces the iteration count with them)."""
     dim, batch, layers, h, theta, tol = WORKLOADS[workload]
     fs = [f.to(device) for f in residual_functions(dim, layers)]
     kind, _, arg = method.partition(":")
@@ -91,15 +101,15 @@ def build(workload, method, device="cpu"):
         blocks = [irn.ImplicitResidualBlock(f, h, 0.0) for f in fs]
     elif kind == "irn":
         solver, backward = arg.split("/")
-        blocks = [irn.ImplicitResidualBlock(f, h, theta, solver=solver, backward=backward,
-                                            tol=tol, on_nonconvergence="ignore") for f in fs]
+        settings = dict(solver=solver, backward=backward, tol=tol,
+                        on_nonconvergence="ignore") | block_kwargs
+        blocks = [irn.ImplicitResidualBlock(f, h, theta, **settings) for f in fs]
     elif kind == "plain":
         blocks = [PlainImplicitBlock(f, h, theta, tol) for f in fs]
     elif kind == "torchdeq":
         blocks = [DEQBlock(f, h, theta, tol, arg) for f in fs]
     net = Chain(blocks)
-    x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1)).to(device)
-    target = torch.randn(batch, dim, generator=torch.Generator().manual_seed(2)).to(device)
+    x, target = inputs(workload, device)
 
     def step():
         net.zero_grad(set_to_none=True)
@@ -178,16 +188,11 @@ def saved_bytes(net, x):
 
 
 def memory_net(backward=None, iterations=5, workload="W3 wide"):
-    """The workload's network with every solve forced to ``iterations`` iterations
-    (``backward`` None: the explicit ResNet), and its input."""
-    dim, batch, layers, h, theta, _ = WORKLOADS[workload]
-    x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(1))
-    if backward is None:
-        return Chain([irn.ImplicitResidualBlock(f, h, 0.0)
-                      for f in residual_functions(dim, layers)]), x
-    return Chain([irn.ImplicitResidualBlock(f, h, theta, backward=backward, tol=1e-30,
-                                            max_iters=iterations, on_nonconvergence="ignore")
-                  for f in residual_functions(dim, layers)]), x
+    """The workload's network with every solve forced to ``iterations`` fixed-point
+    iterations (``backward`` None: the explicit ResNet), and its input."""
+    method = "explicit" if backward is None else f"irn:fixed_point/{backward}"
+    net, _ = build(workload, method, tol=1e-30, max_iters=iterations)
+    return net, inputs(workload)[0]
 
 
 def peak_memory(step):

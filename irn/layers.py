@@ -4,8 +4,9 @@
 
 Forward: a solver from ``irn.solvers`` finds ``y*`` without building a graph. The block then
 returns one more application of the map, ``x + h(1-theta)F(x) + h theta F(y*)`` with ``y*``
-held constant (``F(x)`` and ``F(y*)`` are the evaluations the solve made already). Backward: an ``autograd.Function`` computing the ``F(y*)`` term turns the
-incoming gradient ``g`` into ``v`` solving
+held constant (``F(x)`` and ``F(y*)`` are the evaluations the solve made already).
+Backward: an ``autograd.Function`` computing the ``F(y*)`` term turns the incoming gradient
+``g`` into ``v`` solving
 
     (I - h theta J_F(y*)^T) v = g,
 
