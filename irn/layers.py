@@ -14,6 +14,12 @@ returns ``h theta (dF(y*)/dw)^T v`` for the parameters and hands ``v`` to the gr
 ``x + h(1-theta)F(x)``, which yields ``dL/dx = v + h(1-theta) J_F(x)^T v`` and
 ``dL/dw = h[(1-theta) dF(x)/dw + theta dF(y*)/dw]^T v`` (implicit function theorem). Nothing
 of the iterations is saved for backward, and of the ``F(y*)`` term only ``y*``.
+
+Ensembles (SPEC section 2b): a block whose ``h`` or ``theta`` is a sequence of ``E`` values is
+``E`` independent blocks at once. Its ``F`` maps ``(E, B, *)`` to ``(E, B, *)`` (member ``e``'s
+residual function acting on ``x[e]``), every solve stops per member, and ``last_stats`` is a
+list with one :class:`irn.SolveStats` per member. Members with ``theta = 0`` take the explicit
+step, as a single explicit block does.
 """
 
 from __future__ import annotations
@@ -28,6 +34,21 @@ from ._checks import choice, require
 from .solvers import ConvergenceWarning, SolverError, SolveStats
 
 POLICIES = ("warn", "raise", "ignore")
+
+
+def _axpy(a: torch.Tensor, c, b: torch.Tensor) -> torch.Tensor:
+    """``a + c b`` for a float ``c`` (one network) or a per-member column ``c`` (an ensemble)."""
+    return torch.add(a, b, alpha=c) if isinstance(c, float) else torch.addcmul(a, c, b)
+
+
+def _per_member(name: str, value, members: int | None):
+    """``value`` as a float (one network) or a tuple of ``members`` floats (an ensemble)."""
+    if members is None:
+        return float(value)
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * members
+    require(len(values) == members, f"{name} must have one value per member ({members}), "
+                                    f"got {len(values)}")
+    return tuple(float(v) for v in values)
 
 
 def linearize(F: nn.Module, y: torch.Tensor, scale: float = 1.0):
@@ -78,18 +99,19 @@ class _ImplicitBackward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, explicit, y_star, f_star, block, stats, *params):
-        # f_star = F(y*), evaluated by the solver already; only y* is kept for the backward
-        ctx.block, ctx.stats = block, stats  # the statistics of this forward, for its backward
+    def forward(ctx, explicit, y_star, f_star, scale, block, stats, *params):
+        # f_star = F(y*), evaluated by the solver already; only y* is kept for the backward;
+        # scale = h theta (a float, or a per-member column of an ensemble)
+        ctx.block, ctx.stats, ctx.scale = block, stats, scale  # this forward's, for its backward
         ctx.save_for_backward(y_star)
-        return torch.add(explicit, f_star, alpha=block.h * block.theta)
+        return _axpy(explicit, scale, f_star)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (y_star,) = ctx.saved_tensors
-        v, param_grads = ctx.block._solve_adjoint(y_star, grad, ctx.stats)
-        return (v, None, None, None, None, *param_grads)
+        v, param_grads = ctx.block._solve_adjoint(y_star, grad, ctx.stats, ctx.scale)
+        return (v, None, None, None, None, None, *param_grads)
 
 
 class _UnrolledBackward(torch.autograd.Function):
@@ -104,7 +126,8 @@ class _UnrolledBackward(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        ctx.stats.backward_iterations, ctx.stats.backward_residual = 0, 0.0
+        for stats in ctx.stats:
+            stats.backward_iterations, stats.backward_residual = 0, 0.0
         return grad, None
 
 
@@ -115,6 +138,8 @@ class ImplicitResidualBlock(nn.Module):
         F: module mapping a batch ``(B, *)`` to a batch of the same shape.
         h: step size, > 0.
         theta: implicitness in [0, 1]; 0 is the explicit ResNet step (no solve).
+        (A sequence of ``E`` values for ``h`` or ``theta`` makes an ensemble block of ``E``
+        members: inputs ``(E, B, *)``, per-member stopping and statistics; see the module doc.)
         solver: forward solver, one of ``irn.solvers.FORWARD_SOLVERS``.
         backward: ``neumann``, ``gmres``, ``direct`` (implicit differentiation),
             ``unrolled`` (autograd through the iterations), ``jacobian_free`` (``v = g``).
@@ -136,8 +161,15 @@ class ImplicitResidualBlock(nn.Module):
                  on_nonconvergence: str = "warn"):
         super().__init__()
         require(isinstance(F, nn.Module), f"F must be a torch.nn.Module, got {type(F).__name__}")
-        require(h > 0, f"h must be > 0, got {h!r}")
-        require(0 <= theta <= 1, f"theta must be in [0, 1], got {theta!r}")
+        sequences = [len(v) for v in (h, theta) if isinstance(v, (list, tuple))]
+        require(len(set(sequences)) <= 1 and all(sequences),
+                f"h and theta given per member must have the same length >= 1, got {sequences}")
+        members = sequences[0] if sequences else None
+        h, theta = _per_member("h", h, members), _per_member("theta", theta, members)
+        for value in (h if members else (h,)):
+            require(value > 0, f"h must be > 0, got {value!r}")
+        for value in (theta if members else (theta,)):
+            require(0 <= value <= 1, f"theta must be in [0, 1], got {value!r}")
         choice("solver", solver, S.FORWARD_SOLVERS)
         choice("backward", backward, S.BACKWARDS)
         require(tol > 0, f"tol must be > 0, got {tol!r}")
@@ -158,7 +190,8 @@ class ImplicitResidualBlock(nn.Module):
         choice("on_nonconvergence", on_nonconvergence, POLICIES)
 
         self.F = F
-        self.h, self.theta = float(h), float(theta)
+        self.members = members  # None: one network; E: an ensemble block
+        self.h, self.theta = h, theta
         self.solver, self.backward = solver, backward
         self.tol, self.max_iters = float(tol), max_iters
         self.lin_tol, self.lin_max_iters = float(lin_tol), lin_max_iters
@@ -170,15 +203,21 @@ class ImplicitResidualBlock(nn.Module):
         # __setattr__ is slow enough to show in a 100-layer network's training step
         self._latest = _Latest()
         self._checked_shape = False
+        self._columns = None  # an ensemble's per-member coefficients, built at the first call
+
+    @property
+    def settings(self) -> dict:
+        """The solver settings: every keyword of the constructor but ``F``, ``h`` and ``theta``."""
+        return dict(solver=self.solver, backward=self.backward, tol=self.tol,
+                    max_iters=self.max_iters, lin_tol=self.lin_tol,
+                    lin_max_iters=self.lin_max_iters, solver_options=self.solver_options,
+                    on_nonconvergence=self.on_nonconvergence)
 
     def with_settings(self, **block_kwargs) -> "ImplicitResidualBlock":
         """A block on the same ``F`` (shared, not copied) with some settings changed (any
         keyword of the constructor but ``F``); the others are kept, the solver options too
         unless ``solver`` changes (options belong to a solver)."""
-        settings = dict(h=self.h, theta=self.theta, solver=self.solver, backward=self.backward,
-                        tol=self.tol, max_iters=self.max_iters, lin_tol=self.lin_tol,
-                        lin_max_iters=self.lin_max_iters, solver_options=self.solver_options,
-                        on_nonconvergence=self.on_nonconvergence)
+        settings = dict(h=self.h, theta=self.theta) | self.settings
         if "solver" in block_kwargs:
             settings["solver_options"] = None
         block = ImplicitResidualBlock(self.F, **(settings | block_kwargs))
@@ -186,23 +225,27 @@ class ImplicitResidualBlock(nn.Module):
         return block
 
     @property
-    def last_stats(self) -> SolveStats | None:
-        """:class:`irn.SolveStats` of the latest forward (backward fields after its backward)."""
+    def last_stats(self) -> SolveStats | list[SolveStats] | None:
+        """:class:`irn.SolveStats` of the latest forward (backward fields after its backward);
+        for an ensemble a list, one per member."""
         return self._latest.stats
 
     @property
     def iterate_residuals(self) -> list[torch.Tensor] | None:
         """Batch means of ``||R(y^k)||`` of the latest forward's iterates (``= ||y^{k+1} - y^k||``
-        for ``fixed_point``), differentiable; None unless ``keep_iterates`` was set."""
+        for ``fixed_point``), differentiable; None unless ``keep_iterates`` was set. For an
+        ensemble each entry has shape ``(E,)``, zero from each member's own count on."""
         return self._latest.iterate_residuals
 
     @property
-    def backward_converged(self) -> bool | None:
-        """Whether the latest backward linear solve met ``lin_tol`` (None before any)."""
+    def backward_converged(self) -> bool | list | None:
+        """Whether the latest backward linear solve met ``lin_tol`` (None before any; for an
+        ensemble a list, None for members without a solve)."""
         return self._latest.backward_converged
 
     def extra_repr(self) -> str:
-        return (f"h={self.h}, theta={self.theta}, solver={self.solver!r}, "
+        members = "" if self.members is None else f"members={self.members}, "
+        return (f"{members}h={self.h}, theta={self.theta}, solver={self.solver!r}, "
                 f"backward={self.backward!r}, tol={self.tol}, max_iters={self.max_iters}")
 
     # -- helpers --------------------------------------------------------------------------
@@ -214,9 +257,29 @@ class ImplicitResidualBlock(nn.Module):
             self._checked_shape = True
         return fy
 
-    def _nonconvergence(self, what: str, iterations: int, residual: float) -> None:
-        message = (f"{self.name}: {what} solve did not converge in {iterations} iterations "
-                   f"(residual {residual:.3e})")
+    def _coefficients(self, x: torch.Tensor):
+        """``(h(1-theta), h theta)``: floats for one network; for an ensemble per-member columns
+        ``(E, 1, ..., 1)`` on ``x``'s dtype and device, with the ``(E,)`` mask of the implicit
+        members (``theta > 0``)."""
+        if self.members is None:
+            return self.h * (1 - self.theta), self.h * self.theta, None
+        key = (x.dtype, x.device, x.dim())
+        if self._columns is None or self._columns[0] != key:
+            h = torch.tensor(self.h, dtype=torch.float64)
+            theta = torch.tensor(self.theta, dtype=torch.float64)
+            shape = (-1,) + (1,) * (x.dim() - 1)
+            self._columns = (key, (h * (1 - theta)).reshape(shape).to(x.device, x.dtype),
+                             (h * theta).reshape(shape).to(x.device, x.dtype),
+                             (theta > 0).to(x.device))
+        return self._columns[1:]
+
+    def _label(self, member: int | None) -> str:
+        return self.name if member is None else f"{self.name}, member {member}"
+
+    def _nonconvergence(self, what: str, iterations: int, residual: float,
+                        member: int | None = None) -> None:
+        message = (f"{self._label(member)}: {what} solve did not converge in {iterations} "
+                   f"iterations (residual {residual:.3e})")
         if self.on_nonconvergence == "raise":
             raise SolverError(message)
         if self.on_nonconvergence == "warn":
@@ -226,24 +289,49 @@ class ImplicitResidualBlock(nn.Module):
         try:
             return solve(*args, **kwargs)
         except SolverError as err:
-            raise SolverError(f"{self.name}: {what} solve failed: {err}") from None
+            label = self._label(getattr(err, "member", None))
+            raise SolverError(f"{label}: {what} solve failed: {err}") from None
+
+    def _record_stats(self, info, implicit):
+        """One network: a :class:`SolveStats`; an ensemble: one per member (the explicit
+        members' those of an explicit block). Warns (or raises) per unconverged member."""
+        if implicit is None:
+            stats = SolveStats(info.iterations, float(info.residual), info.converged)
+            if not info.converged:
+                self._nonconvergence("forward", info.iterations, stats.residual)
+            return stats
+        stats = []
+        for e, is_implicit in enumerate(implicit.tolist()):
+            stats.append(SolveStats(info.iterations[e], info.residual[e], info.converged[e])
+                         if is_implicit else SolveStats(0, 0.0, True))
+            if is_implicit and not info.converged[e]:
+                self._nonconvergence("forward", info.iterations[e], info.residual[e], e)
+        return stats
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require(x.dim() >= 1, "x must be batch-first with at least one dimension")
-        h, theta = self.h, self.theta
+        members = self.members
+        if members is not None and not (x.dim() >= 2 and x.shape[0] == members):
+            raise ValueError(f"x must have shape (members={members}, batch, ...) for an ensemble "
+                             f"block, got {tuple(x.shape)}")
+        h_explicit, h_implicit, implicit = self._coefficients(x)
         latest = self._latest
-        if theta == 0:
+        if h_implicit == 0 if members is None else self.theta == (0.0,) * members:
             latest.iterate_residuals = [] if self.keep_iterates else None
-            latest.stats, latest.backward_converged = SolveStats(0, 0.0, True), None
-            return x + h * self._residual_function(x)  # exactly the ResNet step, bit for bit
+            latest.backward_converged = None
+            if members is None:
+                latest.stats = SolveStats(0, 0.0, True)
+                return x + self.h * self._residual_function(x)  # exactly the ResNet step
+            latest.stats = [SolveStats(0, 0.0, True) for _ in range(members)]
+            return _axpy(x, h_explicit, self._residual_function(x))
 
         grad_on = torch.is_grad_enabled()
         unrolled = self.backward == "unrolled" and grad_on
         differentiable = unrolled or (self.keep_iterates and grad_on)
         # x + h(1-theta)F(x): evaluated once, on the graph when gradients are wanted
         fx = self._residual_function(x)
-        explicit = torch.add(x, fx, alpha=h * (1 - theta))
+        explicit = _axpy(x, h_explicit, fx)
         # Without a graph, the latest evaluation of F is reused when asked for the same tensor
         # again: the first iterate is x, whose F(x) the explicit term holds, and a solver's
         # last evaluation is at the y* it returns, which the output needs: two of the 16
@@ -264,45 +352,72 @@ class ImplicitResidualBlock(nn.Module):
             constant = explicit if differentiable else explicit.detach()
 
             def step(y):  # the fixed-point map y -> x + h(1-theta)F(x) + h theta F(y)
-                return torch.add(constant, evaluate_F(y), alpha=h * theta)
+                return _axpy(constant, h_implicit, evaluate_F(y))
 
             record = [] if self.keep_iterates else None
             y_star, info = self._run(S.FORWARD_SOLVERS[self.solver], step, x, tol=self.tol,
                                      max_iters=self.max_iters, differentiable=differentiable,
-                                     record=record, **self.solver_options, what="forward")
-        latest.iterate_residuals = [r.mean() for r in record] if record is not None else None
-        residual = float(info.residual)
-        latest.stats = SolveStats(info.iterations, residual, info.converged)
+                                     record=record, active=implicit, **self.solver_options,
+                                     what="forward")
+        latest.iterate_residuals = self._iterate_residuals(record, info)
+        latest.stats = self._record_stats(info, implicit)
         latest.backward_converged = None
-        if not info.converged:
-            self._nonconvergence("forward", info.iterations, residual)
 
         if not grad_on:
             return step(y_star)
         if unrolled:  # autograd through the iterations: one more application, on the graph
-            out = torch.add(explicit, self._residual_function(y_star), alpha=h * theta)
-            return _UnrolledBackward.apply(out, latest.stats)
+            out = _axpy(explicit, h_implicit, self._residual_function(y_star))
+            return _UnrolledBackward.apply(
+                out, [s for s, t in zip(latest.stats, self.theta) if t > 0]
+                if members is not None else [latest.stats])
         # one more application of the map with y* held constant; its backward is implicit
         with torch.no_grad():
             f_star = evaluate_F(y_star)
-        return _ImplicitBackward.apply(explicit, y_star.detach(), f_star, self, latest.stats,
-                                       *self.F.parameters())
+        return _ImplicitBackward.apply(explicit, y_star.detach(), f_star, h_implicit, self,
+                                       latest.stats, *self.F.parameters())
+
+    def _iterate_residuals(self, record, info):
+        """Batch means of the recorded residual norms; an ensemble's are ``(E,)`` tensors,
+        zero past each member's own iteration count (so that R_fp sums only its terms)."""
+        if record is None:
+            return None
+        if self.members is None:
+            return [r.mean() for r in record]
+        counts = torch.tensor(info.iterations, device=record[0].device)
+        counts = counts * torch.tensor([t > 0 for t in self.theta], device=counts.device)
+        return [torch.where(k < counts, r.mean(dim=1), 0) for k, r in enumerate(record)]
 
     # -- backward -------------------------------------------------------------------------
-    def _solve_adjoint(self, y_star: torch.Tensor, grad: torch.Tensor, stats: SolveStats):
+    def _solve_adjoint(self, y_star: torch.Tensor, grad: torch.Tensor, stats, scale):
         """``v`` with ``(I - h theta J_F(y*)^T) v = grad`` (``v = grad`` for
-        ``jacobian_free``) and ``h theta (dF(y*)/dw)^T v`` for F's parameters; completes
-        ``stats``, those of the matching forward."""
-        input_vjp, parameter_vjp = linearize(self.F, y_star, scale=self.h * self.theta)
+        ``jacobian_free``) and ``h theta (dF(y*)/dw)^T v`` for F's parameters (``scale`` is
+        ``h theta``); completes ``stats``, those of the matching forward. An ensemble solves
+        per member; its explicit members pass ``grad`` on (``v = grad``)."""
+        input_vjp, parameter_vjp = linearize(self.F, y_star, scale=scale)
+        ensemble = self.members is not None
+        implicit = self._coefficients(y_star)[2]
+        members = [e for e, t in enumerate(self.theta) if t > 0] if ensemble else [None]
+        member_stats = [stats[e] for e in members] if ensemble else [stats]
         if self.backward == "jacobian_free":
-            stats.backward_iterations, stats.backward_residual = 0, 0.0
+            for s in member_stats:
+                s.backward_iterations, s.backward_residual = 0, 0.0
             return grad, parameter_vjp(grad)
         v, info = self._run(S.LINEAR_SOLVERS[self.backward], input_vjp, grad, tol=self.lin_tol,
-                            max_iters=self.lin_max_iters, what="backward")
-        residual = float(info.residual)
-        stats.backward_iterations, stats.backward_residual = info.iterations, residual
+                            max_iters=self.lin_max_iters, active=implicit, what="backward")
+        if ensemble:
+            v = torch.where(implicit.reshape((-1,) + (1,) * (v.dim() - 1)), v, grad)
+            per_member = [(info.iterations[e], info.residual[e], info.converged[e])
+                          for e in members]
+            converged = [None] * self.members
+            for e, (_, _, ok) in zip(members, per_member):
+                converged[e] = ok
+        else:
+            per_member = [(info.iterations, float(info.residual), info.converged)]
+            converged = info.converged
         if stats is self._latest.stats:
-            self._latest.backward_converged = info.converged
-        if not info.converged:
-            self._nonconvergence("backward", info.iterations, residual)
+            self._latest.backward_converged = converged
+        for member, s, (iterations, residual, ok) in zip(members, member_stats, per_member):
+            s.backward_iterations, s.backward_residual = iterations, residual
+            if not ok:
+                self._nonconvergence("backward", iterations, residual, member)
         return v, parameter_vjp(v)

@@ -3,9 +3,16 @@
 ``ImplicitResNet`` discretises the hidden ODE ``y' = act(W(t) y + b(t))`` with ``L`` theta-blocks
 of step ``h``: ``F_l(y) = act(W_l y + b_l)``. ``ImplicitModel`` wraps it with an input
 embedding and a readout, which is all the examples of the paper need.
+
+Ensembles (SPEC section 2b): ``ImplicitResNet.stack(nets)`` and ``ImplicitModel.stack(models)``
+copy ``E`` networks into one module whose weights carry a leading member dimension
+(:class:`StackedPerceptron`, :class:`StackedLinear`) and whose inputs are ``(E, B, ...)``;
+``member(e)`` copies member ``e`` back out.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -59,6 +66,105 @@ class Perceptron(nn.Module):
         return f"activation={self.activation!r}"
 
 
+class StackedPerceptron(nn.Module):
+    """``E`` perceptrons at once: ``F(y)[e] = act(W_e y[e] + b_e)`` for ``y`` of shape
+    ``(E, B, dim)``; ``weight`` is ``(E, dim, dim)``, ``bias`` ``(E, dim)``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, activation: str):
+        super().__init__()
+        choice("activation", activation, ACTIVATIONS)
+        self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
+        self.activation = activation
+
+    @classmethod
+    def stack(cls, perceptrons: list[Perceptron]) -> "StackedPerceptron":
+        """The perceptrons' weights copied into one module (member order kept)."""
+        with torch.no_grad():
+            weight = torch.stack([p.linear.weight for p in perceptrons]).clone()
+            bias = torch.stack([p.linear.bias for p in perceptrons]).clone()
+        return cls(weight, bias, perceptrons[0].activation)
+
+    def member(self, e: int) -> Perceptron:
+        """A standalone copy of member ``e``."""
+        dim = self.weight.shape[-1]
+        with torch.random.fork_rng(devices=[]):  # nn.Linear's init must not move the caller's RNG
+            perceptron = Perceptron(dim, self.activation).to(self.weight.device, self.weight.dtype)
+        with torch.no_grad():
+            perceptron.linear.weight.copy_(self.weight[e])
+            perceptron.linear.bias.copy_(self.bias[e])
+        return perceptron
+
+    def _affine(self, y):
+        return torch.baddbmm(self.bias.unsqueeze(1), y, self.weight.transpose(1, 2))
+
+    def forward(self, y):
+        return ACTIVATIONS[self.activation](self._affine(y))
+
+    @torch.no_grad()
+    def linearize(self, y, scale=1.0):
+        """:meth:`Perceptron.linearize` per member (``scale`` a float or an ``(E, 1, 1)``
+        column): ``u -> s(u) W_e`` and ``u -> (s(u)^T y, sum_batch s(u))`` member by member."""
+        slope = scale * DERIVATIVES[self.activation](self._affine(y))
+
+        def parameter_vjp(u):
+            s = slope * u
+            return [torch.bmm(s.transpose(1, 2), y) if self.weight.requires_grad else None,
+                    s.sum(dim=1) if self.bias.requires_grad else None]
+
+        return (lambda u: torch.bmm(slope * u, self.weight)), parameter_vjp
+
+    def extra_repr(self) -> str:
+        return f"members={self.weight.shape[0]}, activation={self.activation!r}"
+
+
+class StackedLinear(nn.Module):
+    """``E`` affine maps at once, ``x[e] -> W_e x[e] + b_e`` on ``(E, B, in)``: the stacked
+    form of ``nn.Linear`` for embeddings and readouts."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        super().__init__()
+        with torch.no_grad():
+            self.weight = nn.Parameter(torch.stack([m.weight for m in linears]).clone())
+            self.bias = nn.Parameter(torch.stack([m.bias for m in linears]).clone())
+
+    def member(self, e: int) -> nn.Linear:
+        out_features, in_features = self.weight.shape[1:]
+        with torch.random.fork_rng(devices=[]):
+            linear = nn.Linear(in_features, out_features).to(self.weight.device, self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight[e])
+            linear.bias.copy_(self.bias[e])
+        return linear
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+
+def stack_modules(modules: list[nn.Module], name: str) -> nn.Module:
+    """One module acting on ``(E, B, ...)`` for ``E`` modules of one kind: ``nn.Linear`` becomes
+    a :class:`StackedLinear`; a module without parameters (``PadEmbedding``,
+    ``SelectComponent``) is shared, and must be configured alike (``ValueError`` naming
+    ``name`` otherwise)."""
+    first = modules[0]
+    require(all(type(m) is type(first) for m in modules),
+            f"{name} differs between the networks: {sorted({type(m).__name__ for m in modules})}")
+    if isinstance(first, nn.Linear):
+        require(len({tuple(m.weight.shape) for m in modules}) == 1,
+                f"{name} differs between the networks: weight shapes "
+                f"{sorted({tuple(m.weight.shape) for m in modules})}")
+        return StackedLinear(modules)
+    require(not any(True for _ in first.parameters()),
+            f"{name}: cannot stack a {type(first).__name__} with parameters")
+    require(all(vars(m) == vars(first) for m in modules),
+            f"{name} differs between the networks")
+    return copy.deepcopy(first)
+
+
+def member_module(module: nn.Module, e: int) -> nn.Module:
+    """Member ``e`` of a module made by :func:`stack_modules`."""
+    return module.member(e) if isinstance(module, StackedLinear) else copy.deepcopy(module)
+
+
 def normalized_gaussian(dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """A ``dim x dim`` matrix with N(0, 1) entries divided by its spectral radius ``rho(W)``."""
     w = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
@@ -97,16 +203,77 @@ class ImplicitResNet(nn.Module):
                 block.F.linear.weight.copy_(weight)
                 block.F.linear.bias.zero_()
 
+    @classmethod
+    def _from_blocks(cls, dim: int, blocks: list[ImplicitResidualBlock]) -> "ImplicitResNet":
+        """A network made of the given blocks (renamed ``block 0``, ``block 1``, ...)."""
+        net = cls.__new__(cls)
+        nn.Module.__init__(net)
+        net.dim, net.num_layers = dim, len(blocks)
+        net.blocks = nn.ModuleList(blocks)
+        for index, block in enumerate(net.blocks):
+            block.name = f"block {index}"
+        return net
+
     def with_settings(self, **block_kwargs) -> "ImplicitResNet":
         """The same network (the same residual functions ``F_l`` and parameters, shared, not
         copied) with other block settings, see :meth:`irn.ImplicitResidualBlock.with_settings`:
         e.g. ``net.with_settings(solver="anderson")`` solves a trained network with another
         solver."""
-        clone = ImplicitResNet.__new__(ImplicitResNet)
-        nn.Module.__init__(clone)
-        clone.dim, clone.num_layers = self.dim, self.num_layers
-        clone.blocks = nn.ModuleList(block.with_settings(**block_kwargs) for block in self.blocks)
-        return clone
+        return self._from_blocks(self.dim, [block.with_settings(**block_kwargs)
+                                            for block in self.blocks])
+
+    # -- ensembles ------------------------------------------------------------------------
+    @classmethod
+    def stack(cls, nets: list["ImplicitResNet"]) -> "ImplicitResNet":
+        """``E`` networks as one ensemble (SPEC section 2b): inputs ``(E, B, dim)``, member ``e``
+        sees only ``y0[e]`` and computes what ``nets[e]`` computes alone. The networks must
+        agree in ``dim``, ``num_layers``, activation and every solver setting; ``h`` and
+        ``theta`` may differ. The weights are copied (``nets`` and the ensemble stay
+        independent)."""
+        nets = list(nets)
+        require(len(nets) >= 1, "nets must hold at least one network")
+        require(all(isinstance(n, ImplicitResNet) and n.members is None for n in nets),
+                "nets must be single ImplicitResNet networks (not ensembles)")
+        first = nets[0]
+        for setting in ("dim", "num_layers"):
+            values = sorted({getattr(n, setting) for n in nets})
+            require(len(values) == 1, f"{setting} differs between the networks: {values}")
+        blocks = []
+        for layer in zip(*(n.blocks for n in nets)):
+            require(all(isinstance(b.F, Perceptron) for b in layer),
+                    "only networks of irn.models.Perceptron layers stack")
+            activations = sorted({b.F.activation for b in layer})
+            require(len(activations) == 1, f"activation differs between the networks: {activations}")
+            for key, value in layer[0].settings.items():
+                differing = [b.settings[key] for b in layer if b.settings[key] != value]
+                if differing:
+                    raise ValueError(f"{key} differs between the networks: {value!r} and "
+                                     f"{differing[0]!r}")
+            block = ImplicitResidualBlock(StackedPerceptron.stack([b.F for b in layer]),
+                                          h=[b.h for b in layer], theta=[b.theta for b in layer],
+                                          **layer[0].settings)
+            block.keep_iterates = any(b.keep_iterates for b in layer)
+            blocks.append(block)
+        return cls._from_blocks(first.dim, blocks)
+
+    @property
+    def members(self) -> int | None:
+        """The number of members ``E`` of an ensemble (None for a single network)."""
+        return self.blocks[0].members
+
+    def member(self, e: int) -> "ImplicitResNet":
+        """A standalone copy of member ``e`` of an ensemble: its weights and settings."""
+        members = self.members
+        require(members is not None, "member() needs an ensemble (ImplicitResNet.stack)")
+        require(isinstance(e, int) and 0 <= e < members,
+                f"e must be an int in [0, {members - 1}], got {e!r}")
+        blocks = []
+        for block in self.blocks:
+            single = ImplicitResidualBlock(block.F.member(e), block.h[e], block.theta[e],
+                                           **block.settings)
+            single.keep_iterates = block.keep_iterates
+            blocks.append(single)
+        return self._from_blocks(self.dim, blocks)
 
     @property
     def keep_iterates(self) -> bool:
@@ -119,8 +286,13 @@ class ImplicitResNet(nn.Module):
             block.keep_iterates = bool(value)
 
     def _check_input(self, y0):
-        if not (y0.dim() == 2 and y0.shape[1] == self.dim):  # (no message built per call)
-            raise ValueError(f"y0 must have shape (batch, {self.dim}), got {tuple(y0.shape)}")
+        members = self.blocks[0].members
+        if members is None:
+            if not (y0.dim() == 2 and y0.shape[1] == self.dim):  # (no message built per call)
+                raise ValueError(f"y0 must have shape (batch, {self.dim}), got {tuple(y0.shape)}")
+        elif not (y0.dim() == 3 and y0.shape[0] == members and y0.shape[2] == self.dim):
+            raise ValueError(f"y0 must have shape (members={members}, batch, {self.dim}) for an "
+                             f"ensemble, got {tuple(y0.shape)}")
 
     def forward(self, y0: torch.Tensor) -> torch.Tensor:
         self._check_input(y0)
@@ -130,7 +302,8 @@ class ImplicitResNet(nn.Module):
         return y
 
     def trajectory(self, y0: torch.Tensor) -> torch.Tensor:
-        """All hidden states ``(y_0, y_1, ..., y_L)`` stacked: shape ``(L + 1, B, dim)``."""
+        """All hidden states ``(y_0, y_1, ..., y_L)`` stacked: shape ``(L + 1, B, dim)``
+        (``(L + 1, E, B, dim)`` for an ensemble)."""
         self._check_input(y0)
         states = [y0]
         for block in self.blocks:
@@ -151,14 +324,14 @@ class PadEmbedding(nn.Module):
 
 
 class SelectComponent(nn.Module):
-    """Readout ``y -> y[:, index:index+1]`` (the paper's Example 1 reads the 2nd component)."""
+    """Readout ``y -> y[..., index:index+1]`` (the paper's Example 1 reads the 2nd component)."""
 
     def __init__(self, index: int):
         super().__init__()
         self.index = index
 
     def forward(self, y):
-        return y[:, self.index:self.index + 1]
+        return y[..., self.index:self.index + 1]
 
 
 class ImplicitModel(nn.Module):
@@ -174,6 +347,27 @@ class ImplicitModel(nn.Module):
     def trajectory(self, x):
         """Hidden states of the network for inputs ``x``: ``(L + 1, B, dim)``."""
         return self.net.trajectory(self.embed(x))
+
+    @classmethod
+    def stack(cls, models: list["ImplicitModel"]) -> "ImplicitModel":
+        """``E`` models as one ensemble (embedding, network and readout stacked, weights
+        copied): inputs ``(E, B, ...)``, outputs ``(E, B, ...)``; see
+        :meth:`ImplicitResNet.stack`."""
+        models = list(models)
+        require(len(models) >= 1, "models must hold at least one model")
+        return cls(stack_modules([m.embed for m in models], "embed"),
+                   ImplicitResNet.stack([m.net for m in models]),
+                   stack_modules([m.readout for m in models], "readout"))
+
+    @property
+    def members(self) -> int | None:
+        """``E`` for an ensemble, None for a single model."""
+        return self.net.members
+
+    def member(self, e: int) -> "ImplicitModel":
+        """A standalone copy of member ``e`` of an ensemble."""
+        net = self.net.member(e)
+        return ImplicitModel(member_module(self.embed, e), net, member_module(self.readout, e))
 
 
 def function_approximator(num_layers: int, theta: float, *, T: float = 5.0,

@@ -1,11 +1,35 @@
-"""The two regularisers of the paper (section 2.2; reconstructed in SPEC section 1)."""
+"""The two regularisers of the paper (section 2.2; reconstructed in SPEC section 1).
+
+On an ensemble (``irn.ImplicitResNet.stack``) each returns one value per member, shape
+``(E,)``, and its settings (``alpha``, ``sigma``, ``beta``) may be a float or one float per
+member; ``generator`` may then be one ``torch.Generator`` per member, which draws that
+member's perturbations exactly as its solo run draws them.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from ._checks import require
 from .solvers import batch_norm
+
+
+def _setting(name: str, value, members: int | None, like: torch.Tensor, check, allowed: str):
+    """A regulariser setting checked (``check(v)`` for each value, ``allowed`` names the
+    range): a float for one network; for an ensemble an ``(E,)`` tensor on ``like``'s device."""
+    values = list(value) if isinstance(value, Sequence) else [value]
+    require(members is not None or len(values) == 1 and not isinstance(value, Sequence),
+            f"{name} must be a float for a single network, got {value!r}")
+    require(members is None or len(values) in (1, members),
+            f"{name} must be a float or one value per member ({members}), got {len(values)}")
+    for v in values:
+        require(check(v), f"{name} must be {allowed}, got {v!r}")
+    if members is None:
+        return values[0]
+    return torch.tensor(values * (members if len(values) == 1 else 1), dtype=like.dtype,
+                        device=like.device)
 
 
 def fixed_point(net, alpha: float) -> torch.Tensor:
@@ -15,9 +39,12 @@ def fixed_point(net, alpha: float) -> torch.Tensor:
 
     with ``r_l^k`` the batch mean of ``||y_l^{k+1} - y_l^k||`` over the iterates of layer
     ``l`` in the latest forward. Zero when every layer contracts at rate ``alpha`` or faster.
-    Needs ``net.keep_iterates = True`` during that forward (``ValueError`` otherwise).
+    Needs ``net.keep_iterates = True`` during that forward (``ValueError`` otherwise). On an
+    ensemble: shape ``(E,)``, each member's own sum (its recorded residuals are zero past its
+    own iteration count, where ``relu(0 - alpha r) = 0`` adds nothing).
     """
-    require(0 < alpha < 1, f"alpha must be in (0, 1), got {alpha!r}")
+    p = next(net.parameters())
+    alpha = _setting("alpha", alpha, net.members, p, lambda a: 0 < a < 1, "in (0, 1)")
     blocks = list(net.blocks)
     require(any(block.iterate_residuals is not None for block in blocks),
              "no iterates recorded: set net.keep_iterates = True and run a forward pass "
@@ -29,8 +56,8 @@ def fixed_point(net, alpha: float) -> torch.Tensor:
             term = torch.relu(r[k] - alpha * r[k - 1])
             total = term if total is None else total + term
     if total is None:  # every layer converged at its first iterate (or is explicit)
-        p = next(net.parameters())
-        return torch.zeros((), dtype=p.dtype, device=p.device)
+        shape = () if net.members is None else (net.members,)
+        return torch.zeros(shape, dtype=p.dtype, device=p.device)
     return total / len(blocks)
 
 
@@ -43,23 +70,44 @@ def noise(shape, like: torch.Tensor, generator: torch.Generator | None = None,
     return draw(shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
 
 
-def perturbation_distances(net, y0: torch.Tensor, sigma: float, streams: int,
-                           generator: torch.Generator | None = None):
+def perturbation_distances(net, y0: torch.Tensor, sigma, streams: int,
+                           generator=None):
     """Distances ``d_l^s = ||y~_l^s - y_l||`` between the hidden states of ``S = streams``
     perturbed copies ``y~_0^s = y0 + sigma xi^s`` (``xi^s ~ N(0, I)``) and those of ``y0``,
     for ``l = 0..L``: shape ``(L + 1, S, B)``. The clean input and the perturbed copies go
-    through ``net`` in one batched pass. Returns ``(d, net(y0))``."""
-    require(sigma >= 0, f"sigma must be >= 0, got {sigma!r}")
+    through ``net`` in one batched pass. Returns ``(d, net(y0))``.
+
+    On an ensemble (``y0`` of shape ``(E, B, dim)``): ``d`` has shape ``(L + 1, E, S, B)``;
+    ``sigma`` may be one value per member and ``generator`` one generator per member (a
+    single generator draws the whole ``(E, S, B, dim)`` noise at once)."""
+    members = net.members
+    sigma = _setting("sigma", sigma, members, y0, lambda s: s >= 0, ">= 0")
     require(isinstance(streams, int) and streams >= 1,
              f"streams must be an int >= 1, got {streams!r}")
-    batch = y0.shape[0]
-    xi = noise((streams,) + tuple(y0.shape), y0, generator)
-    inputs = torch.cat([y0.unsqueeze(0), y0 + sigma * xi]).reshape((-1,) + y0.shape[1:])
-    states = net.trajectory(inputs)  # (L + 1, (S + 1) B, dim)
-    states = states.reshape(states.shape[0], streams + 1, batch, *states.shape[2:])
-    clean, perturbed = states[:, :1], states[:, 1:]
-    d = batch_norm((perturbed - clean).reshape(-1, *states.shape[3:]))
-    return d.reshape(states.shape[0], streams, batch), states[-1, 0]
+    if members is None:
+        batch = y0.shape[0]
+        xi = noise((streams,) + tuple(y0.shape), y0, generator)
+        inputs = torch.cat([y0.unsqueeze(0), y0 + sigma * xi]).reshape((-1,) + y0.shape[1:])
+        states = net.trajectory(inputs)  # (L + 1, (S + 1) B, dim)
+        states = states.reshape(states.shape[0], streams + 1, batch, *states.shape[2:])
+        clean, perturbed = states[:, :1], states[:, 1:]
+        d = batch_norm((perturbed - clean).reshape(-1, *states.shape[3:]))
+        return d.reshape(states.shape[0], streams, batch), states[-1, 0]
+    net._check_input(y0)
+    batch = y0.shape[1]
+    shape = (streams,) + tuple(y0.shape[1:])
+    if isinstance(generator, Sequence):
+        require(len(generator) == members,
+                f"generator must be one generator or one per member ({members}), got {len(generator)}")
+        xi = torch.stack([noise(shape, y0, g) for g in generator])  # (E, S, B, dim)
+    else:
+        xi = noise((members,) + shape, y0, generator)
+    sigma = sigma.reshape((-1,) + (1,) * (xi.dim() - 1))
+    inputs = torch.cat([y0.unsqueeze(1), y0.unsqueeze(1) + sigma * xi], dim=1)
+    states = net.trajectory(inputs.reshape(members, (streams + 1) * batch, -1))
+    states = states.reshape(states.shape[0], members, streams + 1, batch, -1)
+    d = batch_norm(states[:, :, 1:] - states[:, :, :1], 4)  # (L + 1, E, S, B)
+    return d, states[-1, :, 0]
 
 
 def perturbation(net, y0: torch.Tensor, sigma: float, beta: float, streams: int,
@@ -73,10 +121,15 @@ def perturbation(net, y0: torch.Tensor, sigma: float, beta: float, streams: int,
     ``return_output=True`` returns ``(R_stab, net(y0))``, the clean output of that same
     batched pass, so the data loss needs no second forward.
     """
-    require(beta > 0, f"beta must be > 0, got {beta!r}")
-    d, output = perturbation_distances(net, y0, sigma, streams, generator)  # d[l, s, b]
+    beta = _setting("beta", beta, net.members, y0, lambda b: b > 0, "> 0")
+    d, output = perturbation_distances(net, y0, sigma, streams, generator)  # d[l, (e,) s, b]
     num_layers = d.shape[0] - 1
-    value = torch.relu(d[1:] - beta * d[:-1]).mean(dim=2).sum() / (num_layers * streams)
+    if net.members is None:
+        value = torch.relu(d[1:] - beta * d[:-1]).mean(dim=2).sum() / (num_layers * streams)
+    else:  # one value per member
+        beta = beta.reshape(1, -1, 1, 1)
+        value = (torch.relu(d[1:] - beta * d[:-1]).mean(dim=3).sum(dim=(0, 2))
+                 / (num_layers * streams))
     if return_output:
         return value, output
     return value

@@ -28,6 +28,13 @@ stopping when ``max_b ||b_b - (I - J^T) v_b|| <= tol * max(1, max_b ||b_b||)``.
 Convergence is tested once per iteration on one scalar, the batch maximum of the residual
 norm; that scalar is also the NaN/inf check, so a loop does one device-to-host transfer
 per iteration and no other.
+
+Ensembles (SPEC section 2b): with ``active`` given (a boolean tensor of shape ``(E,)``), the
+states have shape ``(E, B, *)``, ``E`` independent members of ``B`` samples each, and the
+stopping rule holds per member: member ``e`` stops when ``max_b ||R_{e,b}|| <= tol``, after
+which its iterate is frozen, bit for bit, while the others go on (members with ``active[e]``
+False never move). The ``E`` residual maxima still cross to the host in one transfer per
+iteration. ``SolveInfo`` then holds one entry per member.
 """
 
 from __future__ import annotations
@@ -62,50 +69,107 @@ class SolveStats:
 
 @dataclass
 class SolveInfo:
-    """What one solver call reports: iterations done, final residual (a 0-d tensor), converged."""
+    """What one solver call reports: iterations done, final residual (a 0-d tensor), converged.
+    For an ensemble (``active`` given) each field is a list with one entry per member, the
+    residuals as floats."""
 
-    iterations: int
-    residual: Tensor
-    converged: bool
-
-
-def batch_norm(t: Tensor) -> Tensor:
-    """Per-sample Euclidean norm ``||t_b||_2`` of a batch-first tensor, shape ``(B,)``."""
-    return torch.linalg.vector_norm(t if t.dim() == 2 else t.reshape(t.shape[0], -1), dim=1)
+    iterations: int | list[int]
+    residual: Tensor | list[float]
+    converged: bool | list[bool]
 
 
-def batch_dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample inner product ``<a_b, b_b>``, shaped ``(B, 1, ..., 1)`` to broadcast against ``a``."""
-    dots = (a * b).reshape(a.shape[0], -1).sum(dim=1)
-    return dots.reshape((-1,) + (1,) * (a.dim() - 1))
+def batch_norm(t: Tensor, lead: int = 1) -> Tensor:
+    """Per-sample Euclidean norm ``||t_b||_2`` over all but the ``lead`` leading dimensions:
+    shape ``(B,)`` for a batch-first tensor, ``(E, B)`` for an ensemble's with ``lead=2``."""
+    if t.dim() == lead + 1:
+        return torch.linalg.vector_norm(t, dim=-1)
+    return torch.linalg.vector_norm(t.reshape(t.shape[:lead] + (-1,)), dim=-1)
 
 
-def _check_finite(res: float, iteration: int) -> None:
+def batch_dot(a: Tensor, b: Tensor, lead: int = 1) -> Tensor:
+    """Per-sample inner product ``<a_b, b_b>`` (over all but the ``lead`` leading dimensions),
+    shaped ``(B, 1, ..., 1)`` (``(E, B, 1, ..., 1)``) to broadcast against ``a``."""
+    dots = (a * b).reshape(a.shape[:lead] + (-1,)).sum(dim=-1)
+    return dots.reshape(a.shape[:lead] + (1,) * (a.dim() - lead))
+
+
+def _failure(message: str, member: int | None = None) -> SolverError:
+    """A SolverError; ``member`` (of an ensemble) travels as an attribute so that the block
+    can name it beside itself."""
+    err = SolverError(message)
+    err.member = member
+    return err
+
+
+def _check_finite(res: float, iteration: int, member: int | None = None) -> None:
     if not math.isfinite(res):
-        raise SolverError(f"non-finite value (NaN or inf) at iteration {iteration}")
+        raise _failure(f"non-finite value (NaN or inf) at iteration {iteration}", member)
+
+
+def _as_column(mask: Tensor, like: Tensor) -> Tensor:
+    """A per-member ``(E,)`` tensor shaped ``(E, 1, ..., 1)`` to broadcast against ``like``."""
+    return mask.reshape(mask.shape + (1,) * (like.dim() - 1))
 
 
 class _Monitor:
-    """The shared stopping rule: one residual scalar per iteration, stop at tol or max_iters."""
+    """The shared stopping rule: one residual scalar per iteration, stop at tol or max_iters.
 
-    def __init__(self, tol: float, max_iters: int, record: list | None):
+    ``tol`` is a float, or for an ensemble one threshold per member. With ``active`` (a
+    boolean ``(E,)`` tensor of the members that iterate) the rule holds per member:
+    ``running`` (host) and ``active`` (device) say who still moves, ``counts`` and ``values``
+    hold each member's iterations and latest residual, and :meth:`freeze` keeps the stopped
+    members' iterates where they stopped."""
+
+    def __init__(self, tol, max_iters: int, record: list | None = None,
+                 active: Tensor | None = None):
         self.tol, self.max_iters, self.record = tol, max_iters, record
         self.iteration = 0
         self.residual = self.norms = None
+        self.active = active
+        self.lead = 1 if active is None else 2
+        if active is not None:
+            members = active.shape[0]
+            self.running = active.tolist()
+            self.counts, self.values = [0] * members, [0.0] * members
+            self.tols = list(tol) if isinstance(tol, (list, tuple)) else [tol] * members
+            self.tol_tensor = torch.tensor(self.tols, dtype=torch.float64).to(active.device)
 
     def done(self, residual: Tensor) -> bool:
         """Register the residual ``R(y^k)`` of the current iterate; True when the loop must stop."""
         self.iteration += 1
-        self.norms = norms = batch_norm(residual)  # per sample, for solvers that need them
+        self.norms = norms = batch_norm(residual, self.lead)  # per sample, for solvers that need them
         if self.record is not None:
             self.record.append(norms)
-        self.residual = norms.max().detach()
-        res = float(self.residual)  # the one host transfer of this iteration
-        _check_finite(res, self.iteration)
-        return res <= self.tol or self.iteration >= self.max_iters
+        if self.active is None:
+            self.residual = norms.max().detach()
+            res = float(self.residual)  # the one host transfer of this iteration
+            _check_finite(res, self.iteration)
+            return res <= self.tol or self.iteration >= self.max_iters
+        member_res = norms.detach().amax(dim=1)
+        values = member_res.tolist()  # the one host transfer of this iteration
+        capped = self.iteration >= self.max_iters
+        for e, running in enumerate(self.running):
+            if running:
+                self.counts[e] += 1
+                self.values[e] = values[e]
+                _check_finite(values[e], self.counts[e], e)
+                self.running[e] = not (values[e] <= self.tols[e] or capped)
+        # compared in float64, exactly as on the host
+        self.active = self.active & (member_res.double() > self.tol_tensor)
+        return not any(self.running)
+
+    def freeze(self, new: Tensor, old: Tensor, moving: Tensor | None = None) -> Tensor:
+        """``new`` for the members that still iterate (or those in ``moving``), ``old`` for
+        the stopped ones; just ``new`` for a single network."""
+        if self.active is None:
+            return new
+        return torch.where(_as_column(self.active if moving is None else moving, new), new, old)
 
     def info(self) -> SolveInfo:
-        return SolveInfo(self.iteration, self.residual, bool(self.residual <= self.tol))
+        if self.active is None:
+            return SolveInfo(self.iteration, self.residual, bool(self.residual <= self.tol))
+        return SolveInfo(list(self.counts), list(self.values),
+                         [v <= t for v, t in zip(self.values, self.tols)])
 
 
 def vjp(output: Tensor, inputs: Tensor, u: Tensor, create_graph: bool = False) -> Tensor:
@@ -133,34 +197,35 @@ def _value_and_gradient(g: Callable, y: Tensor, differentiable: bool):
 
 # ----------------------------------------------------------------------------- forward solvers
 
-def fixed_point(g, y0, *, tol, max_iters, differentiable=False, record=None):
+def fixed_point(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None):
     """Picard iteration ``y^{k+1} = g(y^k)`` (paper eq. 8), i.e.
     ``y^{k+1} = x + h(1-theta) F(x) + h theta F(y^k)`` for the theta-block."""
-    monitor, y = _Monitor(tol, max_iters, record), y0
+    monitor, y = _Monitor(tol, max_iters, record, active), y0
     while True:
         gy = g(y)
         if monitor.done(y - gy):
             return y, monitor.info()
-        y = gy
+        y = monitor.freeze(gy, y)
 
 
-def gradient_descent(g, y0, *, tol, max_iters, differentiable=False, record=None, step_size=0.5):
+def gradient_descent(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None,
+                     step_size=0.5):
     """Fixed-step gradient descent on ``phi(y) = 1/2 ||R(y)||^2``:
     ``y^{k+1} = y^k - step_size * (R - h theta J_F(y^k)^T R)``."""
     if not step_size > 0:
         raise ValueError(f"solver_options['step_size'] must be > 0, got {step_size!r}")
-    monitor, y = _Monitor(tol, max_iters, record), y0
+    monitor, y = _Monitor(tol, max_iters, record, active), y0
     while True:
         residual, grad = _value_and_gradient(g, y, differentiable)
         if monitor.done(residual):
             return y, monitor.info()
-        y = y - step_size * grad
+        y = monitor.freeze(y - step_size * grad, y)
 
 
 NCG_VARIANTS = ("polak_ribiere", "fletcher_reeves")
 
 
-def nonlinear_cg(g, y0, *, tol, max_iters, differentiable=False, record=None,
+def nonlinear_cg(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None,
                  variant="polak_ribiere"):
     """Nonlinear conjugate gradients on ``phi(y) = 1/2 ||R(y)||^2``, per sample.
 
@@ -173,7 +238,8 @@ def nonlinear_cg(g, y0, *, tol, max_iters, differentiable=False, record=None,
     """
     if variant not in NCG_VARIANTS:
         raise ValueError(f"solver_options['variant'] must be one of {NCG_VARIANTS}, got {variant!r}")
-    monitor, y = _Monitor(tol, max_iters, record), y0
+    monitor, y = _Monitor(tol, max_iters, record, active), y0
+    lead = monitor.lead
     grad_old = direction = None
     while True:
         residual, grad = _value_and_gradient(g, y, differentiable)
@@ -182,23 +248,23 @@ def nonlinear_cg(g, y0, *, tol, max_iters, differentiable=False, record=None,
         if direction is None:
             direction = -grad
         else:
-            denom = batch_dot(grad_old, grad_old)
-            numer = batch_dot(grad, grad - grad_old if variant == "polak_ribiere" else grad)
+            denom = batch_dot(grad_old, grad_old, lead)
+            numer = batch_dot(grad, grad - grad_old if variant == "polak_ribiere" else grad, lead)
             beta = torch.where(denom > 0, numer / torch.where(denom > 0, denom, 1), 0).clamp_min(0)
             direction = -grad + beta * direction
-            descent = batch_dot(grad, direction) < 0
+            descent = batch_dot(grad, direction, lead) < 0
             direction = torch.where(descent, direction, -grad)
-        slope0 = batch_dot(grad, direction)
+        slope0 = batch_dot(grad, direction, lead)
         _, grad_trial = _value_and_gradient(g, y + direction, differentiable)
-        curvature = batch_dot(grad_trial, direction) - slope0
+        curvature = batch_dot(grad_trial, direction, lead) - slope0
         # secant step; where the curvature is not positive fall back to the trial step s = 1
         good = curvature > 0
         alpha = torch.where(good, -slope0 / torch.where(good, curvature, 1), 1.0)
-        y = y + alpha * direction
+        y = monitor.freeze(y + alpha * direction, y)
         grad_old = grad
 
 
-def anderson(g, y0, *, tol, max_iters, differentiable=False, record=None,
+def anderson(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None,
              memory=5, regularization=1e-4):
     """Anderson acceleration of ``y = g(y)`` with window ``m = memory``:
     ``y^{k+1} = sum_i a_i g(y^{k-i})``, where ``a`` minimises ``||sum_i a_i R(y^{k-i})||^2
@@ -210,8 +276,8 @@ def anderson(g, y0, *, tol, max_iters, differentiable=False, record=None,
         raise ValueError(f"solver_options['memory'] must be an int >= 1, got {memory!r}")
     if not regularization >= 0:
         raise ValueError(f"solver_options['regularization'] must be >= 0, got {regularization!r}")
-    monitor, y = _Monitor(tol, max_iters, record), y0
-    batch = y0.shape[0]
+    monitor, y = _Monitor(tol, max_iters, record, active), y0
+    batch = y0.shape[:monitor.lead].numel()  # samples (of every member), each mixed on its own
     residuals, values = [], []  # the window, flattened per sample: (B, D) each
     while True:
         gy = g(y)
@@ -222,7 +288,7 @@ def anderson(g, y0, *, tol, max_iters, differentiable=False, record=None,
         values = (values + [gy.reshape(batch, -1)])[-memory:]
         n = len(values)
         if n == 1:
-            y = gy
+            y = monitor.freeze(gy, y)
             continue
         res = torch.stack(residuals, dim=1)  # (B, n, D)
         gram = res @ res.transpose(1, 2)     # (B, n, n)
@@ -238,8 +304,9 @@ def anderson(g, y0, *, tol, max_iters, differentiable=False, record=None,
         mixed = (weights.transpose(1, 2) @ torch.stack(values, dim=1)).reshape(y0.shape)
         # samples already within tol (their window is numerically rank-deficient) and any
         # system the factorisation rejects take the plain fixed-point step instead
-        plain = (monitor.norms <= tol) | (failed != 0)
-        y = torch.where(plain.reshape((-1,) + (1,) * (y.dim() - 1)), gy, mixed)
+        plain = ((monitor.norms <= tol).reshape(-1) | (failed != 0)).reshape(monitor.norms.shape)
+        plain = plain.reshape(plain.shape + (1,) * (y.dim() - plain.dim()))
+        y = monitor.freeze(torch.where(plain, gy, mixed), y)
 
 
 FORWARD_SOLVERS = {
@@ -259,62 +326,88 @@ SOLVER_OPTIONS = {
 
 # ------------------------------------------------------------------------------ linear solvers
 
-def _linear_threshold(b: Tensor, tol: float) -> float:
-    return tol * max(1.0, float(batch_norm(b).max()))
+def _linear_threshold(b: Tensor, tol: float, active: Tensor | None = None):
+    """``tol * max(1, max_b ||b_b||)``: a float, or for an ensemble a list, one per member."""
+    if active is None:
+        return tol * max(1.0, float(batch_norm(b).max()))
+    return [tol * max(1.0, norm) for norm in batch_norm(b, 2).amax(dim=1).tolist()]
 
 
-def neumann(vjp, b, *, tol, max_iters):
+def neumann(vjp, b, *, tol, max_iters, active=None):
     """Neumann series for ``(I - J^T) v = b``: ``v_0 = b``, ``v_{k+1} = b + J^T v_k``,
     stopping when ``max_b ||v_{k+1} - v_k|| <= tol * max(1, max_b ||b_b||)``
     (``v_{k+1} - v_k`` is the residual of ``v_k``)."""
-    threshold = _linear_threshold(b, tol)
-    v, iteration = b, 0
+    monitor = _Monitor(_linear_threshold(b, tol, active), max_iters, active=active)
+    v = b
     while True:
         v_next = b + vjp(v)
-        iteration += 1
-        residual = batch_norm(v_next - v).max()
-        res = float(residual)
-        _check_finite(res, iteration)
-        v = v_next
-        if res <= threshold or iteration >= max_iters:
-            return v, SolveInfo(iteration, residual, res <= threshold)
+        moving = monitor.active  # members that take this step, the last one included
+        stop = monitor.done(v_next - v)
+        v = monitor.freeze(v_next, v, moving)
+        if stop:
+            return v, monitor.info()
 
 
-def gmres(vjp, b, *, tol, max_iters, restart=30):
+def gmres(vjp, b, *, tol, max_iters, active=None, restart=30):
     """Matrix-free restarted GMRES for ``(I - J^T) v = b``, all samples at once.
 
     The operator is block-diagonal over the batch, so each sample has its own Krylov space;
     they are built in lockstep (per-sample inner products, Givens rotations and
     back-substitution), and a sample whose space is exhausted (happy breakdown) just stops
-    moving. ``iterations`` counts operator applications in Arnoldi steps."""
-    shape, batch = b.shape, b.shape[0]
-    b_flat = b.reshape(batch, -1)
+    moving. ``iterations`` counts operator applications in Arnoldi steps. For an ensemble
+    each member stops on its own: it keeps only the Arnoldi steps its own rule asked for
+    (the rest of its rotated right-hand side is dropped before the back-substitution), so
+    it computes exactly what it computes alone."""
+    lead = 1 if active is None else 2
+    shape = b.shape
+    groups = 1 if active is None else shape[0]
+    samples = shape[:lead].numel()
+    per_group = samples // groups if groups else 0
+    b_flat = b.reshape(samples, -1)
     n = b_flat.shape[1]
-    threshold = _linear_threshold(b, tol)
+    thresholds = _linear_threshold(b, tol, active)
+    thresholds = [thresholds] if active is None else thresholds
+    running = [True] if active is None else active.tolist()
+    counts, values = [0] * groups, [0.0] * groups
 
     def operator(v_flat):
-        return v_flat - vjp(v_flat.reshape(shape)).reshape(batch, -1)
+        return v_flat - vjp(v_flat.reshape(shape)).reshape(samples, -1)
+
+    def group_max(t):  # (samples,) -> one value per group, on the host
+        return t.reshape(groups, -1).amax(dim=1).tolist()
+
+    def per_sample(flags):  # one flag per group -> a (samples, 1) mask
+        return torch.tensor(flags, device=b.device).repeat_interleave(per_group).unsqueeze(1)
+
+    def member(e):
+        return None if active is None else e
 
     x = torch.zeros_like(b_flat)
     r = b_flat
-    iteration = 0
     while True:
         beta = torch.linalg.vector_norm(r, dim=1)
-        res = float(beta.max())
-        _check_finite(res, iteration)
-        if res <= threshold or iteration >= max_iters:
-            return x.reshape(shape), SolveInfo(iteration, beta.max(), res <= threshold)
-        m = min(restart, n, max_iters - iteration)
+        for e, res in enumerate(group_max(beta)):
+            if running[e]:
+                values[e] = res
+                _check_finite(res, counts[e], member(e))
+                running[e] = not (res <= thresholds[e] or counts[e] >= max_iters)
+        if not any(running):
+            if active is None:
+                return x.reshape(shape), SolveInfo(counts[0], beta.max(), values[0] <= thresholds[0])
+            return x.reshape(shape), SolveInfo(counts, values,
+                                               [v <= t for v, t in zip(values, thresholds)])
+        caps = [min(restart, n, max_iters - c) if go else 0 for c, go in zip(counts, running)]
+        m = max(caps)
         basis = [r / torch.where(beta > 0, beta, 1).unsqueeze(1)]
-        hess = torch.zeros(batch, m + 1, m, dtype=b.dtype, device=b.device)
-        cs = torch.zeros(batch, m, dtype=b.dtype, device=b.device)
+        hess = torch.zeros(samples, m + 1, m, dtype=b.dtype, device=b.device)
+        cs = torch.zeros(samples, m, dtype=b.dtype, device=b.device)
         sn = torch.zeros_like(cs)
-        s = torch.zeros(batch, m + 1, dtype=b.dtype, device=b.device)
+        s = torch.zeros(samples, m + 1, dtype=b.dtype, device=b.device)
         s[:, 0] = beta
-        k = 0
+        steps = [0] * groups  # Arnoldi steps each group keeps in this cycle
+        going = [cap > 0 for cap in caps]
         for j in range(m):
             w = operator(basis[j])
-            iteration += 1
             for i in range(j + 1):  # modified Gram-Schmidt
                 hess[:, i, j] = (w * basis[i]).sum(dim=1)
                 w = w - hess[:, i, j, None] * basis[i]
@@ -334,38 +427,56 @@ def gmres(vjp, b, *, tol, max_iters, restart=30):
             hess[:, j + 1, j] = 0
             s[:, j + 1] = -sn[:, j] * s[:, j]
             s[:, j] = cs[:, j] * s[:, j]
-            k = j + 1
-            estimate = float(s[:, j + 1].abs().max())
-            _check_finite(estimate, iteration)
-            if estimate <= threshold:
+            for e, estimate in enumerate(group_max(s[:, j + 1].abs())):
+                if going[e]:
+                    steps[e] = j + 1
+                    _check_finite(estimate, counts[e] + j + 1, member(e))
+                    going[e] = not (estimate <= thresholds[e] or j + 1 >= caps[e])
+            if not any(going):
                 break
+        k = max(steps)
+        kept = torch.arange(k, device=b.device) < per_sample(steps)  # (samples, k)
+        rhs = torch.where(kept, s[:, :k], 0)
         # back-substitution on the rotated (upper-triangular) Hessenberg matrix
-        coef = torch.zeros(batch, k, dtype=b.dtype, device=b.device)
+        coef = torch.zeros(samples, k, dtype=b.dtype, device=b.device)
         for i in range(k - 1, -1, -1):
-            acc = s[:, i] - (hess[:, i, i + 1:k] * coef[:, i + 1:k]).sum(dim=1)
+            acc = rhs[:, i] - (hess[:, i, i + 1:k] * coef[:, i + 1:k]).sum(dim=1)
             diag = hess[:, i, i]
             coef[:, i] = torch.where(diag != 0, acc / torch.where(diag != 0, diag, 1), 0)
-        x = x + sum(coef[:, i, None] * basis[i] for i in range(k))
+        update = x + sum(coef[:, i, None] * basis[i] for i in range(k))
+        x = update if active is None else torch.where(per_sample([k > 0 for k in steps]), update, x)
+        counts = [c + k for c, k in zip(counts, steps)]
         r = b_flat - operator(x)  # true residual: restart from it (not an Arnoldi step)
 
 
-def direct(vjp, b, *, tol, max_iters):
+def direct(vjp, b, *, tol, max_iters, active=None):
     """Dense solve of ``(I - J^T) v = b`` per sample: ``J^T`` is assembled from ``n``
     vector-Jacobian products with the unit vectors (all samples at once), then one batched
     ``torch.linalg.solve``. Reports 0 iterations; ``residual`` is the true residual."""
-    shape, batch = b.shape, b.shape[0]
-    n = b[0].numel()
+    lead = 1 if active is None else 2
+    shape = b.shape
+    samples = shape[:lead].numel()
+    n = b.numel() // max(samples, 1)
     eye = torch.eye(n, dtype=b.dtype, device=b.device)
     # vjp(e_i) is J^T e_i, the i-th column of J^T
-    columns = [vjp(eye[i].expand(batch, n).reshape(shape)).reshape(batch, n) for i in range(n)]
-    jt = torch.stack(columns, dim=2)  # (B, n, n) = J^T
-    v, singular = torch.linalg.solve_ex(eye - jt, b.reshape(batch, n, 1))
+    columns = [vjp(eye[i].expand(samples, n).reshape(shape)).reshape(samples, n) for i in range(n)]
+    jt = torch.stack(columns, dim=2)  # (samples, n, n) = J^T
+    v, singular = torch.linalg.solve_ex(eye - jt, b.reshape(samples, n, 1))
     if bool((singular != 0).any()):  # I - J^T not invertible: no solution to report
-        raise SolverError("I - J^T is singular (iteration 0)")
-    residual = torch.linalg.vector_norm(b.reshape(batch, n, 1) - (eye - jt) @ v, dim=(1, 2)).max()
-    res = float(residual)
-    _check_finite(res, 0)
-    return v.reshape(shape), SolveInfo(0, residual, res <= _linear_threshold(b, tol))
+        first = int((singular != 0).nonzero()[0, 0])
+        raise _failure("I - J^T is singular (iteration 0)",
+                       None if active is None else first // shape[1])
+    residual = torch.linalg.vector_norm(b.reshape(samples, n, 1) - (eye - jt) @ v, dim=(1, 2))
+    threshold = _linear_threshold(b, tol, active)
+    if active is None:
+        res = float(residual.max())
+        _check_finite(res, 0)
+        return v.reshape(shape), SolveInfo(0, residual.max(), res <= threshold)
+    values = residual.reshape(shape[0], -1).amax(dim=1).tolist()
+    for e, res in enumerate(values):
+        _check_finite(res, 0, e)
+    return v.reshape(shape), SolveInfo([0] * shape[0], values,
+                                       [v <= t for v, t in zip(values, threshold)])
 
 
 LINEAR_SOLVERS = {"neumann": neumann, "gmres": gmres, "direct": direct}
