@@ -3,6 +3,9 @@ regularisers, and a per-epoch record of losses and solver statistics."""
 
 from __future__ import annotations
 
+import inspect
+import json
+import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -32,40 +35,80 @@ def per_layer(history: pd.DataFrame, name: str) -> np.ndarray:
     return history[columns].dropna(axis=1, how="all").to_numpy()
 
 
-def _mean_abs_gradients(blocks) -> np.ndarray:
-    """Mean absolute gradient entry of each block's parameters (one batched reduction and
-    one host transfer for all blocks)."""
+def _mean_abs_gradients(blocks, members: int | None) -> np.ndarray:
+    """Mean absolute gradient entry of each block's parameters, shape ``(L,)`` (``(E, L)`` for
+    an ensemble, member by member); one batched reduction and one host transfer."""
     grads, owner, sizes = [], [], np.zeros(len(blocks))
     for l, block in enumerate(blocks):
         for p in block.parameters():
             if p.grad is not None:
                 grads.append(p.grad)
                 owner.append(l)
-                sizes[l] += p.grad.numel()
-    if not grads:
-        return np.zeros(len(blocks))
-    with torch.no_grad():
-        l1 = torch.stack(torch._foreach_norm(grads, 1)).cpu().numpy()
-    return np.bincount(owner, weights=l1, minlength=len(blocks)) / np.maximum(sizes, 1)
+                sizes[l] += p.grad.numel() // (members or 1)
+    if members is None:
+        if not grads:
+            return np.zeros(len(blocks))
+        with torch.no_grad():
+            l1 = torch.stack(torch._foreach_norm(grads, 1)).cpu().numpy()
+        return np.bincount(owner, weights=l1, minlength=len(blocks)) / np.maximum(sizes, 1)
+    result = np.zeros((members, len(blocks)))
+    if grads:
+        with torch.no_grad():
+            l1 = torch.stack([g.abs().reshape(members, -1).sum(dim=1) for g in grads]).cpu().numpy()
+        for row, l in zip(l1, owner):
+            result[:, l] += row
+    return result / np.maximum(sizes, 1)
 
 
-def evaluate(model: ImplicitModel, x: torch.Tensor, y: torch.Tensor, loss: str = "mse") -> dict:
-    """Loss (and accuracy, for classification) of ``model`` on ``(x, y)`` without gradients."""
+def _member_losses(loss_fn, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """An ensemble's data loss per member, shape ``(E,)``: ``loss_fn`` (mean reduction) on each
+    member's ``(out[e], target[e])``, computed for all members at once."""
+    members, batch = out.shape[:2]
+    per_sample = loss_fn(out.reshape(members * batch, *out.shape[2:]),
+                         target.reshape(members * batch, *target.shape[2:]), reduction="none")
+    return per_sample.reshape(members, -1).mean(dim=1)
+
+
+def evaluate(model: ImplicitModel, x: torch.Tensor, y: torch.Tensor, loss: str = "mse"):
+    """Loss (and accuracy, for classification) of ``model`` on ``(x, y)`` without gradients.
+    For an ensemble every member is evaluated on the same ``(x, y)``: a list of dicts."""
     choice("loss", loss, LOSSES)
+    members = model.members
     with torch.no_grad():
-        out = model(x)
-        result = {"loss": float(LOSSES[loss](out, y))}
+        if members is None:
+            out = model(x)
+            result = {"loss": float(LOSSES[loss](out, y))}
+            if loss == "cross_entropy":
+                result["accuracy"] = float((out.argmax(dim=1) == y).double().mean())
+            return result
+        out = model(x.expand(members, *x.shape))
+        target = y.expand(members, *y.shape)
+        losses = _member_losses(LOSSES[loss], out, target).tolist()
+        results = [{"loss": value} for value in losses]
         if loss == "cross_entropy":
-            result["accuracy"] = float((out.argmax(dim=1) == y).double().mean())
-    return result
+            accuracy = (out.argmax(dim=2) == target).double().mean(dim=1).tolist()
+            for result, value in zip(results, accuracy):
+                result["accuracy"] = value
+        return results
+
+
+def _per_member_setting(name: str, value, members: int | None):
+    """A training setting as given (one model) or one value per member (an ensemble)."""
+    if members is None:
+        require(not isinstance(value, (list, tuple)),
+                f"{name} must be a single value for a single model, got {value!r}")
+        return value
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * members
+    require(len(values) == members, f"{name} must be one value or one per member ({members}), "
+                                    f"got {len(values)}")
+    return values
 
 
 def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step: int = 300,
           lr_gamma: float = 0.5, loss: str = "mse", batch_size: int | None = None,
-          stab_weight: float = 0.0, stab_sigma: float = 0.05, stab_beta: float = 1.0,
-          stab_streams: int = 2, fp_weight: float = 0.0, fp_alpha: float = 0.5,
-          seed: int = 0, device="cpu", progress: bool = True, desc: str | None = None
-          ) -> pd.DataFrame:
+          stab_weight=0.0, stab_sigma=0.05, stab_beta=1.0, stab_streams: int = 2,
+          fp_weight=0.0, fp_alpha=0.5, seed=0, device="cpu", progress: bool = True,
+          desc: str | None = None):
     """Train ``model`` (an :class:`irn.models.ImplicitModel`) with Adam on ``data``.
 
     Loss: ``data_loss + fp_weight R_fp(alpha) + stab_weight R_stab(sigma, beta, streams)``.
@@ -78,87 +121,123 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
     epoch met its tolerance), and per layer ``l``: ``forward_iterations_l``,
     ``backward_iterations_l`` (means over the epoch's steps) and ``grad_l`` (mean absolute
     gradient of the layer's parameters). Progress is shown with tqdm.
+
+    An ensemble (``ImplicitModel.stack``) trains every member as it would train alone: the
+    loss is the sum of the members' losses, so each member's gradients and Adam state are its
+    own. ``seed`` and the regulariser settings (``stab_weight``, ``stab_sigma``,
+    ``stab_beta``, ``fp_weight``, ``fp_alpha``) may then be one value per member; each member
+    draws its minibatch order and perturbations from its own seed. Returns one history per
+    member.
     """
     choice("loss", loss, LOSSES)
     require(isinstance(epochs, int) and epochs >= 1, f"epochs must be an int >= 1, got {epochs!r}")
     require(lr > 0, f"lr must be > 0, got {lr!r}")
-    require(stab_weight >= 0 and fp_weight >= 0, "stab_weight and fp_weight must be >= 0")
+    members = model.members
+    seeds = _per_member_setting("seed", seed, members)
+    settings = {name: _per_member_setting(name, value, members) for name, value in
+                dict(stab_weight=stab_weight, stab_sigma=stab_sigma, stab_beta=stab_beta,
+                     fp_weight=fp_weight, fp_alpha=fp_alpha).items()}
+    for name in ("stab_weight", "fp_weight"):
+        values = settings[name] if members else [settings[name]]
+        require(all(v >= 0 for v in values), f"{name} must be >= 0, got {settings[name]!r}")
     dtype = next(model.parameters()).dtype
     model.to(device)
     data = data.to(device=device, dtype=dtype)
     blocks = list(model.net.blocks)
-    model.net.keep_iterates = fp_weight > 0
+    stab_on = any(w > 0 for w in (settings["stab_weight"] if members else [stab_weight]))
+    fp_on = any(w > 0 for w in (settings["fp_weight"] if members else [fp_weight]))
+    model.net.keep_iterates = fp_on
+    if members is not None:  # per-member weights as (E,) tensors, sigma/beta/alpha as lists
+        weights = {name: torch.tensor(settings[name], dtype=dtype, device=device)
+                   for name in ("stab_weight", "fp_weight")}
+    else:
+        weights = {name: settings[name] for name in ("stab_weight", "fp_weight")}
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
-    generator = torch.Generator(device=torch.device(device)).manual_seed(seed)
-    order_generator = torch.Generator().manual_seed(seed)
+    member_seeds = seeds if members else [seeds]
+    generators = [torch.Generator(device=torch.device(device)).manual_seed(s) for s in member_seeds]
+    order_generators = [torch.Generator().manual_seed(s) for s in member_seeds]
     n = data.x_train.shape[0]
     batch_size = n if batch_size is None else batch_size
     loss_fn = LOSSES[loss]
+    count = members or 1
 
     # train/eval switches walk every module; skip them when no module's forward depends on it
     switch_modes = any(isinstance(m, MODE_DEPENDENT) for m in model.modules())
     model.train()
-    rows = []
+    rows = [[] for _ in range(count)]
     bar = tqdm(range(epochs), desc=desc, disable=not progress, mininterval=1.0)
     for epoch in bar:
         if switch_modes:
             model.train()
-        order = torch.randperm(n, generator=order_generator) if batch_size < n else torch.arange(n)
-        sums = {"train_loss": 0.0, "reg_loss": 0.0, "correct": 0.0}
-        fwd, bwd, grad = (np.zeros(len(blocks)) for _ in range(3))
-        converged, steps = True, 0
+        if batch_size < n:  # each member's own order, as its solo run draws it
+            order = torch.stack([torch.randperm(n, generator=g) for g in order_generators])
+        else:
+            order = torch.arange(n).expand(count, n)
+        train_loss, reg_loss, correct = (np.zeros(count) for _ in range(3))
+        fwd, bwd, grad = (np.zeros((count, len(blocks))) for _ in range(3))
+        converged, steps = np.ones(count, dtype=bool), 0
         for start in range(0, n, batch_size):
-            index = order[start:start + batch_size].to(device)
-            x, y = data.x_train[index], data.y_train[index]
+            index = order[:, start:start + batch_size].to(device)
+            if members is None:
+                index = index[0]
+            x, y = data.x_train[index], data.y_train[index]  # (E,) B, ...
             optimizer.zero_grad(set_to_none=True)
             y0 = model.embed(x)
-            reg = torch.zeros((), dtype=dtype, device=device)
-            if stab_weight > 0:
+            reg = torch.zeros(() if members is None else (members,), dtype=dtype, device=device)
+            if stab_on:
                 r_stab, y_last = regularizers.perturbation(
-                    model.net, y0, stab_sigma, stab_beta, stab_streams, generator=generator,
-                    return_output=True)
-                reg = reg + stab_weight * r_stab
+                    model.net, y0, settings["stab_sigma"], settings["stab_beta"], stab_streams,
+                    generator=generators if members else generators[0], return_output=True)
+                reg = reg + weights["stab_weight"] * r_stab
             else:
                 y_last = model.net(y0)
-            if fp_weight > 0:
-                reg = reg + fp_weight * regularizers.fixed_point(model.net, fp_alpha)
+            if fp_on:
+                reg = reg + weights["fp_weight"] * regularizers.fixed_point(
+                    model.net, settings["fp_alpha"])
             out = model.readout(y_last)
-            data_loss = loss_fn(out, y)
-            (data_loss + reg).backward()
+            data_loss = loss_fn(out, y) if members is None else _member_losses(loss_fn, out, y)
+            (data_loss + reg).sum().backward()
             optimizer.step()
             steps += 1
-            sums["train_loss"] += float(data_loss.detach())
-            sums["reg_loss"] += float(reg.detach())
+            train_loss += data_loss.detach().cpu().numpy()
+            reg_loss += reg.detach().cpu().numpy()
             if loss == "cross_entropy":
-                sums["correct"] += float((out.detach().argmax(dim=1) == y).sum())
+                correct += (out.detach().argmax(dim=-1) == y).reshape(count, -1).sum(dim=1).cpu().numpy()
             for l, block in enumerate(blocks):
-                stats = block.last_stats
-                fwd[l] += stats.iterations
-                bwd[l] += stats.backward_iterations or 0
-                converged &= stats.converged and block.backward_converged is not False
-            grad += _mean_abs_gradients(blocks)
+                stats = block.last_stats if members else [block.last_stats]
+                bconv = block.backward_converged if members else [block.backward_converged]
+                for e in range(count):
+                    fwd[e, l] += stats[e].iterations
+                    bwd[e, l] += stats[e].backward_iterations or 0
+                    converged[e] &= stats[e].converged and bconv[e] is not False
+            grad += _mean_abs_gradients(blocks, members)
         scheduler.step()
         if switch_modes:
             model.eval()
-        row = {"epoch": epoch + 1, "train_loss": sums["train_loss"] / steps,
-               "reg_loss": sums["reg_loss"] / steps}
         val = evaluate(model, data.x_val, data.y_val, loss)
-        row["val_loss"] = val["loss"]
-        if loss == "cross_entropy":
-            row["train_accuracy"] = sums["correct"] / n
-            row["val_accuracy"] = val["accuracy"]
-        row["converged"] = converged
-        for l in range(len(blocks)):
-            row[f"forward_iterations_{l}"] = fwd[l] / steps
-            row[f"backward_iterations_{l}"] = bwd[l] / steps
-            row[f"grad_{l}"] = grad[l] / steps
-        rows.append(row)
-        bar.set_postfix(loss=f"{row['train_loss']:.2e}", val=f"{row['val_loss']:.2e}", refresh=False)
-    return pd.DataFrame(rows)
+        for e, result in enumerate(val if members else [val]):
+            row = {"epoch": epoch + 1, "train_loss": train_loss[e] / steps,
+                   "reg_loss": reg_loss[e] / steps, "val_loss": result["loss"]}
+            if loss == "cross_entropy":
+                row["train_accuracy"] = correct[e] / n
+                row["val_accuracy"] = result["accuracy"]
+            row["converged"] = bool(converged[e])
+            for l in range(len(blocks)):
+                row[f"forward_iterations_{l}"] = fwd[e, l] / steps
+                row[f"backward_iterations_{l}"] = bwd[e, l] / steps
+                row[f"grad_{l}"] = grad[e, l] / steps
+            rows[e].append(row)
+        bar.set_postfix(loss=f"{np.median(train_loss) / steps:.2e}",
+                        val=f"{np.median([r[-1]['val_loss'] for r in rows]):.2e}", refresh=False)
+    histories = [pd.DataFrame(r) for r in rows]
+    return histories[0] if members is None else histories
 
 
 # ------------------------------------------------------------------------- several models
+
+TRAIN_DEFAULTS = {name: p.default for name, p in inspect.signature(train).parameters.items()
+                  if p.default is not inspect.Parameter.empty}
 
 MODEL_FACTORIES = {"function_approximator": function_approximator,
                    "spiral_classifier": spiral_classifier, "digits_classifier": digits_classifier}
@@ -172,44 +251,110 @@ def build_model(model: str, seed: int, dtype=torch.float64, **model_kwargs) -> I
     return MODEL_FACTORIES[model](**model_kwargs).to(dtype)
 
 
-def _run_job(job: dict):
-    torch.set_num_threads(1)  # one job per core
-    model = build_model(job["model"], job["seed"], **job["model_kwargs"])
-    history = train(model, DATASETS[job["data"]](), seed=job["seed"], progress=False,
-                    **job["train_kwargs"])
-    return history, {k: v.cpu() for k, v in model.state_dict().items()}
+# settings in which jobs of one ensemble may differ: the rest must be equal
+MEMBER_MODEL_SETTINGS = ("theta",)
+MEMBER_TRAIN_SETTINGS = ("stab_weight", "stab_sigma", "stab_beta", "fp_weight", "fp_alpha")
 
 
-def train_many(jobs: list[dict], workers: int = 1, desc: str = "training"):
-    """Train independent models, ``workers`` at a time in separate processes.
+def _check_job(job: dict) -> None:
+    missing = {"model", "model_kwargs", "data", "train_kwargs", "seed"} - set(job)
+    require(not missing, f"job is missing keys {sorted(missing)}")
+    choice("data", job["data"], DATASETS)
+    choice("model", job["model"], MODEL_FACTORIES)
+
+
+def ensemble_key(job: dict) -> str:
+    """What jobs of one ensemble share: everything but the seed, ``theta`` and the
+    regulariser weights and sizes, except whether each regulariser is on (a member without
+    R_stab must not solve for perturbed copies, which would change its stopping rule)."""
+    train_kwargs = job["train_kwargs"]
+    key = dict(model=job["model"], data=job["data"],
+               model_kwargs={k: v for k, v in job["model_kwargs"].items()
+                             if k not in MEMBER_MODEL_SETTINGS},
+               train_kwargs={k: v for k, v in train_kwargs.items()
+                             if k not in MEMBER_TRAIN_SETTINGS},
+               stab=train_kwargs.get("stab_weight", 0) > 0, fp=train_kwargs.get("fp_weight", 0) > 0)
+    return json.dumps(key, sort_keys=True, default=repr)
+
+
+def _run_jobs(jobs: list[dict]):
+    """Train ``jobs`` (one ensemble's worth, or a single job) in this process: ``[(history,
+    state_dict), ...]``. Several jobs are stacked and trained as one ensemble."""
+    torch.set_num_threads(1)  # one process per core
+    models = [build_model(job["model"], job["seed"], **job["model_kwargs"]) for job in jobs]
+    data = DATASETS[jobs[0]["data"]]()
+    if len(jobs) == 1:
+        history = train(models[0], data, seed=jobs[0]["seed"], progress=False,
+                        **jobs[0]["train_kwargs"])
+        return [(history, {k: v.cpu() for k, v in models[0].state_dict().items()})]
+    ensemble = ImplicitModel.stack(models)
+    shared = {k: v for k, v in jobs[0]["train_kwargs"].items() if k not in MEMBER_TRAIN_SETTINGS}
+    per_member = {name: [job["train_kwargs"].get(name, TRAIN_DEFAULTS[name]) for job in jobs]
+                  for name in MEMBER_TRAIN_SETTINGS}
+    histories = train(ensemble, data, seed=[job["seed"] for job in jobs], progress=False,
+                      **shared, **per_member)
+    return [(history, {k: v.cpu() for k, v in ensemble.member(e).state_dict().items()})
+            for e, history in enumerate(histories)]
+
+
+def _batches(jobs: list[dict], ensemble: bool, workers: int, max_members: int) -> list[list[int]]:
+    """Indices of the jobs trained together: one job each without ensembling; otherwise the
+    jobs of each :func:`ensemble_key`, sorted by theta (members that converge alike share a
+    piece) and cut into ``max(ceil(n / max_members), min(workers, n))`` even pieces."""
+    if not ensemble:
+        return [[i] for i in range(len(jobs))]
+    groups: dict[str, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(ensemble_key(job), []).append(i)
+    batches = []
+    for indices in groups.values():
+        indices.sort(key=lambda i: jobs[i]["model_kwargs"].get("theta", 0.0))
+        pieces = max(math.ceil(len(indices) / max_members), min(workers, len(indices)))
+        batches += [list(piece) for piece in np.array_split(indices, pieces)]
+    return batches
+
+
+def train_many(jobs: list[dict], workers: int = 1, desc: str = "training", *,
+               ensemble: bool = True, max_members: int = 64):
+    """Train independent models, ``workers`` processes at a time.
 
     Each job is a dict with ``model`` (a key of ``MODEL_FACTORIES``), ``model_kwargs``,
     ``data`` (a key of ``DATASETS``), ``train_kwargs`` (for :func:`train`) and ``seed``
-    (initialisation and training noise). A job's result does not depend on ``workers``.
-    Returns ``[(model, history), ...]`` in the order of ``jobs``; progress is shown per job.
+    (initialisation and training noise). With ``ensemble`` (default) jobs that differ only in
+    seed, ``theta`` and regulariser weights and sizes are stacked into ensembles of at most
+    ``max_members`` and trained as one (SPEC section 2b); each job still gets what training
+    it alone gives (to rounding). A job's result depends neither on ``workers`` nor on the
+    ensemble it landed in. Returns ``[(model, history), ...]`` in the order of ``jobs``;
+    progress is shown per finished job.
     """
     require(isinstance(workers, int) and workers >= 1, f"workers must be an int >= 1, got {workers!r}")
+    require(isinstance(max_members, int) and max_members >= 1,
+            f"max_members must be an int >= 1, got {max_members!r}")
     for job in jobs:
-        missing = {"model", "model_kwargs", "data", "train_kwargs", "seed"} - set(job)
-        require(not missing, f"job is missing keys {sorted(missing)}")
-        choice("data", job["data"], DATASETS)
+        _check_job(job)
+    batches = _batches(jobs, ensemble, workers, max_members)
     bar = tqdm(total=len(jobs), desc=desc, mininterval=0)
     results = [None] * len(jobs)
+
+    def collect(batch, outcome):
+        for i, result in zip(batch, outcome):
+            results[i] = result
+        bar.update(len(batch))
+
     if workers == 1:
-        for i, job in enumerate(jobs):
-            results[i] = _run_job(job)
-            bar.update()
+        for batch in batches:
+            collect(batch, _run_jobs([jobs[i] for i in batch]))
     else:
         context = multiprocessing.get_context("spawn")  # fork is unsafe after torch started
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = {pool.submit(_run_job, job): i for i, job in enumerate(jobs)}
+            futures = {pool.submit(_run_jobs, [jobs[i] for i in batch]): batch for batch in batches}
             for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update()
+                collect(futures[future], future.result())
     bar.close()
     trained = []
     for job, (history, state) in zip(jobs, results):
-        model = build_model(job["model"], job["seed"], **job["model_kwargs"])
+        with torch.random.fork_rng(devices=[]):  # rebuilding must not move the caller's RNG
+            model = build_model(job["model"], job["seed"], **job["model_kwargs"])
         model.load_state_dict(state)
         trained.append((model, history))
     return trained
