@@ -161,6 +161,72 @@ def interleaved_times(steps, min_time, min_cycles, sync=lambda: None):
     return samples
 
 
+ENSEMBLE_WORKLOADS = {  # name: (model factory, dataset, model settings, loss)
+    "W1 example 1, L=20": ("function_approximator", "sine",
+                           dict(num_layers=20, theta=0.5, T=5.0), "mse"),
+    "W2 spirals, L=100": ("spiral_classifier", "two_spirals",
+                          dict(num_layers=100, theta=0.5, T=10.0), "cross_entropy"),
+}
+ENSEMBLE_SIZES = (1, 10, 50)
+
+
+def ensemble_step(workload, members, device="cpu"):
+    """``(model, step)``: one training step (forward, loss summed over members, backward,
+    Adam) of one network (``members=None``) or of an ensemble of ``members`` networks of
+    seeds ``0..members-1``, float64, on the example's full training set. The learning rate is
+    small so that the iteration counts hardly drift over the timed calls."""
+    from irn import training
+    from irn.models import ImplicitModel
+
+    factory, data_name, settings, loss = ENSEMBLE_WORKLOADS[workload]
+    settings = settings | dict(on_nonconvergence="ignore")
+    with torch.random.fork_rng(devices=[]):
+        models = [training.build_model(factory, seed, **settings).to(device)
+                  for seed in range(members or 1)]
+    model = models[0] if members is None else ImplicitModel.stack(models)
+    data = training.DATASETS[data_name]().to(device=device, dtype=torch.float64)
+    x, y = data.x_train, data.y_train
+    if members is not None:
+        x, y = x.expand(members, *x.shape), y.expand(members, *y.shape)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, foreach=True)
+    loss_fn = training.LOSSES[loss]
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        out = model(x)
+        value = loss_fn(out, y) if members is None else training._member_losses(loss_fn, out, y)
+        value.sum().backward()
+        optimizer.step()
+
+    return model, step
+
+
+def ensemble_table(min_time, min_cycles, device="cpu", sync=lambda: None):
+    """Time per training step of ensembles of E members against one network, interleaved."""
+    lines = ["", "## Ensembles: time per training step of E stacked networks, float64", "",
+             "Each member is the example's network with its own seed (the members' solves stop "
+             "on their own, so an ensemble iterates as long as its slowest member). One network: "
+             "the plain `ImplicitModel`; E = 1: the same network stacked.", "",
+             "| workload | model | ms / step | vs one network | per member vs one network "
+             "| fwd iters / layer (max over members) |", "|---|---|---|---|---|---|"]
+    for workload in ENSEMBLE_WORKLOADS:
+        built = {"one network": ensemble_step(workload, None, device)}
+        built |= {f"E = {e}": ensemble_step(workload, e, device) for e in ENSEMBLE_SIZES}
+        samples = interleaved_times({name: step for name, (_, step) in built.items()},
+                                    min_time, min_cycles, sync)
+        times = {name: median(r) for name, r in samples.items()}
+        one = times["one network"]
+        for name, t in times.items():
+            model = built[name][0]
+            members = model.members or 1
+            stats = [b.last_stats if model.members else [b.last_stats] for b in model.net.blocks]
+            fwd = sum(max(s.iterations for s in layer) for layer in stats) / len(stats)
+            lines.append(f"| {workload} | {name} | {1e3 * t:.2f} | {t / one:.2f}x "
+                         f"| {t / one / members:.3f}x | {fwd:.1f} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def median(values):
     return sorted(values)[len(values) // 2]
 
@@ -341,6 +407,8 @@ def main():
     parser.add_argument("--min-cycles", type=int, default=31,
                         help="fewest cycles (one call of every method each) per workload")
     parser.add_argument("--quick", action="store_true", help="W1 only, short measurements")
+    parser.add_argument("--only-ensembles", action="store_true",
+                        help="only the ensemble table")
     parser.add_argument("--device", default="cpu",
                         help="where the steps run; on 'cuda' only the step-time table (the "
                              "other sections time CPU kernels)")
@@ -349,7 +417,7 @@ def main():
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     load_before = wait_for_quiet()
-    workloads = list(WORKLOADS)[:2] if args.quick else list(WORKLOADS)
+    workloads = [] if args.only_ensembles else list(WORKLOADS)[:2] if args.quick else list(WORKLOADS)
 
     lines = ["# Benchmarks", "",
              f"Command: `{' '.join([Path(sys.executable).name] + sys.argv)}`  ",
@@ -394,7 +462,9 @@ def main():
                          f"percentile {per_cycle[n // 10]:.2f}x to {per_cycle[9 * n // 10]:.2f}x "
                          f"| | | | |")
 
-    if not args.quick and args.device == "cpu":
+    lines += ensemble_table(args.min_time, args.min_cycles, args.device, sync)
+
+    if not (args.quick or args.only_ensembles) and args.device == "cpu":
         explicit, rows = memory_table()
         for i, (title, how) in enumerate((
                 ("Bytes saved for backward", "the storages autograd keeps for the backward "

@@ -258,9 +258,9 @@ class ImplicitResidualBlock(nn.Module):
         return fy
 
     def _coefficients(self, x: torch.Tensor):
-        """``(h(1-theta), h theta)``: floats for one network; for an ensemble per-member columns
-        ``(E, 1, ..., 1)`` on ``x``'s dtype and device, with the ``(E,)`` mask of the implicit
-        members (``theta > 0``)."""
+        """``(h(1-theta), h theta, implicit)``: floats and None for one network; for an ensemble
+        per-member columns ``(E, 1, ..., 1)`` on ``x``'s dtype and device, and ``implicit``, one
+        bool per member (``theta > 0``, on the host)."""
         if self.members is None:
             return self.h * (1 - self.theta), self.h * self.theta, None
         key = (x.dtype, x.device, x.dim())
@@ -270,7 +270,7 @@ class ImplicitResidualBlock(nn.Module):
             shape = (-1,) + (1,) * (x.dim() - 1)
             self._columns = (key, (h * (1 - theta)).reshape(shape).to(x.device, x.dtype),
                              (h * theta).reshape(shape).to(x.device, x.dtype),
-                             (theta > 0).to(x.device))
+                             tuple(t > 0 for t in self.theta))
         return self._columns[1:]
 
     def _label(self, member: int | None) -> str:
@@ -301,7 +301,7 @@ class ImplicitResidualBlock(nn.Module):
                 self._nonconvergence("forward", info.iterations, stats.residual)
             return stats
         stats = []
-        for e, is_implicit in enumerate(implicit.tolist()):
+        for e, is_implicit in enumerate(implicit):
             stats.append(SolveStats(info.iterations[e], info.residual[e], info.converged[e])
                          if is_implicit else SolveStats(0, 0.0, True))
             if is_implicit and not info.converged[e]:
@@ -383,8 +383,8 @@ class ImplicitResidualBlock(nn.Module):
             return None
         if self.members is None:
             return [r.mean() for r in record]
-        counts = torch.tensor(info.iterations, device=record[0].device)
-        counts = counts * torch.tensor([t > 0 for t in self.theta], device=counts.device)
+        counts = torch.tensor([k if t > 0 else 0 for k, t in zip(info.iterations, self.theta)],
+                              device=record[0].device)
         return [torch.where(k < counts, r.mean(dim=1), 0) for k, r in enumerate(record)]
 
     # -- backward -------------------------------------------------------------------------
@@ -405,7 +405,9 @@ class ImplicitResidualBlock(nn.Module):
         v, info = self._run(S.LINEAR_SOLVERS[self.backward], input_vjp, grad, tol=self.lin_tol,
                             max_iters=self.lin_max_iters, active=implicit, what="backward")
         if ensemble:
-            v = torch.where(implicit.reshape((-1,) + (1,) * (v.dim() - 1)), v, grad)
+            if not all(implicit):  # explicit members: v = grad (GMRES left them at zero)
+                mask = torch.tensor(implicit, device=v.device)
+                v = torch.where(mask.reshape((-1,) + (1,) * (v.dim() - 1)), v, grad)
             per_member = [(info.iterations[e], info.residual[e], info.converged[e])
                           for e in members]
             converged = [None] * self.members

@@ -29,7 +29,7 @@ Convergence is tested once per iteration on one scalar, the batch maximum of the
 norm; that scalar is also the NaN/inf check, so a loop does one device-to-host transfer
 per iteration and no other.
 
-Ensembles (SPEC section 2b): with ``active`` given (a boolean tensor of shape ``(E,)``), the
+Ensembles (SPEC section 2b): with ``active`` given (one bool per member, on the host), the
 states have shape ``(E, B, *)``, ``E`` independent members of ``B`` samples each, and the
 stopping rule holds per member: member ``e`` stops when ``max_b ||R_{e,b}|| <= tol``, after
 which its iterate is frozen, bit for bit, while the others go on (members with ``active[e]``
@@ -114,25 +114,29 @@ def _as_column(mask: Tensor, like: Tensor) -> Tensor:
 class _Monitor:
     """The shared stopping rule: one residual scalar per iteration, stop at tol or max_iters.
 
-    ``tol`` is a float, or for an ensemble one threshold per member. With ``active`` (a
-    boolean ``(E,)`` tensor of the members that iterate) the rule holds per member:
-    ``running`` (host) and ``active`` (device) say who still moves, ``counts`` and ``values``
-    hold each member's iterations and latest residual, and :meth:`freeze` keeps the stopped
-    members' iterates where they stopped."""
+    ``tol`` is a float, or for an ensemble one threshold per member. With ``active`` (one
+    bool per member: who iterates) the rule holds per member: ``running`` says who still
+    moves, ``counts`` and ``values`` hold each member's iterations and latest residual, and
+    :meth:`freeze` keeps the stopped members' iterates where they stopped. The members'
+    mask lives on the host; a device copy (``mask``) is made only when a member stops, and
+    while every member runs there is none and nothing to freeze."""
 
-    def __init__(self, tol, max_iters: int, record: list | None = None,
-                 active: Tensor | None = None):
+    def __init__(self, tol, max_iters: int, record: list | None = None, active=None,
+                 device=None):
         self.tol, self.max_iters, self.record = tol, max_iters, record
         self.iteration = 0
         self.residual = self.norms = None
-        self.active = active
-        self.lead = 1 if active is None else 2
-        if active is not None:
-            members = active.shape[0]
-            self.running = active.tolist()
+        self.ensemble = active is not None
+        self.lead = 2 if self.ensemble else 1
+        self.mask = None  # device mask of the running members; None while all run
+        if self.ensemble:
+            members = len(active)
+            self.running = [bool(a) for a in active]
             self.counts, self.values = [0] * members, [0.0] * members
             self.tols = list(tol) if isinstance(tol, (list, tuple)) else [tol] * members
-            self.tol_tensor = torch.tensor(self.tols, dtype=torch.float64).to(active.device)
+            self._mask_changed = False
+            if not all(self.running):  # members that never move (an ensemble's explicit ones)
+                self.mask = torch.tensor(self.running, device=device)
 
     def done(self, residual: Tensor) -> bool:
         """Register the residual ``R(y^k)`` of the current iterate; True when the loop must stop."""
@@ -140,33 +144,39 @@ class _Monitor:
         self.norms = norms = batch_norm(residual, self.lead)  # per sample, for solvers that need them
         if self.record is not None:
             self.record.append(norms)
-        if self.active is None:
+        if not self.ensemble:
             self.residual = norms.max().detach()
             res = float(self.residual)  # the one host transfer of this iteration
             _check_finite(res, self.iteration)
             return res <= self.tol or self.iteration >= self.max_iters
-        member_res = norms.detach().amax(dim=1)
-        values = member_res.tolist()  # the one host transfer of this iteration
+        values = norms.detach().amax(dim=1).tolist()  # the one host transfer of this iteration
         capped = self.iteration >= self.max_iters
         for e, running in enumerate(self.running):
             if running:
                 self.counts[e] += 1
                 self.values[e] = values[e]
                 _check_finite(values[e], self.counts[e], e)
-                self.running[e] = not (values[e] <= self.tols[e] or capped)
-        # compared in float64, exactly as on the host
-        self.active = self.active & (member_res.double() > self.tol_tensor)
-        return not any(self.running)
+                if values[e] <= self.tols[e] or capped:
+                    self.running[e] = False
+                    self._mask_changed = True
+        if not any(self.running):
+            return True
+        if self._mask_changed:
+            self.mask = torch.tensor(self.running, device=residual.device)
+            self._mask_changed = False
+        return False
 
     def freeze(self, new: Tensor, old: Tensor, moving: Tensor | None = None) -> Tensor:
-        """``new`` for the members that still iterate (or those in ``moving``), ``old`` for
-        the stopped ones; just ``new`` for a single network."""
-        if self.active is None:
+        """``new`` for the members that still iterate (or those in ``moving``, a mask taken
+        earlier from :attr:`mask`), ``old`` for the stopped ones; just ``new`` for a single
+        network or while every member runs."""
+        mask = self.mask if moving is None else moving
+        if mask is None:
             return new
-        return torch.where(_as_column(self.active if moving is None else moving, new), new, old)
+        return torch.where(_as_column(mask, new), new, old)
 
     def info(self) -> SolveInfo:
-        if self.active is None:
+        if not self.ensemble:
             return SolveInfo(self.iteration, self.residual, bool(self.residual <= self.tol))
         return SolveInfo(list(self.counts), list(self.values),
                          [v <= t for v, t in zip(self.values, self.tols)])
@@ -200,7 +210,7 @@ def _value_and_gradient(g: Callable, y: Tensor, differentiable: bool):
 def fixed_point(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None):
     """Picard iteration ``y^{k+1} = g(y^k)`` (paper eq. 8), i.e.
     ``y^{k+1} = x + h(1-theta) F(x) + h theta F(y^k)`` for the theta-block."""
-    monitor, y = _Monitor(tol, max_iters, record, active), y0
+    monitor, y = _Monitor(tol, max_iters, record, active, y0.device), y0
     while True:
         gy = g(y)
         if monitor.done(y - gy):
@@ -214,7 +224,7 @@ def gradient_descent(g, y0, *, tol, max_iters, differentiable=False, record=None
     ``y^{k+1} = y^k - step_size * (R - h theta J_F(y^k)^T R)``."""
     if not step_size > 0:
         raise ValueError(f"solver_options['step_size'] must be > 0, got {step_size!r}")
-    monitor, y = _Monitor(tol, max_iters, record, active), y0
+    monitor, y = _Monitor(tol, max_iters, record, active, y0.device), y0
     while True:
         residual, grad = _value_and_gradient(g, y, differentiable)
         if monitor.done(residual):
@@ -238,7 +248,7 @@ def nonlinear_cg(g, y0, *, tol, max_iters, differentiable=False, record=None, ac
     """
     if variant not in NCG_VARIANTS:
         raise ValueError(f"solver_options['variant'] must be one of {NCG_VARIANTS}, got {variant!r}")
-    monitor, y = _Monitor(tol, max_iters, record, active), y0
+    monitor, y = _Monitor(tol, max_iters, record, active, y0.device), y0
     lead = monitor.lead
     grad_old = direction = None
     while True:
@@ -276,7 +286,7 @@ def anderson(g, y0, *, tol, max_iters, differentiable=False, record=None, active
         raise ValueError(f"solver_options['memory'] must be an int >= 1, got {memory!r}")
     if not regularization >= 0:
         raise ValueError(f"solver_options['regularization'] must be >= 0, got {regularization!r}")
-    monitor, y = _Monitor(tol, max_iters, record, active), y0
+    monitor, y = _Monitor(tol, max_iters, record, active, y0.device), y0
     batch = y0.shape[:monitor.lead].numel()  # samples (of every member), each mixed on its own
     residuals, values = [], []  # the window, flattened per sample: (B, D) each
     while True:
@@ -337,11 +347,11 @@ def neumann(vjp, b, *, tol, max_iters, active=None):
     """Neumann series for ``(I - J^T) v = b``: ``v_0 = b``, ``v_{k+1} = b + J^T v_k``,
     stopping when ``max_b ||v_{k+1} - v_k|| <= tol * max(1, max_b ||b_b||)``
     (``v_{k+1} - v_k`` is the residual of ``v_k``)."""
-    monitor = _Monitor(_linear_threshold(b, tol, active), max_iters, active=active)
+    monitor = _Monitor(_linear_threshold(b, tol, active), max_iters, active=active, device=b.device)
     v = b
     while True:
         v_next = b + vjp(v)
-        moving = monitor.active  # members that take this step, the last one included
+        moving = monitor.mask  # members that take this step, the last one included
         stop = monitor.done(v_next - v)
         v = monitor.freeze(v_next, v, moving)
         if stop:
@@ -367,7 +377,7 @@ def gmres(vjp, b, *, tol, max_iters, active=None, restart=30):
     n = b_flat.shape[1]
     thresholds = _linear_threshold(b, tol, active)
     thresholds = [thresholds] if active is None else thresholds
-    running = [True] if active is None else active.tolist()
+    running = [True] if active is None else [bool(a) for a in active]
     counts, values = [0] * groups, [0.0] * groups
 
     def operator(v_flat):
