@@ -304,21 +304,28 @@ def activation_comparison(histories: dict, outputs: dict, data):
 # ---------------------------------------------------------------------- notebook 3: spirals
 
 @torch.no_grad()
-def decision_regions(models: dict, data, resolution: int = 200, extent: float = 1.3):
+def decision_regions(models: dict, data, accuracies: dict | None = None, resolution: int = 200,
+                     extent: float = 1.3):
     """Figure 9: decision regions of classifiers ``{(row_label, col_label): (model, accuracy)}``
     on a grid (column labels on top, row labels on the left), with the training (filled) and
-    validation (hollow) points and the validation accuracy in each panel title."""
+    validation (hollow) points and the validation accuracy in each panel title. With
+    ``accuracies`` (``{col_label: validation accuracies over seeds}``) a last panel shows
+    their distribution per column: one dot per seed, the median as a bar."""
     rows = list(dict.fromkeys(r for r, _ in models))
     cols = list(dict.fromkeys(c for _, c in models))
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.4 * len(cols), 2.5 * len(rows)),
-                             squeeze=False, sharex=True, sharey=True)
+    extra = accuracies is not None
+    fig, axes = plt.subplots(len(rows), len(cols) + extra,
+                             figsize=(2.4 * (len(cols) + 1.3 * extra), 2.5 * len(rows)),
+                             squeeze=False, gridspec_kw={"width_ratios": [1] * len(cols)
+                                                         + [1.3] * extra})
     g = np.linspace(-extent, extent, resolution)
     gx, gy = np.meshgrid(g, g)
     for (r, c), (model, accuracy) in models.items():
         ax = axes[rows.index(r), cols.index(c)]
-        dtype = next(model.parameters()).dtype
-        points = torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=dtype)
-        prob = torch.softmax(model.cpu()(points), dim=1)[:, 1].numpy().reshape(gx.shape)
+        parameter = next(model.parameters())
+        points = torch.tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=parameter.dtype,
+                              device=parameter.device)  # evaluated where the model lives
+        prob = torch.softmax(model(points), dim=1)[:, 1].cpu().numpy().reshape(gx.shape)
         ax.contourf(gx, gy, prob, levels=np.linspace(0, 1, 11), cmap="RdBu_r", alpha=0.55)
         ax.contour(gx, gy, prob, levels=[0.5], colors="k", linewidths=0.8)
         for split, style in (("train", dict(edgecolors="k", linewidths=0.4, s=9)),
@@ -334,11 +341,27 @@ def decision_regions(models: dict, data, resolution: int = 200, extent: float = 
         title = f"val. acc. {accuracy:.0%}"
         ax.set_title(f"{c}\n{title}" if rows.index(r) == 0 else title)
         ax.set_aspect("equal")
+        ax.set_xlim(-extent, extent)
+        ax.set_ylim(-extent, extent)
         ax.grid(False)
-    for ax in axes[-1]:
+        if cols.index(c) > 0:
+            ax.set_yticklabels([])
+    for ax in axes[-1, :len(cols)]:
         ax.set_xlabel("$x_1$")
     for ax, r in zip(axes[:, 0], rows):
         ax.set_ylabel(f"{r}\n$x_2$")
+    if extra:
+        ax = axes[0, -1]
+        for i, c in enumerate(cols):
+            values = 100 * np.asarray(accuracies[c], dtype=float)
+            offsets = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else [0.0]
+            ax.scatter(i + np.asarray(offsets), np.sort(values), s=12, color="0.3", zorder=3)
+            ax.hlines(np.median(values), i - 0.3, i + 0.3, color="C3", lw=2, zorder=4)
+        ax.set_xticks(range(len(cols)), [c.replace(", ", "\n") for c in cols], fontsize=7)
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title(f"all {len(values)} seeds (bar: median)")
+        for ax in axes[1:, -1]:
+            ax.axis("off")
     return fig
 
 

@@ -206,7 +206,8 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
                 correct += (out.detach().argmax(dim=-1) == y).reshape(count, -1).sum(dim=1).cpu().numpy()
             for l, block in enumerate(blocks):
                 stats = block.last_stats if members else [block.last_stats]
-                bconv = block.backward_converged if members else [block.backward_converged]
+                bconv = block.backward_converged  # None until a backward solve ran
+                bconv = [bconv] * count if not isinstance(bconv, list) else bconv
                 for e in range(count):
                     fwd[e, l] += stats[e].iterations
                     bwd[e, l] += stats[e].backward_iterations or 0
@@ -380,3 +381,10 @@ def summarize(histories: pd.DataFrame, by=("depth", "theta")) -> pd.DataFrame:
             row[name] = float(np.nanmean(per_layer(last, name)))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def median_seed(values: pd.Series):
+    """The index (a seed) of the median of ``values`` (the lower median for an even count,
+    ties broken by the smaller index): the run to show as representative."""
+    ordered = values.sort_index().sort_values(kind="stable")
+    return ordered.index[(len(ordered) - 1) // 2]

@@ -317,3 +317,15 @@ def test_jobs_group_by_what_they_share():
     assert sorted(map(len, batches)) == [1, 1, 3, 3]
     assert training._batches(jobs, False, 2, 64) == [[i] for i in range(len(jobs))]
     assert max(map(len, training._batches(jobs, True, 1, max_members=2))) == 2
+
+
+def test_train_an_explicit_ensemble_with_the_perturbation_regularizer():
+    """theta = 0 everywhere (notebook 3's ResNet): no solve, no backward statistics."""
+    jobs = [_job("spiral_classifier", "two_spirals", seed, 0.0, dict(num_layers=3),
+                 dict(epochs=2, loss="cross_entropy", stab_weight=1.0)) for seed in (0, 1)]
+    stacked = training.train_many(jobs)
+    alone = training.train_many(jobs, ensemble=False)
+    for (_, a), (_, b) in zip(stacked, alone):
+        assert a.converged.all()
+        np.testing.assert_allclose(a.drop(columns="converged").to_numpy(float),
+                                   b.drop(columns="converged").to_numpy(float), rtol=1e-8)
