@@ -201,6 +201,52 @@ def ensemble_step(workload, members, device="cpu"):
     return model, step
 
 
+def jax_step(workload, members):
+    """The same training step in JAX (``benchmarks/jax_reference.py``), from the same initial
+    weights as :func:`ensemble_step`: a callable running one jitted step (vmapped over
+    ``members``), or None when JAX is not installed."""
+    try:
+        import jax_reference as J
+    except ImportError:  # benchmark-only: `pip install -e ".[bench]"`
+        return None
+    import jax
+    import jax.numpy as jnp
+
+    model, _ = ensemble_step(workload, members)
+    factory, data_name, settings, loss = ENSEMBLE_WORKLOADS[workload]
+    from irn import training
+    data = training.DATASETS[data_name]()
+    block = (model.net.blocks[0])
+    net = model.net
+    if members is None:
+        blocks = [(b.F.linear.weight.detach().numpy(), b.F.linear.bias.detach().numpy())
+                  for b in net.blocks]
+        readout = model.readout
+        readout = ((readout.weight.detach().numpy(), readout.bias.detach().numpy())
+                   if isinstance(readout, torch.nn.Linear) else None)
+    else:
+        blocks = [(b.F.weight.detach().numpy(), b.F.bias.detach().numpy()) for b in net.blocks]
+        readout = model.readout
+        readout = ((readout.weight.detach().numpy(), readout.bias.detach().numpy())
+                   if hasattr(readout, "weight") else None)
+    params = {"blocks": [(jnp.asarray(w), jnp.asarray(b)) for w, b in blocks]}
+    if readout is not None:
+        params["readout"] = tuple(jnp.asarray(a) for a in readout)
+    h = block.h if members is None else block.h[0]
+    theta = block.theta if members is None else block.theta[0]
+    spec = dict(dim=net.dim, h=h, theta=theta, activation=block.F.activation, tol=block.tol,
+                max_iters=block.max_iters, x=data.x_train.numpy(), y=data.y_train.numpy(),
+                loss=loss)
+    step = J.compiled(J.training_step(spec), members)
+    state = [J.initial_state(params)]
+
+    def run():
+        state[0] = step(state[0])
+        jax.block_until_ready(state[0][0])
+
+    return run
+
+
 def ensemble_table(min_time, min_cycles, device="cpu", sync=lambda: None):
     """Time per training step of ensembles of E members against one network, interleaved."""
     lines = ["", "## Ensembles: time per training step of E stacked networks, float64", "",
@@ -212,11 +258,21 @@ def ensemble_table(min_time, min_cycles, device="cpu", sync=lambda: None):
     for workload in ENSEMBLE_WORKLOADS:
         built = {"one network": ensemble_step(workload, None, device)}
         built |= {f"E = {e}": ensemble_step(workload, e, device) for e in ENSEMBLE_SIZES}
-        samples = interleaved_times({name: step for name, (_, step) in built.items()},
-                                    min_time, min_cycles, sync)
+        steps = {name: step for name, (_, step) in built.items()}
+        if device == "cpu":
+            jax_steps = {"JAX one network": jax_step(workload, None),
+                         "JAX vmap, E = 10": jax_step(workload, 10)}
+            steps |= {name: step for name, step in jax_steps.items() if step is not None}
+        samples = interleaved_times(steps, min_time, min_cycles, sync)
         times = {name: median(r) for name, r in samples.items()}
         one = times["one network"]
         for name, t in times.items():
+            if name.startswith("JAX"):
+                members = 10 if "vmap" in name else 1
+                lines.append(f"| {workload} | {name} | {1e3 * t:.2f} | {t / one:.2f}x "
+                             f"| {t / one / members:.3f}x | |")
+                print(lines[-1], flush=True)
+                continue
             model = built[name][0]
             members = model.members or 1
             stats = [b.last_stats if model.members else [b.last_stats] for b in model.net.blocks]
@@ -224,6 +280,11 @@ def ensemble_table(min_time, min_cycles, device="cpu", sync=lambda: None):
             lines.append(f"| {workload} | {name} | {1e3 * t:.2f} | {t / one:.2f}x "
                          f"| {t / one / members:.3f}x | {fwd:.1f} |")
             print(lines[-1], flush=True)
+        if "JAX vmap, E = 10" in times:
+            lines.append(f"| {workload} | **irn E = 10 vs JAX vmap E = 10** | "
+                         f"{times['E = 10'] / times['JAX vmap, E = 10']:.2f}x | | | |")
+            lines.append(f"| {workload} | **irn one network vs JAX one network** | "
+                         f"{times['one network'] / times['JAX one network']:.2f}x | | | |")
     return lines
 
 

@@ -149,11 +149,13 @@ def stability_regions(thetas=(0.0, 0.25, 0.5, 0.75, 1.0), extent: float = 4.0):
 # ------------------------------------------------------------ notebook 2: function approximation
 
 def _band(ax, x, values, color, label, log=True):
-    """Median over seeds with the min-max band."""
+    """Median over seeds with the interquartile band (with ten seeds and more the min-max
+    bands of different models overlap everywhere)."""
     values = np.asarray(values)
     ax.plot(x, np.median(values, axis=0), color=color, label=label)
     if values.shape[0] > 1:
-        ax.fill_between(x, values.min(axis=0), values.max(axis=0), color=color, alpha=0.2, lw=0)
+        low, high = np.percentile(values, [25, 75], axis=0)
+        ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
     if log:
         ax.set_yscale("log")
 
@@ -165,7 +167,7 @@ def _by_model(histories: pd.DataFrame):
 
 def _per_epoch_grid(histories: pd.DataFrame, quantities: dict, ylabel: str, log: bool):
     """One row per depth, one column per quantity (``{title: history -> values per epoch}``);
-    one curve per theta, median over seeds with the min-max band."""
+    one curve per theta, median over seeds with the interquartile band."""
     depths = sorted(histories.depth.unique())
     colors = theta_colors(sorted(histories.theta.unique()))
     fig, axes = plt.subplots(len(depths), len(quantities), figsize=(8, 2.7 * len(depths)),
@@ -187,7 +189,7 @@ def _per_epoch_grid(histories: pd.DataFrame, quantities: dict, ylabel: str, log:
 
 def losses(histories: pd.DataFrame):
     """Figure 4: training and validation loss per epoch, one panel per depth and loss,
-    median over seeds with the min-max band."""
+    median over seeds with the interquartile band."""
     return _per_epoch_grid(histories, {"training loss": lambda h: h.train_loss.to_numpy(),
                                        "validation loss": lambda h: h.val_loss.to_numpy()},
                            "MSE", log=True)
@@ -195,7 +197,7 @@ def losses(histories: pd.DataFrame):
 
 def solver_iterations(histories: pd.DataFrame):
     """Figure 5: mean fixed-point (forward) and Neumann (backward) iterations per layer and
-    epoch, implicit models only, median over seeds with the min-max band."""
+    epoch, implicit models only, median over seeds with the interquartile band."""
     return _per_epoch_grid(
         histories[histories.theta > 0],
         {"fixed-point iterations": lambda h: per_layer(h, "forward_iterations").mean(axis=1),
@@ -205,7 +207,7 @@ def solver_iterations(histories: pd.DataFrame):
 
 def gradient_magnitudes(histories: pd.DataFrame):
     """Figure 6: mean absolute gradient of each layer's parameters, averaged over epochs,
-    against the layer index; median over seeds with the min-max band."""
+    against the layer index; median over seeds with the interquartile band."""
     depths = sorted(histories.depth.unique())
     colors = theta_colors(sorted(histories.theta.unique()))
     fig, axes = plt.subplots(1, len(depths), figsize=(4 * len(depths), 2.9), squeeze=False)

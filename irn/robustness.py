@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from ._checks import choice, require
+from ._parallel import run_all
 from .regularizers import noise, perturbation_distances
 from .training import LOSSES
 
@@ -160,6 +161,19 @@ def evaluate(model, data, *, sigmas, epsilons, pgd_steps: int = 10, repeats: int
                "converged": converged}
     curves = pd.concat(curves, ignore_index=True)[["perturbation", "size", "accuracy"]]
     return curves, growth, summary
+
+
+def _evaluate_task(task):
+    model, data, settings = task
+    return evaluate(model, data, **settings)
+
+
+def evaluate_many(tasks: list, workers: int = 1) -> list:
+    """:func:`evaluate` of every ``(model, data, settings)`` in ``tasks`` (``settings``: the
+    keyword arguments of :func:`evaluate`), in ``workers`` processes; results in order and
+    the same whatever ``workers`` (every measurement is seeded by its own ``seed``)."""
+    require(isinstance(workers, int) and workers >= 1, f"workers must be an int >= 1, got {workers!r}")
+    return run_all(_evaluate_task, list(tasks), workers)
 
 
 def summarize(curves: pd.DataFrame, summary: pd.DataFrame, sigma: dict, epsilon: dict,

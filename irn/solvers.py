@@ -40,6 +40,7 @@ iteration. ``SolveInfo`` then holds one entry per member.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -116,10 +117,12 @@ class _Monitor:
 
     ``tol`` is a float, or for an ensemble one threshold per member. With ``active`` (one
     bool per member: who iterates) the rule holds per member: ``running`` says who still
-    moves, ``counts`` and ``values`` hold each member's iterations and latest residual, and
-    :meth:`freeze` keeps the stopped members' iterates where they stopped. The members'
-    mask lives on the host; a device copy (``mask``) is made only when a member stops, and
-    while every member runs there is none and nothing to freeze."""
+    moves, ``counts`` and ``values`` hold each member's iterations and final residual, and
+    :meth:`freeze` keeps the stopped members' iterates where they stopped. An iteration in
+    which no member stops costs one transfer of the members' residuals and two C-level passes
+    over them (a stopped member's threshold is -inf, so it never stops again); a device copy
+    of the running mask (``mask``) is made only when a member stops, and while every member
+    runs there is none and nothing to freeze."""
 
     def __init__(self, tol, max_iters: int, record: list | None = None, active=None,
                  device=None):
@@ -134,7 +137,8 @@ class _Monitor:
             self.running = [bool(a) for a in active]
             self.counts, self.values = [0] * members, [0.0] * members
             self.tols = list(tol) if isinstance(tol, (list, tuple)) else [tol] * members
-            self._mask_changed = False
+            self.thresholds = [t if run else -math.inf for t, run in zip(self.tols, self.running)]
+            self.device = device
             if not all(self.running):  # members that never move (an ensemble's explicit ones)
                 self.mask = torch.tensor(self.running, device=device)
 
@@ -150,20 +154,21 @@ class _Monitor:
             _check_finite(res, self.iteration)
             return res <= self.tol or self.iteration >= self.max_iters
         values = norms.detach().amax(dim=1).tolist()  # the one host transfer of this iteration
+        if (self.iteration < self.max_iters and math.isfinite(sum(values))
+                and not any(map(operator.le, values, self.thresholds))):
+            self.latest = values  # no member stops (the common case)
+            return False
         capped = self.iteration >= self.max_iters
         for e, running in enumerate(self.running):
             if running:
-                self.counts[e] += 1
-                self.values[e] = values[e]
-                _check_finite(values[e], self.counts[e], e)
+                _check_finite(values[e], self.iteration, e)
                 if values[e] <= self.tols[e] or capped:
                     self.running[e] = False
-                    self._mask_changed = True
+                    self.thresholds[e] = -math.inf
+                    self.counts[e], self.values[e] = self.iteration, values[e]
         if not any(self.running):
             return True
-        if self._mask_changed:
-            self.mask = torch.tensor(self.running, device=residual.device)
-            self._mask_changed = False
+        self.mask = torch.tensor(self.running, device=self.device)
         return False
 
     def freeze(self, new: Tensor, old: Tensor, moving: Tensor | None = None) -> Tensor:

@@ -3,11 +3,10 @@ regularisers, and a per-epoch record of losses and solver statistics."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 import pandas as pd
@@ -16,6 +15,7 @@ from tqdm import tqdm
 
 from . import regularizers
 from ._checks import choice, require
+from ._parallel import run_all
 from .data import digits, sine, two_spirals
 from .models import ImplicitModel, digits_classifier, function_approximator, spiral_classifier
 
@@ -281,7 +281,6 @@ def ensemble_key(job: dict) -> str:
 def _run_jobs(jobs: list[dict]):
     """Train ``jobs`` (one ensemble's worth, or a single job) in this process: ``[(history,
     state_dict), ...]``. Several jobs are stacked and trained as one ensemble."""
-    torch.set_num_threads(1)  # one process per core
     models = [build_model(job["model"], job["seed"], **job["model_kwargs"]) for job in jobs]
     data = DATASETS[jobs[0]["data"]]()
     if len(jobs) == 1:
@@ -299,11 +298,12 @@ def _run_jobs(jobs: list[dict]):
 
 
 def _batches(jobs: list[dict], ensemble: bool, workers: int, max_members: int) -> list[list[int]]:
-    """Indices of the jobs trained together: one job each without ensembling; otherwise the
-    jobs of each :func:`ensemble_key`, sorted by theta (members that converge alike share a
-    piece) and cut into ``max(ceil(n / max_members), min(workers, n))`` even pieces."""
+    """Indices of the jobs trained together, longest first: one job each without ensembling;
+    otherwise the jobs of each :func:`ensemble_key`, sorted by theta (members that converge
+    alike share a piece) and cut into ``max(ceil(n / max_members), min(workers, n))`` even
+    pieces."""
     if not ensemble:
-        return [[i] for i in range(len(jobs))]
+        return sorted(([i] for i in range(len(jobs))), key=lambda batch: -_steps(jobs[batch[0]]))
     groups: dict[str, list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault(ensemble_key(job), []).append(i)
@@ -311,8 +311,22 @@ def _batches(jobs: list[dict], ensemble: bool, workers: int, max_members: int) -
     for indices in groups.values():
         indices.sort(key=lambda i: jobs[i]["model_kwargs"].get("theta", 0.0))
         pieces = max(math.ceil(len(indices) / max_members), min(workers, len(indices)))
-        batches += [list(piece) for piece in np.array_split(indices, pieces)]
-    return batches
+        batches += [[int(i) for i in piece] for piece in np.array_split(indices, pieces)]
+    # the longest first, so that a long single job does not start last and run alone
+    return sorted(batches, key=lambda batch: -_steps(jobs[batch[0]]))
+
+
+@functools.cache
+def _training_size(data: str) -> int:
+    return DATASETS[data]().x_train.shape[0]
+
+
+def _steps(job: dict) -> int:
+    """A job's layer-steps (epochs x minibatches x layers): the order in which to start jobs."""
+    train_kwargs = job["train_kwargs"]
+    n = _training_size(job["data"])
+    batches = math.ceil(n / (train_kwargs.get("batch_size") or n))
+    return train_kwargs.get("epochs", 1) * batches * job["model_kwargs"].get("num_layers", 1)
 
 
 def train_many(jobs: list[dict], workers: int = 1, desc: str = "training", *,
@@ -335,22 +349,12 @@ def train_many(jobs: list[dict], workers: int = 1, desc: str = "training", *,
         _check_job(job)
     batches = _batches(jobs, ensemble, workers, max_members)
     bar = tqdm(total=len(jobs), desc=desc, mininterval=0)
+    outcomes = run_all(_run_jobs, [[jobs[i] for i in batch] for batch in batches], workers,
+                       on_done=lambda b: bar.update(len(batches[b])))
     results = [None] * len(jobs)
-
-    def collect(batch, outcome):
+    for batch, outcome in zip(batches, outcomes):
         for i, result in zip(batch, outcome):
             results[i] = result
-        bar.update(len(batch))
-
-    if workers == 1:
-        for batch in batches:
-            collect(batch, _run_jobs([jobs[i] for i in batch]))
-    else:
-        context = multiprocessing.get_context("spawn")  # fork is unsafe after torch started
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = {pool.submit(_run_jobs, [jobs[i] for i in batch]): batch for batch in batches}
-            for future in as_completed(futures):
-                collect(futures[future], future.result())
     bar.close()
     trained = []
     for job, (history, state) in zip(jobs, results):
