@@ -238,6 +238,9 @@ class ImplicitResNet(nn.Module):
         for setting in ("dim", "num_layers"):
             values = sorted({getattr(n, setting) for n in nets})
             require(len(values) == 1, f"{setting} differs between the networks: {values}")
+        for setting in ("dtype", "device"):
+            values = sorted({str(getattr(next(n.parameters()), setting)) for n in nets})
+            require(len(values) == 1, f"{setting} differs between the networks: {values}")
         blocks = []
         for layer in zip(*(n.blocks for n in nets)):
             require(all(isinstance(b.F, Perceptron) for b in layer),

@@ -303,7 +303,7 @@ def _batches(jobs: list[dict], ensemble: bool, workers: int, max_members: int) -
     alike share a piece) and cut into ``max(ceil(n / max_members), min(workers, n))`` even
     pieces."""
     if not ensemble:
-        return sorted(([i] for i in range(len(jobs))), key=lambda batch: -_steps(jobs[batch[0]]))
+        return sorted(([i] for i in range(len(jobs))), key=lambda batch: -_cost([jobs[batch[0]]]))
     groups: dict[str, list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault(ensemble_key(job), []).append(i)
@@ -312,8 +312,8 @@ def _batches(jobs: list[dict], ensemble: bool, workers: int, max_members: int) -
         indices.sort(key=lambda i: jobs[i]["model_kwargs"].get("theta", 0.0))
         pieces = max(math.ceil(len(indices) / max_members), min(workers, len(indices)))
         batches += [[int(i) for i in piece] for piece in np.array_split(indices, pieces)]
-    # the longest first, so that a long single job does not start last and run alone
-    return sorted(batches, key=lambda batch: -_steps(jobs[batch[0]]))
+    # the longest first, so that a long batch does not start last and run alone
+    return sorted(batches, key=lambda batch: -_cost([jobs[i] for i in batch]))
 
 
 @functools.cache
@@ -321,12 +321,19 @@ def _training_size(data: str) -> int:
     return DATASETS[data]().x_train.shape[0]
 
 
-def _steps(job: dict) -> int:
-    """A job's layer-steps (epochs x minibatches x layers): the order in which to start jobs."""
-    train_kwargs = job["train_kwargs"]
+def _cost(batch: list[dict]) -> float:
+    """A rough cost model of training ``batch`` together, to start the longest batches first:
+    layer-steps (epochs x minibatches x layers), each a fixed overhead plus arithmetic that
+    grows with the samples in flight (members x minibatch x perturbation streams x width);
+    the 1e-4 weight fits this 2-core machine's timings of the notebooks' jobs."""
+    job = batch[0]
+    train_kwargs, model_kwargs = job["train_kwargs"], job["model_kwargs"]
     n = _training_size(job["data"])
-    batches = math.ceil(n / (train_kwargs.get("batch_size") or n))
-    return train_kwargs.get("epochs", 1) * batches * job["model_kwargs"].get("num_layers", 1)
+    minibatch = min(train_kwargs.get("batch_size") or n, n)
+    streams = 1 + train_kwargs.get("stab_streams", 2) if train_kwargs.get("stab_weight", 0) > 0 else 1
+    layer_steps = (train_kwargs.get("epochs", 1) * math.ceil(n / minibatch)
+                   * model_kwargs.get("num_layers", 1))
+    return layer_steps * (1 + 1e-4 * len(batch) * minibatch * streams * model_kwargs.get("dim", 2))
 
 
 def train_many(jobs: list[dict], workers: int = 1, desc: str = "training", *,

@@ -42,3 +42,35 @@ def test_regularizers_and_training_on_cuda():
                              stab_weight=1.0, fp_weight=0.1, device="cuda", progress=False)
     assert next(model.parameters()).is_cuda
     assert len(history) == 3 and history.train_loss.notna().all()
+
+
+@pytest.mark.parametrize("backward", ["neumann", "gmres", "direct"])
+def test_ensemble_matches_cpu(backward):
+    """Stacked networks with per-member stopping on the GPU: outputs, stats and gradients equal
+    the CPU's (the device mask of the running members is made on the GPU)."""
+    results = []
+    for device in ("cpu", "cuda"):
+        nets = []
+        for e, theta in enumerate((0.0, 0.5, 1.0)):
+            torch.manual_seed(e)
+            nets.append(irn.ImplicitResNet(3, 3, 0.4, theta, activation="tanh", backward=backward,
+                                           tol=1e-10, max_iters=200).to(device, DT))
+        ens = irn.ImplicitResNet.stack(nets)
+        y0 = torch.randn(3, 5, 3, dtype=DT, generator=torch.Generator().manual_seed(1))
+        y0 = y0.to(device).requires_grad_()
+        ens(y0).pow(2).sum().backward()
+        stats = [[(s.iterations, s.backward_iterations) for s in b.last_stats] for b in ens.blocks]
+        results.append((y0.grad.cpu(), ens.blocks[0].F.weight.grad.cpu(), stats))
+    (g_cpu, w_cpu, s_cpu), (g_gpu, w_gpu, s_gpu) = results
+    torch.testing.assert_close(g_gpu, g_cpu, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(w_gpu, w_cpu, atol=1e-8, rtol=1e-8)
+    assert s_gpu == s_cpu
+
+
+def test_ensemble_training_on_cuda():
+    jobs = [dict(model="spiral_classifier", seed=s, data="two_spirals",
+                 model_kwargs=dict(num_layers=4, theta=t, on_nonconvergence="ignore"),
+                 train_kwargs=dict(epochs=3, loss="cross_entropy", stab_weight=1.0, device="cuda"))
+            for s, t in ((0, 0.0), (1, 0.5))]
+    for model, history in training.train_many(jobs):
+        assert len(history) == 3 and history.train_loss.notna().all()

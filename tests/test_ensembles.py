@@ -162,6 +162,13 @@ def test_stacking_different_settings_names_the_setting(change, name):
         irn.ImplicitResNet.stack(nets)
 
 
+def test_stacking_different_dtypes_names_it():
+    nets = make_nets(members=[(0.5, 0.5), (0.5, 0.5)])
+    nets[1].float()
+    with pytest.raises(ValueError, match="dtype differs"):
+        irn.ImplicitResNet.stack(nets)
+
+
 def test_bad_ensemble_arguments():
     ens = irn.ImplicitResNet.stack(make_nets())
     for e in (-1, 4, 1.0):
