@@ -201,22 +201,17 @@ def ensemble_step(workload, members, device="cpu"):
     return model, step
 
 
-def jax_step(workload, members):
-    """The same training step in JAX (``benchmarks/jax_reference.py``), from the same initial
-    weights as :func:`ensemble_step`: a callable running one jitted step (vmapped over
-    ``members``), or None when JAX is not installed."""
-    try:
-        import jax_reference as J
-    except ImportError:  # benchmark-only: `pip install -e ".[bench]"`
-        return None
-    import jax
+def jax_problem(workload, members):
+    """The workload for ``benchmarks/jax_reference.py``: ``(spec, params, model)`` with the
+    initial weights of :func:`ensemble_step`'s model (stacked along a leading member axis for
+    ``members``)."""
     import jax.numpy as jnp
 
     model, _ = ensemble_step(workload, members)
     factory, data_name, settings, loss = ENSEMBLE_WORKLOADS[workload]
     from irn import training
     data = training.DATASETS[data_name]()
-    block = (model.net.blocks[0])
+    block = model.net.blocks[0]
     net = model.net
     if members is None:
         blocks = [(b.F.linear.weight.detach().numpy(), b.F.linear.bias.detach().numpy())
@@ -237,6 +232,20 @@ def jax_step(workload, members):
     spec = dict(dim=net.dim, h=h, theta=theta, activation=block.F.activation, tol=block.tol,
                 max_iters=block.max_iters, x=data.x_train.numpy(), y=data.y_train.numpy(),
                 loss=loss)
+    return spec, params, model
+
+
+def jax_step(workload, members):
+    """The same training step in JAX (``benchmarks/jax_reference.py``), from the same initial
+    weights as :func:`ensemble_step`: a callable running one jitted step (vmapped over
+    ``members``), or None when JAX is not installed."""
+    try:
+        import jax_reference as J
+    except ImportError:  # benchmark-only: `pip install -e ".[bench]"`
+        return None
+    import jax
+
+    spec, params, _ = jax_problem(workload, members)
     step = J.compiled(J.training_step(spec), members)
     state = [J.initial_state(params)]
 

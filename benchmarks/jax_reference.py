@@ -90,10 +90,10 @@ def theta_layer(h: float, theta: float, activation: str, tol: float, max_iters: 
     return layer
 
 
-def training_step(workload: dict, lr: float = 1e-5):
-    """``(step, state)`` for ``workload`` (dim, layers, h, theta, activation, tol, max_iters,
-    inputs x, targets y, ``loss`` 'mse' (output y_L[1]) or 'cross_entropy' (linear readout
-    to ``classes`` logits)): ``state = step(state)`` is one jitted Adam step."""
+def loss_function(workload: dict):
+    """``loss(params)`` of ``workload`` (dim, h, theta, activation, tol, max_iters, inputs x,
+    targets y, ``loss`` 'mse' (output y_L[1]) or 'cross_entropy' (a linear readout to
+    logits)); ``params = {"blocks": [(W_l, b_l), ...], "readout": (W, b)}``."""
     w = workload
     layer = theta_layer(w["h"], w["theta"], w["activation"], w["tol"], w["max_iters"])
     x, y = jnp.asarray(w["x"]), jnp.asarray(w["y"])
@@ -106,6 +106,13 @@ def training_step(workload: dict, lr: float = 1e-5):
             return jnp.mean((state[:, 1:2] - y) ** 2)
         logits = state @ params["readout"][0].T + params["readout"][1]
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+    return loss
+
+
+def training_step(workload: dict, lr: float = 1e-5):
+    """``state = step(state)``: one Adam step on :func:`loss_function` (not yet jitted)."""
+    loss = loss_function(workload)
 
     def step(state):
         params, m, v, t = state

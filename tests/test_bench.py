@@ -4,6 +4,7 @@ answer is known; the benchmark itself runs with ``make bench``, not here."""
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,3 +81,37 @@ def test_peak_memory_of_known_allocations():
 
     assert 8000 <= bench.peak_memory(step) < 8000 + 2 * 512
     assert bench.peak_memory(lambda: None) == 0
+
+
+@pytest.mark.parametrize("members", [None, 3])
+@pytest.mark.parametrize("workload", list(bench.ENSEMBLE_WORKLOADS))
+def test_ensemble_step_trains_every_member(workload, members):
+    model, step = bench.ensemble_step(workload, members)
+    before = [p.detach().clone() for p in model.parameters()]
+    step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    if members:
+        assert len(model.net.blocks[0].last_stats) == members
+
+
+@pytest.mark.parametrize("workload", list(bench.ENSEMBLE_WORKLOADS))
+def test_jax_reference_computes_irn_loss_and_gradients(workload):
+    """The compiled reference of the ensemble table solves the same problem: its loss and
+    gradients at the initial weights equal irn's (float64, within the solver tolerance)."""
+    jax = pytest.importorskip("jax")  # benchmark-only dependency (make bench installs it)
+    import jax_reference
+
+    spec, params, model = bench.jax_problem(workload, None)
+    loss, grads = jax.value_and_grad(jax_reference.loss_function(spec))(params)
+    from irn import training
+    factory, data_name, _, loss_name = bench.ENSEMBLE_WORKLOADS[workload]
+    data = training.DATASETS[data_name]()
+    value = training.LOSSES[loss_name](model(data.x_train), data.y_train)
+    value.backward()
+    assert float(loss) == pytest.approx(float(value.detach()), rel=1e-9)
+    for l, (gw, gb) in enumerate(grads["blocks"]):
+        linear = model.net.blocks[l].F.linear
+        torch.testing.assert_close(torch.tensor(np.asarray(gw)), linear.weight.grad,
+                                   rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(torch.tensor(np.asarray(gb)), linear.bias.grad,
+                                   rtol=1e-4, atol=1e-7)
