@@ -34,16 +34,17 @@ IRN_SRC := $(wildcard irn/*.py)
 RUNNER := scripts/run_notebook.py
 RUN := $(BIN)/python $(RUNNER) --timeout 3600
 
+# The paper profile's executed notebooks are also kept, for readers, in notebooks/executed/.
 define PROFILE_RULES
 build/$(1)/params.stamp: params/$(1).yaml scripts/split_params.py | $$(STAMP)
 	@$$(BIN)/python scripts/split_params.py params/$(1).yaml build/$(1)/params
 	@touch $$@
 build/$(1)/params/%.yaml: build/$(1)/params.stamp ;
 build/$(1)/%.ipynb: notebooks/%.ipynb build/$(1)/params/%.yaml $$(IRN_SRC) $$(RUNNER) | $$(STAMP)
-	$$(RUN) $$< --params build/$(1)/params/$$*.yaml --output $$@ --figures $(2)
+	$$(RUN) $$< --params build/$(1)/params/$$*.yaml --output $$@ --figures $(2) $(3)
 endef
-$(eval $(call PROFILE_RULES,paper,figures))
-$(eval $(call PROFILE_RULES,smoke,build/smoke/figures))
+$(eval $(call PROFILE_RULES,paper,figures,--copy notebooks/executed/$$*.ipynb))
+$(eval $(call PROFILE_RULES,smoke,build/smoke/figures,))
 .SECONDARY:
 
 figures: $(NAMES:%=build/paper/%.ipynb) ## regenerate every figure of the paper into figures/ (paper profile)
@@ -70,8 +71,8 @@ bench: $(STAMP) ## benchmarks: print a table and write benchmarks/results.md
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[bench]"
 	$(BIN)/python benchmarks/bench.py
 
-lab: $(STAMP) ## open the notebooks in JupyterLab
-	$(BIN)/jupyter lab notebooks
+lab: $(STAMP) ## open the executed notebooks in JupyterLab (sources one folder up)
+	cd notebooks && ../$(BIN)/jupyter lab executed/01_linear_stability.ipynb
 
 clean: ## remove build outputs (keeps .venv and figures/)
 	rm -rf build .pytest_cache tests/notebooks/.staging-*

@@ -9,20 +9,67 @@ one per notebook from a profile); ``-p NAME VALUE`` overrides one. Every paramet
 unknown name fails the run, naming it. Figures are written to a staging folder and moved
 into `--figures` only when the whole notebook succeeded, so a failed run leaves the previous
 figures in place; the executed notebook is likewise written under a temporary name first.
+
+The executed notebook is written for reading and for diffs (:func:`clean`): papermill's
+timestamps, durations, paths and environment are removed, and so are progress bars (tqdm's
+stderr), which belong to the terminal, not to the record. ``--copy PATH`` writes a second,
+identical copy (``make figures`` keeps the paper profile's in ``notebooks/executed/``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import nbformat
 import papermill
 import yaml
 from papermill.exceptions import PapermillExecutionError
+
+
+# run-specific metadata: notebook-level papermill keys, and whole per-cell records
+RUN_SPECIFIC = ("start_time", "end_time", "duration", "input_path", "output_path",
+                "environment_variables", "exception")
+PROGRESS_BAR = re.compile(r"\d+%\|.*\|\s*\d+/\d+ \[")  # tqdm: " 40%|####  | 4/10 [00:01<..."
+ADDRESS = re.compile(r" at 0x[0-9a-f]+")  # reprs such as <Line2D at 0x7f...> differ per run
+
+
+def clean(notebook):
+    """The executed notebook without what differs between two runs of the same code: papermill's
+    notebook-level ``start_time``, ``end_time``, ``duration``, ``input_path``, ``output_path``
+    and ``environment_variables``, every cell's ``papermill`` and ``execution`` records, and
+    stderr outputs that are progress bars; memory addresses in reprs are dropped and the
+    injected-parameters cell gets a fixed id instead of papermill's random one. Outputs, tags
+    and parameters stay."""
+    record = notebook.metadata.get("papermill", {})
+    for key in RUN_SPECIFIC:
+        record.pop(key, None)
+    for cell in notebook.cells:
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell.id = "injected-parameters"  # papermill draws a random id each run
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs
+                            if not (o.output_type == "stream" and o.name == "stderr"
+                                    and PROGRESS_BAR.search(o.text))]
+            for output in cell.outputs:
+                if "text/plain" in output.get("data", {}):
+                    output.data["text/plain"] = ADDRESS.sub("", output.data["text/plain"])
+    return notebook
+
+
+def write(notebook, path: Path) -> None:
+    """Write ``notebook`` to ``path`` through a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.ipynb")
+    nbformat.write(notebook, str(tmp))
+    os.replace(tmp, path)
 
 
 def load_parameters(path: Path | None, notebook: Path, overrides: list[tuple[str, str]]) -> dict:
@@ -46,6 +93,7 @@ def main() -> int:
     parser.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="override one parameter (YAML value)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    parser.add_argument("--copy", type=Path, help="a second copy of the executed notebook")
     args = parser.parse_args()
 
     parameters = load_parameters(args.params, args.notebook, args.p)
@@ -74,7 +122,10 @@ def main() -> int:
     for path in sorted(staging.iterdir()):
         os.replace(path, args.figures / path.name)
     staging.rmdir()
-    os.replace(tmp, output)
+    notebook = clean(nbformat.read(str(tmp), as_version=4))
+    tmp.unlink()
+    for path in [output] + ([args.copy] if args.copy else []):
+        write(notebook, path)
     print(f"[run] {args.notebook.name} done in {time.time() - start:.0f} s", flush=True)
     return 0
 

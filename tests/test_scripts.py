@@ -73,3 +73,66 @@ def test_nbval_references_run_the_current_notebooks():
         ref_cells = [c.source for c in nbformat.read(reference, 4).cells
                      if "injected-parameters" not in c.metadata.get("tags", [])]
         assert cells == ref_cells, f"{reference} is stale: run make references"
+
+
+def _tiny_notebook(path):
+    """A notebook with a parameters cell, a tqdm progress bar, a printed number and a figure."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [
+        nbformat.v4.new_code_cell("steps = 3\nfigures_dir = '.'", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("from tqdm import tqdm\nimport time\n"
+                                  "for _ in tqdm(range(steps), mininterval=0): time.sleep(0.01)"),
+        nbformat.v4.new_code_cell("print(f'{sum(range(steps)):d}')"),
+        nbformat.v4.new_code_cell("import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\n"
+                                  "ax.plot([0, steps])"),
+    ]
+    nbformat.write(nb, str(path))
+
+
+def test_executed_notebooks_are_byte_identical_between_runs(tmp_path):
+    """Two executions of the same notebook with the same parameters write the same bytes:
+    no timestamps, durations, paths or progress bars; outputs (text, figure) kept."""
+    import nbformat
+
+    source = tmp_path / "tiny.ipynb"
+    _tiny_notebook(source)
+    written = []
+    for run_index in range(2):
+        out = tmp_path / f"run{run_index}" / "tiny.ipynb"
+        result = run("scripts/run_notebook.py", str(source), "-p", "steps", "4", "--output",
+                     str(out), "--figures", str(tmp_path / "figures"),
+                     "--copy", str(tmp_path / f"copy{run_index}.ipynb"))
+        assert result.returncode == 0, result.stderr
+        written.append(out.read_bytes())
+        assert (tmp_path / f"copy{run_index}.ipynb").read_bytes() == written[-1]
+    assert written[0] == written[1]
+    text = written[0].decode()
+    for word in ("start_time", "end_time", "duration", "input_path", "output_path",
+                 "iopub", str(tmp_path), "it/s"):
+        assert word not in text
+    nb = nbformat.reads(text, 4)
+    outputs = [cell.outputs for cell in nb.cells if cell.cell_type == "code"]
+    assert outputs[3][0].text == "6\n"  # the parameter reached the kernel
+    assert any("image/png" in o.get("data", {}) for o in outputs[4])
+
+
+def test_executed_notebooks_show_their_outputs():
+    """The paper-profile notebooks kept for readers carry the outputs of every cell that
+    prints or draws, and no run-specific metadata."""
+    import nbformat
+
+    executed = sorted((ROOT / "notebooks" / "executed").glob("[0-9]*.ipynb"))
+    sources = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
+    assert [p.name for p in executed] == [p.name for p in sources]
+    for path in executed:
+        nb = nbformat.read(path, 4)
+        assert "start_time" not in nb.metadata.get("papermill", {})
+        for cell in nb.cells:
+            if cell.cell_type != "code":
+                continue
+            assert "papermill" not in cell.metadata and "execution" not in cell.metadata
+            if "print(" in cell.source or "plotting.save(" in cell.source:
+                assert cell.outputs, f"{path.name}: no output for\n{cell.source}"
