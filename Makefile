@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export SOURCE_DATE_EPOCH := 0
 export PYTHONHASHSEED := 0
 
-.PHONY: help venv test unit figures smoke references bench lab clean
+.PHONY: help venv test unit figures smoke references bench lab clean clean-cache
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -32,7 +32,13 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 NAMES := $(notdir $(basename $(NOTEBOOKS)))
 IRN_SRC := $(wildcard irn/*.py)
 RUNNER := scripts/run_notebook.py
-RUN := $(BIN)/python $(RUNNER) --timeout 3600
+# trained models are cached in $(CACHE) (`make figures CACHE=` turns it off); DASK_SCHEDULER
+# (e.g. tcp://host:8786) sends the notebooks' training jobs to a Dask cluster
+CACHE ?= build/cache
+DASK_SCHEDULER ?=
+REFERENCE_RUN := $(BIN)/python $(RUNNER) --timeout 3600
+RUN := $(REFERENCE_RUN) $(if $(CACHE),--cache $(CACHE)) \
+	$(if $(DASK_SCHEDULER),--dask-scheduler $(DASK_SCHEDULER))
 
 # The paper profile's executed notebooks are also kept, for readers, in notebooks/executed/.
 define PROFILE_RULES
@@ -54,7 +60,7 @@ smoke: $(NAMES:%=build/smoke/%.ipynb) ## run every notebook with the tiny smoke 
 references: $(STAMP) ## regenerate the nbval references tests/notebooks/ (smoke profile)
 	@$(BIN)/python scripts/split_params.py params/smoke.yaml build/references/params
 	@for name in $(NAMES); do \
-	  $(RUN) notebooks/$$name.ipynb --params build/references/params/$$name.yaml \
+	  $(REFERENCE_RUN) notebooks/$$name.ipynb --params build/references/params/$$name.yaml \
 	    --output tests/notebooks/$$name.ipynb --figures build/references/figures || exit 1; \
 	done
 
@@ -74,5 +80,9 @@ bench: $(STAMP) ## benchmarks: print a table and write benchmarks/results.md
 lab: $(STAMP) ## open the executed notebooks in JupyterLab (sources one folder up)
 	cd notebooks && ../$(BIN)/jupyter lab executed/01_linear_stability.ipynb
 
-clean: ## remove build outputs (keeps .venv and figures/)
-	rm -rf build .pytest_cache tests/notebooks/.staging-*
+clean: ## remove build outputs (keeps .venv, figures/ and the cache of trained models)
+	find build -mindepth 1 -maxdepth 1 ! -name cache -exec rm -rf {} + 2>/dev/null || true
+	rm -rf .pytest_cache tests/notebooks/.staging-*
+
+clean-cache: ## remove the cache of trained models (build/cache)
+	rm -rf $(CACHE)

@@ -1,35 +1,62 @@
-"""Run independent tasks in this process or in ``workers`` spawned processes (one core each)."""
+"""Run independent tasks in this process, in ``workers`` spawned processes (one core each), or
+on any ``concurrent.futures.Executor`` (a Dask cluster's, see :func:`executor`)."""
 
 from __future__ import annotations
 
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
 
 
-def run_all(fn: Callable, tasks: list, workers: int = 1, on_done: Callable | None = None) -> list:
-    """``[fn(task) for task in tasks]``, in order; with ``workers > 1`` in that many spawned
-    processes (fork is unsafe once torch has started threads), longest tasks first if the
-    caller sorted them so. ``on_done(index)`` is called as each task finishes (progress)."""
+def run_all(fn: Callable, tasks: list, workers: int = 1, on_done: Callable | None = None,
+            executor: Executor | None = None) -> list:
+    """``[fn(task) for task in tasks]``, in order: on ``executor`` if given, else with
+    ``workers > 1`` in that many spawned processes (fork is unsafe once torch has started
+    threads), else here. Every task runs with one torch thread wherever it runs, so its result
+    does not depend on the place. ``on_done(index)`` is called as each task finishes."""
     results = [None] * len(tasks)
-    if workers == 1 or len(tasks) <= 1:
+    if executor is None and (workers == 1 or len(tasks) <= 1):
         for i, task in enumerate(tasks):
             results[i] = fn(task)
             if on_done:
                 on_done(i)
         return results
+    if executor is not None:
+        return _collect(executor, fn, tasks, results, on_done)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool:
-        futures = {pool.submit(_one_thread, fn, task): i for i, task in enumerate(tasks)}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            if on_done:
-                on_done(futures[future])
+        return _collect(pool, fn, tasks, results, on_done)
+
+
+def _collect(pool, fn, tasks, results, on_done):
+    futures = {pool.submit(_one_thread, fn, task): i for i, task in enumerate(tasks)}
+    for future in as_completed(futures):
+        results[futures[future]] = future.result()
+        if on_done:
+            on_done(futures[future])
     return results
 
 
 def _one_thread(fn, task):
-    torch.set_num_threads(1)  # one process per core
+    torch.set_num_threads(1)  # one task per core
     return fn(task)
+
+
+@contextmanager
+def executor(address: str | None):
+    """The executor of the Dask scheduler at ``address`` (e.g. ``tcp://host:8786``), through
+    ``distributed.Client(address).get_executor()``; ``None`` or ``""`` yields None (local
+    processes). The client is closed on exit."""
+    if not address:
+        yield None
+        return
+    try:
+        from distributed import Client
+    except ImportError as err:  # an optional dependency of sweeps on a cluster
+        raise ImportError("a Dask scheduler needs the 'distributed' package "
+                          "(pip install distributed; `make` installs it)") from err
+    with Client(address) as client:
+        yield client.get_executor()

@@ -9,10 +9,13 @@ unrolled iterations.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 import torch
 
+from . import cache
 from ._checks import choice, require
 from ._parallel import run_all
 from .regularizers import noise, perturbation_distances
@@ -168,12 +171,50 @@ def _evaluate_task(task):
     return evaluate(model, data, **settings)
 
 
-def evaluate_many(tasks: list, workers: int = 1) -> list:
+def _fingerprint(tensors) -> str:
+    """SHA-256 of tensors' dtypes, shapes and bytes: what a measurement of a model depends on."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{t.dtype} {tuple(t.shape)}".encode())
+        digest.update(t.numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _evaluation_key(task) -> str:
+    model, data, settings = task
+    return cache.key({"evaluate": settings, "model": repr(model),
+                      "weights": _fingerprint(model.state_dict().values()),
+                      "data": _fingerprint([data.x_train, data.y_train, data.x_val, data.y_val])},
+                     cache.EVALUATION_SOURCES)
+
+
+def evaluate_many(tasks: list, workers: int = 1, *, cache_dir=None, executor=None) -> list:
     """:func:`evaluate` of every ``(model, data, settings)`` in ``tasks`` (``settings``: the
-    keyword arguments of :func:`evaluate`), in ``workers`` processes; results in order and
-    the same whatever ``workers`` (every measurement is seeded by its own ``seed``)."""
+    keyword arguments of :func:`evaluate`), ``workers`` processes at a time (or on
+    ``executor``); results in order and the same wherever they ran (every measurement is
+    seeded by its own ``seed``). With ``cache_dir`` a measurement is looked up by the model's
+    weights, the data, the settings and the sources (:mod:`irn.cache`) before it is made."""
     require(isinstance(workers, int) and workers >= 1, f"workers must be an int >= 1, got {workers!r}")
-    return run_all(_evaluate_task, list(tasks), workers)
+    tasks = list(tasks)
+    results = [None] * len(tasks)
+    keys = [_evaluation_key(task) for task in tasks] if cache_dir else None
+    for i in range(len(tasks) if cache_dir else 0):
+        found = cache.load(cache_dir, keys[i])
+        if found is not None and sorted(found[0]) == ["curves", "growth", "summary"]:
+            tables = found[0]
+            results[i] = (tables["curves"], tables["growth"].growth.to_numpy(),
+                          tables["summary"].iloc[0].to_dict())
+    todo = [i for i, result in enumerate(results) if result is None]
+    for i, result in zip(todo, run_all(_evaluate_task, [tasks[i] for i in todo], workers,
+                                       executor=executor)):
+        results[i] = result
+        if cache_dir:
+            curves, growth, summary = result
+            cache.store(cache_dir, keys[i], {"curves": curves,
+                                             "growth": pd.DataFrame({"growth": growth}),
+                                             "summary": pd.DataFrame([summary])}, {})
+    return results
 
 
 def summarize(curves: pd.DataFrame, summary: pd.DataFrame, sigma: dict, epsilon: dict,

@@ -13,9 +13,9 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from . import regularizers
+from . import cache, regularizers
 from ._checks import choice, require
-from ._parallel import run_all
+from ._parallel import executor, run_all  # noqa: F401 (executor: public here)
 from .data import digits, sine, two_spirals
 from .models import ImplicitModel, digits_classifier, function_approximator, spiral_classifier
 
@@ -336,18 +336,45 @@ def _cost(batch: list[dict]) -> float:
     return layer_steps * (1 + 1e-4 * len(batch) * minibatch * streams * model_kwargs.get("dim", 2))
 
 
+def _batch_key(jobs: list[dict]) -> str:
+    return cache.key({"train_many": jobs})
+
+
+def _load_batch(directory, entry: str, size: int):
+    found = cache.load(directory, entry)
+    if found is None:
+        return None
+    tables, tensors = found
+    if sorted(tables) != [f"history_{e}" for e in range(size)] or len(tensors) != size:
+        return None
+    return [(tables[f"history_{e}"], tensors[f"state_{e}"]) for e in range(size)]
+
+
+def _store_batch(directory, entry: str, outcome) -> None:
+    cache.store(directory, entry, {f"history_{e}": h for e, (h, _) in enumerate(outcome)},
+                {f"state_{e}": s for e, (_, s) in enumerate(outcome)})
+
+
 def train_many(jobs: list[dict], workers: int = 1, desc: str = "training", *,
-               ensemble: bool = True, max_members: int = 64):
-    """Train independent models, ``workers`` processes at a time.
+               ensemble: bool = True, max_members: int = 64, cache_dir=None,
+               executor=None):
+    """Train independent models, ``workers`` processes at a time (or on ``executor``).
 
     Each job is a dict with ``model`` (a key of ``MODEL_FACTORIES``), ``model_kwargs``,
     ``data`` (a key of ``DATASETS``), ``train_kwargs`` (for :func:`train`) and ``seed``
     (initialisation and training noise). With ``ensemble`` (default) jobs that differ only in
     seed, ``theta`` and regulariser weights and sizes are stacked into ensembles of at most
-    ``max_members`` and trained as one (SPEC section 2b); each job still gets what training
-    it alone gives (to rounding). A job's result depends neither on ``workers`` nor on the
-    ensemble it landed in. Returns ``[(model, history), ...]`` in the order of ``jobs``;
-    progress is shown per finished job.
+    ``max_members`` (cut into at least ``workers`` pieces) and trained as one (SPEC section
+    2b); each job gets what training it alone gives, to rounding: how jobs are stacked
+    (``ensemble``, ``workers``, ``max_members``) moves results by rounding only, where it
+    runs (here, local processes, a Dask cluster) not at all.
+
+    ``cache_dir``: a folder of trained batches (:mod:`irn.cache`), keyed by the jobs, the
+    training sources and the versions; a batch found there is not trained again.
+    ``executor``: any ``concurrent.futures.Executor`` to run the batches on (e.g.
+    ``irn.training.executor("tcp://host:8786")``, a Dask cluster); default: local processes.
+    Returns ``[(model, history), ...]`` in the order of ``jobs``; progress is shown per
+    finished job.
     """
     require(isinstance(workers, int) and workers >= 1, f"workers must be an int >= 1, got {workers!r}")
     require(isinstance(max_members, int) and max_members >= 1,
@@ -356,20 +383,37 @@ def train_many(jobs: list[dict], workers: int = 1, desc: str = "training", *,
         _check_job(job)
     batches = _batches(jobs, ensemble, workers, max_members)
     bar = tqdm(total=len(jobs), desc=desc, mininterval=0)
-    outcomes = run_all(_run_jobs, [[jobs[i] for i in batch] for batch in batches], workers,
-                       on_done=lambda b: bar.update(len(batches[b])))
+    outcomes = [None] * len(batches)
+    keys = [_batch_key([jobs[i] for i in batch]) for batch in batches] if cache_dir else None
+    if cache_dir:
+        for b, batch in enumerate(batches):
+            outcomes[b] = _load_batch(cache_dir, keys[b], len(batch))
+            if outcomes[b] is not None:
+                bar.update(len(batch))
+    todo = [b for b, outcome in enumerate(outcomes) if outcome is None]
+
+    def done(index):
+        b = todo[index]
+        bar.update(len(batches[b]))
+
+    trained = run_all(_run_jobs, [[jobs[i] for i in batches[b]] for b in todo], workers,
+                      on_done=done, executor=executor)
+    for b, outcome in zip(todo, trained):
+        outcomes[b] = outcome
+        if cache_dir:
+            _store_batch(cache_dir, keys[b], outcome)
+    bar.close()
     results = [None] * len(jobs)
     for batch, outcome in zip(batches, outcomes):
         for i, result in zip(batch, outcome):
             results[i] = result
-    bar.close()
-    trained = []
+    models = []
     for job, (history, state) in zip(jobs, results):
         with torch.random.fork_rng(devices=[]):  # rebuilding must not move the caller's RNG
             model = build_model(job["model"], job["seed"], **job["model_kwargs"])
         model.load_state_dict(state)
-        trained.append((model, history))
-    return trained
+        models.append((model, history))
+    return models
 
 
 def summarize(histories: pd.DataFrame, by=("depth", "theta")) -> pd.DataFrame:

@@ -72,12 +72,17 @@ def write(notebook, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# set by the runner from its own options, never by a profile: where figures go, where the cache
+# lives, which Dask scheduler trains (the last two only for notebooks that declare them)
+RUNNER_PARAMETERS = ("figures_dir", "cache_dir", "dask_scheduler")
+
+
 def load_parameters(path: Path | None, notebook: Path, overrides: list[tuple[str, str]]) -> dict:
     parameters = dict(yaml.safe_load(path.read_text()) or {}) if path else {}
     for name, value in overrides:
         parameters[name] = yaml.safe_load(value)
     declared = papermill.inspect_notebook(str(notebook))
-    unknown = sorted(set(parameters) - set(declared) - {"figures_dir"})
+    unknown = sorted(set(parameters) - set(declared) - set(RUNNER_PARAMETERS))
     if unknown:
         sys.exit(f"error: unknown parameter(s) {', '.join(unknown)} for {notebook.name} "
                  f"(from {path} or -p); declared: {', '.join(sorted(declared))}")
@@ -94,6 +99,8 @@ def main() -> int:
                         help="override one parameter (YAML value)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     parser.add_argument("--copy", type=Path, help="a second copy of the executed notebook")
+    parser.add_argument("--cache", type=Path, help="cache of trained models (cache_dir)")
+    parser.add_argument("--dask-scheduler", help="address of a Dask scheduler (dask_scheduler)")
     args = parser.parse_args()
 
     parameters = load_parameters(args.params, args.notebook, args.p)
@@ -105,6 +112,11 @@ def main() -> int:
     # the kernel runs beside the executed notebook; paths are relative so that an nbval
     # re-execution of a reference notebook writes to the same kind of place
     parameters["figures_dir"] = os.path.relpath(staging, output.parent)
+    declared = papermill.inspect_notebook(str(args.notebook))
+    if args.cache and "cache_dir" in declared:
+        parameters["cache_dir"] = os.path.relpath(args.cache.resolve(), output.parent)
+    if args.dask_scheduler and "dask_scheduler" in declared:
+        parameters["dask_scheduler"] = args.dask_scheduler
     tmp = output.with_name(f".{output.stem}.tmp.ipynb")
     print(f"[run] {args.notebook} with {args.params} -> {args.output}", flush=True)
     start = time.time()

@@ -1,0 +1,158 @@
+"""The cache of trained models (irn.cache, train_many's cache_dir) and sweeps on any executor
+(a real Dask LocalCluster): hits return identical results without training, misses are exact,
+damaged entries are retrained, and where a job runs does not change its numbers."""
+
+import json
+import threading
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+
+from irn import cache, robustness, training
+
+
+def jobs(epochs=3, **extra):
+    return [dict(model="spiral_classifier", seed=seed, data="two_spirals",
+                 model_kwargs=dict(num_layers=2, theta=theta, on_nonconvergence="ignore"),
+                 train_kwargs=dict(epochs=epochs, loss="cross_entropy") | extra)
+            for seed, theta in ((0, 0.0), (1, 0.5), (2, 1.0))]
+
+
+@pytest.fixture
+def count_training(monkeypatch):
+    """Counts the batches train_many trains (in this process: workers=1)."""
+    calls = []
+    original = training._run_jobs
+
+    def counted(batch):
+        calls.append(len(batch))
+        return original(batch)
+
+    monkeypatch.setattr(training, "_run_jobs", counted)
+    return calls
+
+
+def same(result_a, result_b):
+    for (model_a, history_a), (model_b, history_b) in zip(result_a, result_b):
+        pd.testing.assert_frame_equal(history_a, history_b, check_exact=True)
+        for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def test_a_hit_returns_identical_results_without_training(tmp_path, count_training):
+    first = training.train_many(jobs(), cache_dir=tmp_path)
+    assert count_training == [3]  # one ensemble trained
+    second = training.train_many(jobs(), cache_dir=tmp_path)
+    assert count_training == [3]  # nothing trained again
+    same(first, second)
+    same(first, training.train_many(jobs()))  # and the same as without a cache
+
+
+def test_a_changed_setting_misses(tmp_path, count_training):
+    training.train_many(jobs(), cache_dir=tmp_path)
+    training.train_many(jobs(epochs=4), cache_dir=tmp_path)
+    assert count_training == [3, 3]
+
+
+def test_a_changed_training_source_misses_a_plotting_change_hits(tmp_path, monkeypatch):
+    payload = {"train_many": jobs()}
+    reference = cache.key(payload)
+    sources = tmp_path / "irn"
+    sources.mkdir()
+    for path in cache.PACKAGE.glob("*.py"):
+        (sources / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(cache, "PACKAGE", sources)
+    assert cache.key(payload) == reference
+    (sources / "plotting.py").write_text((sources / "plotting.py").read_text() + "\n# a colour\n")
+    assert cache.key(payload) == reference
+    (sources / "solvers.py").write_text((sources / "solvers.py").read_text() + "\n# a change\n")
+    assert cache.key(payload) != reference
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "remove"])
+def test_a_damaged_entry_is_reported_and_retrained(tmp_path, count_training, damage):
+    first = training.train_many(jobs(), cache_dir=tmp_path)
+    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    victim = sorted(entry.glob("*.pt"))[1]
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:100])
+    elif damage == "corrupt":
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    else:
+        victim.unlink()
+    with pytest.warns(cache.CacheWarning, match="unreadable"):
+        second = training.train_many(jobs(), cache_dir=tmp_path)
+    assert count_training == [3, 3]
+    same(first, second)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rewritten entry reads cleanly
+        training.train_many(jobs(), cache_dir=tmp_path)
+    assert count_training == [3, 3]
+
+
+def test_two_writers_of_one_entry_leave_one_whole_entry(tmp_path):
+    tables = {"history_0": pd.DataFrame({"loss": [1.0, 0.5]})}
+    tensors = {"state_0": {"w": torch.arange(1000, dtype=torch.float64)}}
+    threads = [threading.Thread(target=cache.store, args=(tmp_path, "entry", tables, tensors))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]  # no temporary folder left
+    loaded_tables, loaded_tensors = cache.load(tmp_path, "entry")
+    pd.testing.assert_frame_equal(loaded_tables["history_0"], tables["history_0"])
+    assert torch.equal(loaded_tensors["state_0"]["w"], tensors["state_0"]["w"])
+
+
+def test_loading_never_unpickles_objects(tmp_path):
+    """A tensor file holding an arbitrary object is refused (weights_only), not executed."""
+    cache.store(tmp_path, "entry", {}, {"state_0": {"w": torch.zeros(2)}})
+    path = tmp_path / "entry" / "state_0.pt"
+    torch.save({"w": torch.zeros(2), "x": threading.Lock}, path)  # not a plain tensor dict
+    manifest = tmp_path / "entry" / "manifest.json"  # checksums updated: only the pickle is wrong
+    manifest.write_text(json.dumps({"state_0.pt": cache._sha256(path)}))
+    with pytest.warns(cache.CacheWarning):
+        assert cache.load(tmp_path, "entry") is None
+
+
+def test_robustness_measurements_are_cached(tmp_path):
+    (model, _), = training.train_many(jobs()[:1])
+    task = (model, training.DATASETS["two_spirals"](),
+            dict(sigmas=[0.0, 0.1], epsilons=[0.0, 0.05], pgd_steps=2, repeats=2, seed=3))
+    first = robustness.evaluate_many([task], cache_dir=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 1
+    second = robustness.evaluate_many([task], cache_dir=tmp_path)
+    pd.testing.assert_frame_equal(first[0][0], second[0][0], check_exact=True)
+    assert (first[0][1] == second[0][1]).all() and first[0][2] == second[0][2]
+    with torch.no_grad():
+        model.readout.bias.add_(0.1)  # another model: another entry
+    robustness.evaluate_many([task], cache_dir=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as client:
+            yield client
+
+
+def test_a_sweep_on_a_dask_cluster_equals_the_local_one_bit_for_bit(dask_client):
+    sweep = jobs(stab_weight=1.0, batch_size=32) + jobs(fp_weight=0.5)
+    local = training.train_many(sweep, workers=2)
+    remote = training.train_many(sweep, workers=2, executor=dask_client.get_executor())
+    same(local, remote)
+
+
+def test_executor_context_connects_to_a_scheduler(dask_client):
+    with training.executor(dask_client.scheduler.address) as executor:
+        assert executor.submit(sum, [1, 2]).result() == 3
+    with training.executor(None) as executor:
+        assert executor is None
