@@ -351,8 +351,12 @@ class ImplicitResidualBlock(nn.Module):
         with torch.set_grad_enabled(differentiable):
             constant = explicit if differentiable else explicit.detach()
 
-            def step(y):  # the fixed-point map y -> x + h(1-theta)F(x) + h theta F(y)
-                return _axpy(constant, h_implicit, evaluate_F(y))
+            if members is None:
+                def step(y):  # the fixed-point map y -> x + h(1-theta)F(x) + h theta F(y)
+                    return torch.add(constant, evaluate_F(y), alpha=h_implicit)
+            else:
+                def step(y):  # the same, one coefficient per member
+                    return torch.addcmul(constant, h_implicit, evaluate_F(y))
 
             record = [] if self.keep_iterates else None
             y_star, info = self._run(S.FORWARD_SOLVERS[self.solver], step, x, tol=self.tol,

@@ -149,8 +149,10 @@ class _Monitor:
         if self.record is not None:
             self.record.append(norms)
         if not self.ensemble:
-            self.residual = norms.max().detach()
-            res = float(self.residual)  # the one host transfer of this iteration
+            self.residual = residual_max = norms.max()
+            if residual_max.requires_grad:
+                self.residual = residual_max.detach()
+            res = float(residual_max)  # the one host transfer of this iteration
             _check_finite(res, self.iteration)
             return res <= self.tol or self.iteration >= self.max_iters
         values = norms.detach().amax(dim=1).tolist()  # the one host transfer of this iteration
@@ -220,7 +222,7 @@ def fixed_point(g, y0, *, tol, max_iters, differentiable=False, record=None, act
         gy = g(y)
         if monitor.done(y - gy):
             return y, monitor.info()
-        y = monitor.freeze(gy, y)
+        y = gy if monitor.mask is None else monitor.freeze(gy, y)
 
 
 def gradient_descent(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None,
@@ -358,7 +360,7 @@ def neumann(vjp, b, *, tol, max_iters, active=None):
         v_next = b + vjp(v)
         moving = monitor.mask  # members that take this step, the last one included
         stop = monitor.done(v_next - v)
-        v = monitor.freeze(v_next, v, moving)
+        v = v_next if moving is None else monitor.freeze(v_next, v, moving)
         if stop:
             return v, monitor.info()
 
