@@ -345,7 +345,7 @@ def _load_batch(directory, entry: str, size: int):
     if found is None:
         return None
     tables, tensors = found
-    if sorted(tables) != [f"history_{e}" for e in range(size)] or len(tensors) != size:
+    if set(tables) != {f"history_{e}" for e in range(size)} or len(tensors) != size:
         return None
     return [(tables[f"history_{e}"], tensors[f"state_{e}"]) for e in range(size)]
 

@@ -50,6 +50,13 @@ def test_a_hit_returns_identical_results_without_training(tmp_path, count_traini
     same(first, training.train_many(jobs()))  # and the same as without a cache
 
 
+def test_an_ensemble_of_more_than_ten_members_hits(tmp_path, count_training):
+    many = [job | dict(seed=seed) for seed in range(4) for job in jobs()]  # one batch of 12
+    first = training.train_many(many, cache_dir=tmp_path)
+    same(first, training.train_many(many, cache_dir=tmp_path))
+    assert count_training == [12]
+
+
 def test_a_changed_setting_misses(tmp_path, count_training):
     training.train_many(jobs(), cache_dir=tmp_path)
     training.train_many(jobs(epochs=4), cache_dir=tmp_path)
