@@ -68,7 +68,8 @@ def load(directory, entry: str):
         for name, digest in manifest.items():
             if _sha256(folder / name) != digest:
                 raise ValueError(f"{name} does not match its checksum")
-        tables = {name[:-4]: pd.read_csv(folder / name)
+        # (copied: a wide frame read from CSV is fragmented, and pandas warns on its first use)
+        tables = {name[:-4]: pd.read_csv(folder / name).copy()
                   for name in manifest if name.endswith(".csv")}
         tensors = {name[:-3]: torch.load(folder / name, weights_only=True)
                    for name in manifest if name.endswith(".pt")}

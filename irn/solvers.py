@@ -149,10 +149,10 @@ class _Monitor:
         if self.record is not None:
             self.record.append(norms)
         if not self.ensemble:
-            self.residual = residual_max = norms.max()
-            if residual_max.requires_grad:
-                self.residual = residual_max.detach()
-            res = float(residual_max)  # the one host transfer of this iteration
+            self.residual = norms.max()
+            if self.residual.requires_grad:
+                self.residual = self.residual.detach()
+            res = float(self.residual)  # the one host transfer of this iteration
             _check_finite(res, self.iteration)
             return res <= self.tol or self.iteration >= self.max_iters
         values = norms.detach().amax(dim=1).tolist()  # the one host transfer of this iteration

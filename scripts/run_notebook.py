@@ -43,9 +43,9 @@ def clean(notebook):
     """The executed notebook without what differs between two runs of the same code: papermill's
     notebook-level ``start_time``, ``end_time``, ``duration``, ``input_path``, ``output_path``
     and ``environment_variables``, every cell's ``papermill`` and ``execution`` records, and
-    stderr outputs that are progress bars; memory addresses in reprs are dropped and the
-    injected-parameters cell gets a fixed id instead of papermill's random one. Outputs, tags
-    and parameters stay."""
+    stderr outputs that are progress bars (or the blank line a closed bar leaves); memory
+    addresses in reprs are dropped and the injected-parameters cell gets a fixed id instead of
+    papermill's random one. Outputs, tags and parameters stay."""
     record = notebook.metadata.get("papermill", {})
     for key in RUN_SPECIFIC:
         record.pop(key, None)
@@ -57,7 +57,7 @@ def clean(notebook):
         if cell.cell_type == "code":
             cell.outputs = [o for o in cell.outputs
                             if not (o.output_type == "stream" and o.name == "stderr"
-                                    and PROGRESS_BAR.search(o.text))]
+                                    and (PROGRESS_BAR.search(o.text) or not o.text.strip()))]
             for output in cell.outputs:
                 if "text/plain" in output.get("data", {}):
                     output.data["text/plain"] = ADDRESS.sub("", output.data["text/plain"])
