@@ -139,3 +139,18 @@ def test_executed_notebooks_show_their_outputs():
             assert "papermill" not in cell.metadata and "execution" not in cell.metadata
             if "print(" in cell.source or "plotting.save(" in cell.source:
                 assert cell.outputs, f"{path.name}: no output for\n{cell.source}"
+
+
+def test_every_parameter_of_every_notebook_is_parsed():
+    """papermill must parse every line of each parameters cell (a line it cannot parse, e.g. a
+    comment holding '=', is silently not a parameter, and the runner would refuse it)."""
+    import re
+
+    import nbformat
+    import papermill
+
+    for source in sorted((ROOT / "notebooks").glob("[0-9]*.ipynb")):
+        cell = next(c for c in nbformat.read(source, 4).cells
+                    if "parameters" in c.metadata.get("tags", []))
+        assigned = set(re.findall(r"^(\w+) =", cell.source, flags=re.M))
+        assert set(papermill.inspect_notebook(str(source))) == assigned, source.name
