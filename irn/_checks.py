@@ -3,6 +3,9 @@ and says what is allowed."""
 
 from __future__ import annotations
 
+import math
+import numbers
+
 
 def require(condition: bool, message: str) -> None:
     """Raise ``ValueError(message)`` unless ``condition``."""
@@ -13,3 +16,17 @@ def require(condition: bool, message: str) -> None:
 def choice(name: str, value, allowed) -> None:
     """``value`` must be one of ``allowed``; the message names ``name`` and lists them."""
     require(value in allowed, f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def number(name: str, value, condition=lambda v: True, allowed: str = "a finite number") -> None:
+    """``value`` must be a finite real number (not a bool, not a string) with ``condition``;
+    the message names ``name`` and ``allowed``."""
+    require(isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value) and condition(value),
+            f"{name} must be {allowed}, got {value!r}")
+
+
+def integer(name: str, value, low: int = 1) -> None:
+    """``value`` must be an int (not a bool) ``>= low``."""
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+            f"{name} must be an int >= {low}, got {value!r}")

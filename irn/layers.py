@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import solvers as S
-from ._checks import choice, require
+from ._checks import choice, integer, number, require
 from .solvers import ConvergenceWarning, SolverError, SolveStats
 
 POLICIES = ("warn", "raise", "ignore")
@@ -165,28 +165,23 @@ class ImplicitResidualBlock(nn.Module):
         require(len(set(sequences)) <= 1 and all(sequences),
                 f"h and theta given per member must have the same length >= 1, got {sequences}")
         members = sequences[0] if sequences else None
+        for value in (h if isinstance(h, (list, tuple)) else (h,)):
+            number("h", value, lambda v: v > 0, "a finite number > 0")
+        for value in (theta if isinstance(theta, (list, tuple)) else (theta,)):
+            number("theta", value, lambda v: 0 <= v <= 1, "a number in [0, 1]")
         h, theta = _per_member("h", h, members), _per_member("theta", theta, members)
-        for value in (h if members else (h,)):
-            require(value > 0, f"h must be > 0, got {value!r}")
-        for value in (theta if members else (theta,)):
-            require(0 <= value <= 1, f"theta must be in [0, 1], got {value!r}")
         choice("solver", solver, S.FORWARD_SOLVERS)
         choice("backward", backward, S.BACKWARDS)
-        require(tol > 0, f"tol must be > 0, got {tol!r}")
-        require(isinstance(max_iters, int) and max_iters >= 1,
-                 f"max_iters must be an int >= 1, got {max_iters!r}")
+        number("tol", tol, lambda v: v > 0, "a finite number > 0")
+        integer("max_iters", max_iters)
         lin_tol = tol if lin_tol is None else lin_tol
         lin_max_iters = max_iters if lin_max_iters is None else lin_max_iters
-        require(lin_tol > 0, f"lin_tol must be > 0, got {lin_tol!r}")
-        require(isinstance(lin_max_iters, int) and lin_max_iters >= 1,
-                 f"lin_max_iters must be an int >= 1, got {lin_max_iters!r}")
+        number("lin_tol", lin_tol, lambda v: v > 0, "a finite number > 0")
+        integer("lin_max_iters", lin_max_iters)
+        require(solver_options is None or isinstance(solver_options, dict),
+                f"solver_options must be a dict or None, got {solver_options!r}")
         solver_options = dict(solver_options or {})
-        allowed = S.SOLVER_OPTIONS[solver]
-        for key in solver_options:
-            require(key in allowed, f"solver_options key {key!r} is not known to solver "
-                                     f"{solver!r}; allowed keys: {allowed}")
-        if solver == "nonlinear_cg" and "variant" in solver_options:
-            choice("solver_options['variant']", solver_options["variant"], S.NCG_VARIANTS)
+        S.check_options(solver, solver_options)
         choice("on_nonconvergence", on_nonconvergence, POLICIES)
 
         self.F = F
@@ -317,6 +312,12 @@ class ImplicitResidualBlock(nn.Module):
                              f"block, got {tuple(x.shape)}")
         h_explicit, h_implicit, implicit = self._coefficients(x)
         latest = self._latest
+        if x.numel() == 0:  # an empty batch: nothing to solve, an empty output
+            latest.iterate_residuals = [] if self.keep_iterates else None
+            latest.backward_converged = None
+            latest.stats = (SolveStats(0, 0.0, True) if members is None
+                            else [SolveStats(0, 0.0, True) for _ in range(members)])
+            return x.clone()
         if h_implicit == 0 if members is None else self.theta == (0.0,) * members:
             latest.iterate_residuals = [] if self.keep_iterates else None
             latest.backward_converged = None

@@ -46,6 +46,8 @@ from typing import Callable
 
 import torch
 
+from ._checks import choice, integer, number, require
+
 Tensor = torch.Tensor
 
 
@@ -229,8 +231,6 @@ def gradient_descent(g, y0, *, tol, max_iters, differentiable=False, record=None
                      step_size=0.5):
     """Fixed-step gradient descent on ``phi(y) = 1/2 ||R(y)||^2``:
     ``y^{k+1} = y^k - step_size * (R - h theta J_F(y^k)^T R)``."""
-    if not step_size > 0:
-        raise ValueError(f"solver_options['step_size'] must be > 0, got {step_size!r}")
     monitor, y = _Monitor(tol, max_iters, record, active, y0.device), y0
     while True:
         residual, grad = _value_and_gradient(g, y, differentiable)
@@ -253,8 +253,6 @@ def nonlinear_cg(g, y0, *, tol, max_iters, differentiable=False, record=None, ac
     directional derivative, ``alpha = -s phi'(0) / (phi'(s) - phi'(0))`` with trial step
     ``s = 1``, which is exact when ``F`` is linear (``phi`` quadratic).
     """
-    if variant not in NCG_VARIANTS:
-        raise ValueError(f"solver_options['variant'] must be one of {NCG_VARIANTS}, got {variant!r}")
     monitor, y = _Monitor(tol, max_iters, record, active, y0.device), y0
     lead = monitor.lead
     grad_old = direction = None
@@ -289,10 +287,6 @@ def anderson(g, y0, *, tol, max_iters, differentiable=False, record=None, active
     (per sample; the Tikhonov weight is relative, so the method is scale-invariant). With
     ``M = Gram + ridge I`` (symmetric positive definite) the minimiser is
     ``a = M^{-1} 1 / (1^T M^{-1} 1)``, one Cholesky solve per iteration."""
-    if not (isinstance(memory, int) and memory >= 1):
-        raise ValueError(f"solver_options['memory'] must be an int >= 1, got {memory!r}")
-    if not regularization >= 0:
-        raise ValueError(f"solver_options['regularization'] must be >= 0, got {regularization!r}")
     monitor, y = _Monitor(tol, max_iters, record, active, y0.device), y0
     batch = y0.shape[:monitor.lead].numel()  # samples (of every member), each mixed on its own
     residuals, values = [], []  # the window, flattened per sample: (B, D) each
@@ -339,6 +333,24 @@ SOLVER_OPTIONS = {
     "nonlinear_cg": ("variant",),
     "anderson": ("memory", "regularization"),
 }
+
+
+def check_options(solver: str, options: dict) -> None:
+    """Every key and value of ``solver_options`` for ``solver``, checked once (a block does it
+    at construction): ``ValueError`` naming the option and what it allows."""
+    allowed = SOLVER_OPTIONS[solver]
+    for key, value in options.items():
+        require(key in allowed, f"solver_options key {key!r} is not known to solver "
+                                f"{solver!r}; allowed keys: {allowed}")
+        name = f"solver_options[{key!r}]"
+        if key == "step_size":
+            number(name, value, lambda v: v > 0, "a finite number > 0")
+        elif key == "variant":
+            choice(name, value, NCG_VARIANTS)
+        elif key == "memory":
+            integer(name, value)
+        elif key == "regularization":
+            number(name, value, lambda v: v >= 0, "a finite number >= 0")
 
 
 # ------------------------------------------------------------------------------ linear solvers

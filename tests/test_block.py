@@ -373,6 +373,19 @@ BAD_ARGUMENTS = [
     (dict(solver_options={"step_size": 0.1}), "step_size"),
     (dict(solver="anderson", solver_options={"memroy": 3}), "memroy"),
     (dict(solver="nonlinear_cg", solver_options={"variant": "hestenes"}), "variant"),
+    # option values, bools, infinities and strings are refused when the setting is given
+    (dict(solver="gradient_descent", solver_options={"step_size": 0}), "step_size"),
+    (dict(solver="gradient_descent", solver_options={"step_size": float("nan")}), "step_size"),
+    (dict(solver="anderson", solver_options={"memory": 0}), "memory"),
+    (dict(solver="anderson", solver_options={"memory": True}), "memory"),
+    (dict(solver="anderson", solver_options={"memory": 2.5}), "memory"),
+    (dict(solver="anderson", solver_options={"regularization": -1e-3}), "regularization"),
+    (dict(solver_options="anderson"), "solver_options"),
+    (dict(max_iters=True), "max_iters"), (dict(lin_max_iters=False), "lin_max_iters"),
+    (dict(max_iters=10.0), "max_iters"),
+    (dict(h=float("inf")), "h"), (dict(h=float("nan")), "h"), (dict(h="1"), "h"),
+    (dict(h=True), "h"), (dict(theta="0.5"), "theta"), (dict(tol=float("inf")), "tol"),
+    (dict(lin_tol="1e-6"), "lin_tol"),
 ]
 
 
@@ -441,3 +454,15 @@ def test_forward_evaluates_F_once_per_iteration(grad):
                                          tol=1e-10, max_iters=50)[0]
         torch.testing.assert_close(out, torch.add(explicit, F(y_star), alpha=0.25),
                                    rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.5])
+def test_an_empty_batch_gives_an_empty_output(theta):
+    block = irn.ImplicitResidualBlock(nn.Linear(3, 3).double(), 0.5, theta)
+    x = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+    y = block(x)
+    assert y.shape == (0, 3) and block.last_stats == irn.SolveStats(0, 0.0, True)
+    y.sum().backward()
+    assert x.grad.shape == (0, 3)
+    ens = irn.ImplicitResNet.stack([irn.ImplicitResNet(3, 2, 0.5, theta).double()] * 2)
+    assert ens(torch.zeros(2, 0, 3, dtype=torch.float64)).shape == (2, 0, 3)

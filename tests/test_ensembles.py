@@ -186,7 +186,7 @@ def test_bad_ensemble_arguments():
         irn.ImplicitResNet(2, 2).member(0)
     with pytest.raises(ValueError, match="same length"):
         irn.ImplicitResidualBlock(torch.nn.Identity(), h=[0.1, 0.2], theta=[0.5])
-    with pytest.raises(ValueError, match="theta must be in"):
+    with pytest.raises(ValueError, match=r"theta must be a number in \[0, 1\]"):
         irn.ImplicitResidualBlock(torch.nn.Identity(), h=0.1, theta=[0.5, 1.5])
 
 
