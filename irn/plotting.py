@@ -6,6 +6,7 @@ returns a ``matplotlib.figure.Figure``; :func:`save` writes it as PDF and PNG.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -44,11 +45,20 @@ SCHEME_LABELS = {"forward_euler": "forward Euler", "backward_euler": "backward E
 
 
 def use_style() -> None:
-    """Apply the shared figure style (called on import, and by every notebook)."""
+    """Make the shared figure style global (``matplotlib.rcParams``), for inline figures and
+    the caller's own plots; the notebooks call it. Nothing here calls it: every figure
+    function of this module applies the style only while it draws (:func:`_styled`)."""
     matplotlib.rcParams.update(STYLE)
 
 
-use_style()
+def _styled(function):
+    """Run a figure function (or :func:`save`) inside ``matplotlib.rc_context(STYLE)``: the
+    figure gets the shared style and the caller's rcParams stay as they were."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context(STYLE):
+            return function(*args, **kwargs)
+    return wrapper
 
 
 def theta_colors(thetas) -> dict:
@@ -57,6 +67,7 @@ def theta_colors(thetas) -> dict:
     return {t: cmap(0.9 * t) for t in thetas}
 
 
+@_styled
 def save(fig, name: str, directory) -> None:
     """Write ``fig`` to ``directory/name.pdf`` and ``.png`` without timestamps (so a regenerated
     figure diffs cleanly), each through a temporary file and an atomic rename."""
@@ -83,6 +94,7 @@ def save_table(frame: pd.DataFrame, name: str, directory, index: bool = True) ->
 
 # --------------------------------------------------------------------- notebook 1: stability
 
+@_styled
 def phase_diagrams(h: float, steps: int, z0=(1.0, 0.0)):
     """Figure 2: orbits of the four schemes on ``u' = v, v' = -u`` with the exact flow."""
     fig, axes = plt.subplots(1, 4, figsize=(10, 3.0), sharex=True, sharey=True)
@@ -107,6 +119,7 @@ def phase_diagrams(h: float, steps: int, z0=(1.0, 0.0)):
     return fig
 
 
+@_styled
 def spectral_radii(h_max: float = 4.0, points: int = 401):
     """Spectral radius of one step of each scheme against the step size ``h``."""
     hs = np.linspace(0, h_max, points)
@@ -123,6 +136,7 @@ def spectral_radii(h_max: float = 4.0, points: int = 401):
     return fig
 
 
+@_styled
 def stability_regions(thetas=(0.0, 0.25, 0.5, 0.75, 1.0), extent: float = 4.0):
     """Stability regions ``|R(z)| <= 1`` of the theta-method in the complex ``z = h lambda`` plane."""
     x = np.linspace(-extent, extent, 401)
@@ -187,6 +201,7 @@ def _per_epoch_grid(histories: pd.DataFrame, quantities: dict, ylabel: str, log:
     return fig
 
 
+@_styled
 def losses(histories: pd.DataFrame):
     """Figure 4: training and validation loss per epoch, one panel per depth and loss,
     median over seeds with the interquartile band."""
@@ -195,6 +210,7 @@ def losses(histories: pd.DataFrame):
                            "MSE", log=True)
 
 
+@_styled
 def solver_iterations(histories: pd.DataFrame):
     """Figure 5: mean fixed-point (forward) and Neumann (backward) iterations per layer and
     epoch, implicit models only, median over seeds with the interquartile band."""
@@ -205,6 +221,7 @@ def solver_iterations(histories: pd.DataFrame):
         "mean per layer", log=False)
 
 
+@_styled
 def gradient_magnitudes(histories: pd.DataFrame):
     """Figure 6: mean absolute gradient of each layer's parameters, averaged over epochs,
     against the layer index; median over seeds with the interquartile band."""
@@ -223,12 +240,15 @@ def gradient_magnitudes(histories: pd.DataFrame):
     return fig
 
 
+@_styled
 @torch.no_grad()
-def dynamics(models: dict, data, grid: int = 17, extent: float = 6.0, unconverged=()):
+def dynamics(models: dict, data, grid: int = 17, extent: float = 6.0, unconverged=(),
+             target=None):
     """Figures 7 and 8: for each model (``{theta: model}``) the vector field ``F_0`` of its first
     layer in the state plane with the trajectories ``y_0, ..., y_L`` of the training inputs
-    (top), and its output ``y_L[1]`` against ``x`` with the target (bottom). Models whose
-    theta is in ``unconverged`` are marked in their title."""
+    (top), and its output ``y_L[1]`` against ``x`` with the training points and, if given, the
+    ``target`` function (bottom). Models whose theta is in ``unconverged`` are marked in their
+    title. The models are evaluated where they are (their device and dtype), not moved."""
     thetas = sorted(models)
     colors = theta_colors(thetas)
     fig, axes = plt.subplots(2, len(thetas), figsize=(2.3 * len(thetas), 4.8), squeeze=False)
@@ -236,13 +256,17 @@ def dynamics(models: dict, data, grid: int = 17, extent: float = 6.0, unconverge
                              dtype=data.x_val.dtype).unsqueeze(1)
     u, v = np.meshgrid(np.linspace(-extent, extent, grid), np.linspace(-extent, extent, grid))
     for col, theta in enumerate(thetas):
-        model = models[theta].cpu()
-        dtype = next(model.parameters()).dtype
+        model = models[theta]
+        parameter = next(model.parameters())
+
+        def run(function, tensor):  # on the model's device and dtype; numpy on the host
+            return function(tensor.to(parameter.device, parameter.dtype)).cpu().numpy()
+
         ax = axes[0, col]
-        states = torch.tensor(np.stack([u.ravel(), v.ravel()], 1), dtype=dtype)
-        field = model.net.blocks[0].F(states).numpy()
+        states = torch.tensor(np.stack([u.ravel(), v.ravel()], 1))
+        field = run(model.net.blocks[0].F, states)
         ax.quiver(u, v, field[:, 0], field[:, 1], color="0.55", angles="xy", width=0.004)
-        traj = model.trajectory(data.x_train.to(dtype)).numpy()  # (L+1, B, 2)
+        traj = run(model.trajectory, data.x_train)  # (L+1, B, 2)
         for b in range(traj.shape[1]):
             ax.plot(traj[:, b, 0], traj[:, b, 1], "-", color=colors[theta], lw=0.7, alpha=0.8)
         ax.plot(traj[0, :, 0], traj[0, :, 1], "o", ms=2, color="k")
@@ -253,9 +277,10 @@ def dynamics(models: dict, data, grid: int = 17, extent: float = 6.0, unconverge
                                                  else ""))
         ax.set_xlabel("$y_1$")
         ax = axes[1, col]
-        ax.plot(x_dense.numpy(), np.sin(x_dense.numpy()), color="0.6", ls="--", label="sin(x)")
-        ax.plot(x_dense.numpy(), model(x_dense.to(dtype)).numpy(), color=colors[theta],
-                label="model")
+        if target is not None:
+            ax.plot(x_dense.numpy(), target(x_dense).numpy(), color="0.6", ls="--",
+                    label="target")
+        ax.plot(x_dense.numpy(), run(model, x_dense), color=colors[theta], label="model")
         ax.plot(data.x_train.numpy(), data.y_train.numpy(), "o", ms=2.5, color="k",
                 label="training")
         ax.set_ylim(-1.6, 1.6)
@@ -266,6 +291,7 @@ def dynamics(models: dict, data, grid: int = 17, extent: float = 6.0, unconverge
     return fig
 
 
+@_styled
 def regularizer_effect(histories: dict):
     """Effect of a regulariser: mean forward iterations per layer and training loss against the
     epoch for each labelled run (``{label: history}``)."""
@@ -283,6 +309,7 @@ def regularizer_effect(histories: dict):
     return fig
 
 
+@_styled
 def activation_comparison(histories: dict, outputs: dict, data):
     """Training loss and fitted output for the same model with different activations
     (``{label: history}``, ``{label: (x, y)}``)."""
@@ -305,6 +332,7 @@ def activation_comparison(histories: dict, outputs: dict, data):
 
 # ---------------------------------------------------------------------- notebook 3: spirals
 
+@_styled
 @torch.no_grad()
 def decision_regions(models: dict, data, accuracies: dict | None = None, resolution: int = 200,
                      extent: float = 1.3):
@@ -385,6 +413,7 @@ def _model_lines(ax, frame: pd.DataFrame, x: str, y: str, colors: dict):
                  marker="o", markersize=3, ax=ax, legend=False)
 
 
+@_styled
 def robustness_curves(curves: pd.DataFrame):
     """Validation accuracy against the size of the perturbation, one row per dataset and one
     column per perturbation (Gaussian noise, FGSM, PGD); one line per model (colour: theta,
@@ -418,6 +447,7 @@ def _model_legend(ax, colors: dict, regularizers, loc: str):
     ax.legend(handles=handles, frameon=False, fontsize=7, loc=loc)
 
 
+@_styled
 def perturbation_growth(growth: pd.DataFrame):
     """Per-layer growth ``d_l / d_{l-1}`` of a hidden-state perturbation through the trained
     networks, one panel per dataset, same lines as :func:`robustness_curves` (above 1: the
@@ -442,6 +472,7 @@ def perturbation_growth(growth: pd.DataFrame):
     return fig
 
 
+@_styled
 def solver_comparison(forward: pd.DataFrame, residuals: dict, backward: pd.DataFrame,
                       layer: int | None = None):
     """Forward solvers on one trained network: the residual history of one layer (default:

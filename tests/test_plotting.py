@@ -42,3 +42,38 @@ def test_save_table_creates_the_directory_and_rounds(tmp_path):
     plotting.save_table(frame, "t", tmp_path / "new")
     assert (tmp_path / "new" / "t.csv").read_text() == ",a\nx,0.333333\ny,2\n"
     assert [p.name for p in (tmp_path / "new").iterdir()] == ["t.csv"]
+
+
+def test_importing_and_plotting_leave_the_callers_style_alone():
+    """irn.plotting applies its style only while it draws (issue: it used to restyle the
+    user's matplotlib at import)."""
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; before = dict(matplotlib.rcParams); "
+            "from irn import plotting; assert dict(matplotlib.rcParams) == before; "
+            "fig = plotting.spectral_radii(points=20); assert dict(matplotlib.rcParams) == before; "
+            "assert fig.get_axes()[0].title.get_fontsize() == plotting.STYLE['axes.titlesize']")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={"MPLBACKEND": "Agg", "PATH": ""})
+    assert result.returncode == 0, result.stderr
+
+
+def test_dynamics_leaves_the_models_where_they_are_and_draws_the_given_target():
+    import torch
+
+    from irn import data, models
+
+    torch.manual_seed(0)
+    float32 = models.function_approximator(3, 0.5).float()
+    float64 = models.function_approximator(3, 0.0).double()
+    before = {id(p): (p.device, p.dtype) for m in (float32, float64) for p in m.parameters()}
+    fig = plotting.dynamics({0.5: float32, 0.0: float64}, data.sine())
+    assert {id(p): (p.device, p.dtype) for m in (float32, float64)
+            for p in m.parameters()} == before
+    assert not any(line.get_label() == "target" for ax in fig.axes for line in ax.lines)
+    fig = plotting.dynamics({0.0: float64}, data.sine(), target=torch.sin)
+    target = [line for ax in fig.axes for line in ax.lines if line.get_label() == "target"]
+    assert len(target) == 1
+    x, y = target[0].get_data()
+    assert abs(y - __import__("numpy").sin(x)).max() < 1e-12
