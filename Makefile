@@ -18,7 +18,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[examples,dev]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
@@ -74,7 +74,7 @@ test: $(STAMP) ## run the unit tests and the notebook regression (nbval)
 	@rm -rf tests/notebooks/.staging-*
 
 bench: $(STAMP) ## benchmarks: print a table and write benchmarks/results.md
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[bench]"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[examples,bench]"
 	$(BIN)/python benchmarks/bench.py
 
 lab: $(STAMP) ## open the executed notebooks in JupyterLab (sources one folder up)

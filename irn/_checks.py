@@ -30,3 +30,10 @@ def integer(name: str, value, low: int = 1) -> None:
     """``value`` must be an int (not a bool) ``>= low``."""
     require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
             f"{name} must be an int >= {low}, got {value!r}")
+
+
+def missing_extra(user: str, err: ImportError) -> ImportError:
+    """The error for a module of the examples (tables, training loop, plots) whose optional
+    dependencies are not installed: ``import irn`` and its layers need only torch and numpy."""
+    return ImportError(f"{user} needs {err.name or err}, one of the optional dependencies of "
+                       f"irn's examples: pip install 'irn[examples]'")

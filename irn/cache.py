@@ -22,7 +22,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import pandas as pd
+from ._checks import missing_extra
+
+try:
+    import pandas as pd
+except ImportError as err:  # the examples' dependencies: pip install 'irn[examples]'
+    raise missing_extra("irn.cache", err) from err
 import torch
 
 PACKAGE = Path(__file__).parent

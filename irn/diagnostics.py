@@ -6,7 +6,12 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pandas as pd
+from ._checks import missing_extra
+
+try:
+    import pandas as pd
+except ImportError as err:  # the examples' dependencies: pip install 'irn[examples]'
+    raise missing_extra("irn.diagnostics", err) from err
 import torch
 
 from ._checks import choice, require

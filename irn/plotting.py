@@ -10,13 +10,19 @@ import functools
 import os
 from pathlib import Path
 
-import matplotlib
-import matplotlib.lines
-import matplotlib.pyplot as plt
-import matplotlib.ticker
-import numpy as np
-import pandas as pd
 import torch
+
+from ._checks import missing_extra
+
+try:
+    import matplotlib
+    import matplotlib.lines
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    import numpy as np
+    import pandas as pd
+except ImportError as err:  # the examples' dependencies: pip install 'irn[examples]'
+    raise missing_extra("irn.plotting", err) from err
 
 from . import stability
 from .training import per_layer

@@ -12,7 +12,12 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import pandas as pd
+from ._checks import missing_extra
+
+try:
+    import pandas as pd
+except ImportError as err:  # the examples' dependencies: pip install 'irn[examples]'
+    raise missing_extra("irn.robustness", err) from err
 import torch
 
 from . import cache

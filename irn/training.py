@@ -9,9 +9,15 @@ import json
 import math
 
 import numpy as np
-import pandas as pd
 import torch
-from tqdm import tqdm
+
+from ._checks import missing_extra
+
+try:
+    import pandas as pd
+    from tqdm import tqdm
+except ImportError as err:  # the examples' dependencies: pip install 'irn[examples]'
+    raise missing_extra("irn.training", err) from err
 
 from . import cache, regularizers
 from ._checks import choice, require

@@ -1,0 +1,54 @@
+"""Using the layers costs torch and numpy only: the examples' dependencies are an extra."""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ("pandas", "matplotlib", "seaborn", "tqdm", "sklearn")
+
+BLOCKER = f"""
+import sys
+class Blocker:  # as if the examples' packages were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {EXAMPLES!r}:
+            raise ImportError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Blocker())
+"""
+
+
+def run(code):
+    return subprocess.run([sys.executable, "-c", BLOCKER + code], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def test_the_package_requires_torch_and_numpy_only():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert [d.split("==")[0] for d in project["dependencies"]] == ["torch", "numpy"]
+    extra = {d.split("==")[0] for d in project["optional-dependencies"]["examples"]}
+    assert extra == {"pandas", "matplotlib", "seaborn", "tqdm", "scikit-learn"}
+
+
+def test_layers_solvers_regularizers_and_ensembles_work_without_the_examples_extra():
+    result = run("""
+import torch, irn
+net = irn.ImplicitResNet(3, 4, 0.5, 0.5, backward="gmres")
+net.keep_iterates = True
+y0 = torch.randn(5, 3)
+(net(y0).sum() + irn.regularizers.fixed_point(net, 0.5)
+ + irn.regularizers.perturbation(net, y0, 0.1, 1.0, 2)).backward()
+ens = irn.ImplicitResNet.stack([net, net])
+ens(torch.randn(2, 5, 3)).sum().backward()
+irn.stability.spectral_radius("verlet", 1.0)
+assert not any(m.split(".")[0] in {examples!r} for m in sys.modules)
+""".replace("{examples!r}", repr(EXAMPLES)))
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_examples_modules_say_what_is_missing():
+    for module in ("training", "plotting", "robustness", "diagnostics", "cache"):
+        result = run(f"import irn.{module}")
+        assert result.returncode != 0
+        assert "irn[examples]" in result.stderr and f"irn.{module} needs" in result.stderr, \
+            result.stderr
