@@ -58,12 +58,18 @@ def use_style() -> None:
 
 
 def _styled(function):
-    """Run a figure function (or :func:`save`) inside ``matplotlib.rc_context(STYLE)``: the
-    figure gets the shared style and the caller's rcParams stay as they were."""
+    """Run a figure function (or :func:`save`) with the shared style, then put back the
+    caller's values of exactly the keys of ``STYLE``. (Not ``matplotlib.rc_context``: it
+    restores every rcParam, ``interactive`` included, which IPython sets when a first figure
+    activates its inline backend inside the context: later figures were then not shown.)"""
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        with matplotlib.rc_context(STYLE):
+        saved = {key: matplotlib.rcParams[key] for key in STYLE}
+        matplotlib.rcParams.update(STYLE)
+        try:
             return function(*args, **kwargs)
+        finally:
+            matplotlib.rcParams.update(saved)
     return wrapper
 
 

@@ -154,3 +154,25 @@ def test_every_parameter_of_every_notebook_is_parsed():
                     if "parameters" in c.metadata.get("tags", []))
         assigned = set(re.findall(r"^(\w+) =", cell.source, flags=re.M))
         assert set(papermill.inspect_notebook(str(source))) == assigned, source.name
+
+
+def test_every_figure_of_a_notebook_is_shown_inline(tmp_path):
+    """Each cell that draws a figure with irn.plotting shows it (a style context that restored
+    matplotlib's `interactive` flag once hid every figure but the first)."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("figures_dir = '.'", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("from irn import plotting\nplotting.use_style()"),
+                nbformat.v4.new_code_cell("fig = plotting.spectral_radii(points=20)"),
+                nbformat.v4.new_code_cell("fig = plotting.stability_regions(extent=2.0)")]
+    source = tmp_path / "figures.ipynb"
+    nbformat.write(nb, str(source))
+    out = tmp_path / "out.ipynb"
+    result = run("scripts/run_notebook.py", str(source), "--output", str(out),
+                 "--figures", str(tmp_path / "figures"))
+    assert result.returncode == 0, result.stderr
+    cells = [c for c in nbformat.read(str(out), 4).cells if c.cell_type == "code"]
+    for cell in cells[-2:]:
+        assert any("image/png" in o.get("data", {}) for o in cell.outputs), cell.source
