@@ -29,6 +29,7 @@ from pathlib import Path
 import nbformat
 import papermill
 import yaml
+from jupyter_client.manager import AsyncKernelManager
 from papermill.exceptions import PapermillExecutionError
 
 
@@ -75,6 +76,14 @@ def write(notebook, path: Path) -> None:
 # set by the runner from its own options, never by a profile: where figures go, where the cache
 # lives, which Dask scheduler trains (the last two only for notebooks that declare them)
 RUNNER_PARAMETERS = ("figures_dir", "cache_dir", "dask_scheduler")
+
+
+class IPCKernelManager(AsyncKernelManager):
+    """The kernel talks over local IPC sockets instead of TCP: nothing listens on the network,
+    and ipykernel has no reason to warn that its TCP traffic is unencrypted."""
+
+    def __init__(self, **kwargs):
+        super().__init__(transport="ipc", **kwargs)
 
 
 def load_parameters(path: Path | None, notebook: Path, overrides: list[tuple[str, str]]) -> dict:
@@ -124,7 +133,7 @@ def main() -> int:
         papermill.execute_notebook(
             str(args.notebook), str(tmp), parameters=parameters, kernel_name="python3",
             cwd=str(output.parent), log_output=True, progress_bar=False,
-            execution_timeout=args.timeout)
+            execution_timeout=args.timeout, kernel_manager_class=IPCKernelManager)
     except PapermillExecutionError as err:
         print(f"\n[run] FAILED: {args.notebook} cell {err.exec_count} raised {err.ename}: "
               f"{err.evalue}\n[run] previous figures in {args.figures} are untouched; the "
