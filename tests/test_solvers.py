@@ -120,6 +120,37 @@ def test_unrolled_memory_grows_with_iterations(rng):
     assert many > 5 * few
 
 
+def live_bytes_after_forward(solver, backward, iterations, rng):
+    """Bytes allocated by one block forward and still allocated after it (the output kept):
+    allocations minus frees inside the forward, from torch.profiler's memory records. No
+    saved-tensor hook: an identity hook (return the tensor itself) makes every tensor that an
+    op saves as its own output (tanh saves its result) a reference cycle through C++ that
+    Python's gc cannot free, so under such a hook every grad-enabled evaluation of F inside
+    gradient_descent and nonlinear_cg looked like a leak."""
+    from torch.profiler import ProfilerActivity, profile
+
+    F = random_tanh(16, rng, scale=0.5)
+    x = torch.randn(8, 16, generator=rng, dtype=DT, requires_grad=True)
+    block = irn.ImplicitResidualBlock(F, 1.0, 1.0, solver=solver, backward=backward,
+                                      tol=1e-30, max_iters=iterations, on_nonconvergence="ignore")
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        y = block(x)
+    assert block.last_stats.iterations == iterations
+    y.sum().backward()  # the graph is usable
+    return sum(event.self_cpu_memory_usage for event in prof.key_averages())
+
+
+@pytest.mark.parametrize("solver", sorted(S.FORWARD_SOLVERS))
+def test_no_iterate_stays_alive_after_the_forward_whatever_the_solver(rng, solver):
+    few, many = (live_bytes_after_forward(solver, "neumann", k, rng) for k in (3, 30))
+    assert few == many
+
+
+def test_live_bytes_see_the_iterates_that_unrolled_keeps(rng):
+    few, many = (live_bytes_after_forward("fixed_point", "unrolled", k, rng) for k in (3, 30))
+    assert many > 5 * few
+
+
 # ---------------------------------------------------------------------------- determinism
 
 @pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
