@@ -107,8 +107,14 @@ class _ImplicitBackward(torch.autograd.Function):
         return _axpy(explicit, scale, f_star)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        # autograd runs a backward with grad mode on exactly when create_graph=True was asked
+        if torch.is_grad_enabled():
+            raise NotImplementedError(
+                f"{ctx.block.name}: a second derivative through an implicit block is not "
+                f"supported with backward={ctx.block.backward!r} (its adjoint solve is not "
+                f"differentiated); build the block with backward='unrolled' for "
+                f"create_graph=True, Hessian-vector products or gradient penalties")
         (y_star,) = ctx.saved_tensors
         v, param_grads = ctx.block._solve_adjoint(y_star, grad, ctx.stats, ctx.scale)
         return (v, None, None, None, None, None, *param_grads)
@@ -124,8 +130,7 @@ class _UnrolledBackward(torch.autograd.Function):
         return out.view_as(out)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad):  # the identity: differentiable again (double backward works)
         for stats in ctx.stats:
             stats.backward_iterations, stats.backward_residual = 0, 0.0
         return grad, None
@@ -306,6 +311,12 @@ class ImplicitResidualBlock(nn.Module):
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require(x.dim() >= 1, "x must be batch-first with at least one dimension")
+        if torch._C._are_functorch_transforms_active():  # the solvers' stopping rule reads values
+            raise NotImplementedError(
+                f"{self.name}: torch.func transforms (vmap, grad, jvp, ...) cannot trace an "
+                f"implicit block, whose solvers stop on data-dependent residuals; for many "
+                f"networks at once stack them (irn.ImplicitResNet.stack), for gradients use "
+                f"torch.autograd")
         members = self.members
         if members is not None and not (x.dim() >= 2 and x.shape[0] == members):
             raise ValueError(f"x must have shape (members={members}, batch, ...) for an ensemble "

@@ -466,3 +466,49 @@ def test_an_empty_batch_gives_an_empty_output(theta):
     assert x.grad.shape == (0, 3)
     ens = irn.ImplicitResNet.stack([irn.ImplicitResNet(3, 2, 0.5, theta).double()] * 2)
     assert ens(torch.zeros(2, 0, 3, dtype=torch.float64)).shape == (2, 0, 3)
+
+
+def test_second_derivatives_through_unrolled_match_finite_differences():
+    """backward='unrolled' is differentiable twice (gradient penalties, Hessian-vector
+    products): torch's gradgradcheck against float64 finite differences of the gradient."""
+    torch.manual_seed(0)
+    F = nn.Sequential(nn.Linear(3, 3), nn.Tanh()).double()
+    block = irn.ImplicitResidualBlock(F, 0.3, 0.5, backward="unrolled", tol=1e-30, max_iters=30,
+                                      on_nonconvergence="ignore")
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: block(t), (x,), eps=1e-6, atol=1e-5)
+    # and the Hessian-vector product of a scalar loss equals the one of the plain iteration
+    plain = x.detach().clone().requires_grad_()
+    (g,) = torch.autograd.grad(block(x).tanh().sum(), x, create_graph=True)
+    (hv,) = torch.autograd.grad(g.square().sum(), x)
+    y = plain
+    explicit = plain + 0.3 * 0.5 * F(plain)
+    for _ in range(30):
+        y = explicit + 0.3 * 0.5 * F(y)
+    (g_plain,) = torch.autograd.grad(y.tanh().sum(), plain, create_graph=True)
+    (hv_plain,) = torch.autograd.grad(g_plain.square().sum(), plain)
+    torch.testing.assert_close(hv, hv_plain, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backward", ["neumann", "gmres", "direct", "jacobian_free"])
+def test_second_derivatives_through_an_implicit_backward_name_the_alternative(backward):
+    block = irn.ImplicitResidualBlock(nn.Sequential(nn.Linear(3, 3), nn.Tanh()).double(), 0.3,
+                                      0.5, backward=backward)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="block.*backward='unrolled'"):
+        torch.autograd.grad(block(x).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(block(x).sum(), x)  # first derivatives as before
+    assert g.shape == x.shape
+
+
+@pytest.mark.parametrize("transform", ["vmap", "jvp", "grad"])
+def test_torch_func_transforms_raise_one_clear_error(transform):
+    from torch import func
+
+    block = irn.ImplicitResidualBlock(nn.Sequential(nn.Linear(3, 3), nn.Tanh()).double(), 0.3)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    call = {"vmap": lambda: func.vmap(block)(x.unsqueeze(1)),
+            "jvp": lambda: func.jvp(block, (x,), (torch.ones_like(x),)),
+            "grad": lambda: func.grad(lambda t: block(t).sum())(x)}[transform]
+    with pytest.raises(NotImplementedError, match="torch.func transforms.*ImplicitResNet.stack"):
+        call()
