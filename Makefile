@@ -53,7 +53,11 @@ $(eval $(call PROFILE_RULES,paper,figures,--copy notebooks/executed/$$*.ipynb))
 $(eval $(call PROFILE_RULES,smoke,build/smoke/figures,))
 .SECONDARY:
 
-figures: $(NAMES:%=build/paper/%.ipynb) ## regenerate every figure of the paper into figures/ (paper profile)
+figures: figures/claims.csv ## regenerate every figure of the paper into figures/ (paper profile)
+
+# the claims rows every notebook saved, collected into one table and the README's headline
+figures/claims.csv: $(NAMES:%=build/paper/%.ipynb) scripts/claims_table.py
+	$(BIN)/python scripts/claims_table.py figures README.md
 
 smoke: $(NAMES:%=build/smoke/%.ipynb) ## run every notebook with the tiny smoke profile (build/smoke/)
 

@@ -47,6 +47,21 @@ def two_spirals(points: int = 97, turns: float = 1.5, dtype=torch.float64) -> Da
     return Dataset(x[0::2], labels[0::2], x[1::2], labels[1::2])
 
 
+def swiss_roll(points: int = 513, gap: float = 0.2, dtype=torch.float64) -> Dataset:
+    """Example 2 as in the paper's source, Haber & Ruthotto (2017): for ``i = 0..points-1``,
+    ``a_i = 4 pi i / (points - 1)``, ``r_i = i / (points - 1)``; class 0 is
+    ``r_i (cos a_i, sin a_i)``, class 1 is ``(r_i + gap)(cos a_i, sin a_i)`` (two turns, the
+    second spiral ``gap`` outside the first). Of the ``2 * points`` samples (class 0, then
+    class 1) the even indices validate and the odd ones train: 513 each by default."""
+    i = torch.arange(points, dtype=dtype)
+    angle = 4 * math.pi * i / (points - 1)
+    radius = i / (points - 1)
+    direction = torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+    x = torch.cat([radius.unsqueeze(1) * direction, (radius + gap).unsqueeze(1) * direction])
+    labels = torch.cat([torch.zeros(points, dtype=torch.long), torch.ones(points, dtype=torch.long)])
+    return Dataset(x[1::2], labels[1::2], x[0::2], labels[0::2])
+
+
 def digits(dtype=torch.float64) -> Dataset:
     """scikit-learn's bundled 8x8 handwritten digits (1797 samples, 10 classes; shipped with
     the package, nothing is downloaded): inputs are the 64 pixel intensities scaled to

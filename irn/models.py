@@ -373,12 +373,29 @@ class ImplicitModel(nn.Module):
         return ImplicitModel(member_module(self.embed, e), net, member_module(self.readout, e))
 
 
+LAYOUTS = ("state", "embedded")
+
+
 def function_approximator(num_layers: int, theta: float, *, T: float = 5.0,
-                          activation: str = "tanh", **block_kwargs) -> ImplicitModel:
-    """Example 1: ``y0 = (x, 0)``, ``L`` blocks of step ``h = T / L`` in R^2, output ``y_L[1]``."""
-    net = ImplicitResNet(2, num_layers, T / num_layers, theta, activation=activation,
-                         **block_kwargs)
-    return ImplicitModel(PadEmbedding(1, 2), net, SelectComponent(1))
+                          activation: str | None = None, layout: str = "state", width: int = 5,
+                          **block_kwargs) -> ImplicitModel:
+    """Example 1, in one of two layouts (SPEC section 4); ``L`` blocks of step ``h = T / L``.
+
+    ``layout="state"``: ``y0 = (x, 0)`` in R^2, output ``y_L[1]``, tanh by default.
+    ``layout="embedded"`` (the authors' code of May 2019): a learned affine embedding
+    ``R -> R^width``, ``y_L`` read out by a learned affine map ``R^width -> R``, the paper's
+    ReLU by default; the residual layers keep the stationary initialisation, the embedding and
+    readout ``nn.Linear``'s default one.
+    """
+    choice("layout", layout, LAYOUTS)
+    if layout == "state":
+        net = ImplicitResNet(2, num_layers, T / num_layers, theta, activation=activation or "tanh",
+                             **block_kwargs)
+        return ImplicitModel(PadEmbedding(1, 2), net, SelectComponent(1))
+    require(isinstance(width, int) and width >= 1, f"width must be an int >= 1, got {width!r}")
+    net = ImplicitResNet(width, num_layers, T / num_layers, theta,
+                         activation=activation or "relu", **block_kwargs)
+    return ImplicitModel(nn.Linear(1, width), net, nn.Linear(width, 1))
 
 
 def spiral_classifier(num_layers: int = 100, theta: float = 0.0, *, T: float = 10.0,

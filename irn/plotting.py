@@ -256,17 +256,19 @@ def gradient_magnitudes(histories: pd.DataFrame):
 @torch.no_grad()
 def dynamics(models: dict, data, grid: int = 17, extent: float = 6.0, unconverged=(),
              target=None):
-    """Figures 7 and 8: for each model (``{theta: model}``) the vector field ``F_0`` of its first
-    layer in the state plane with the trajectories ``y_0, ..., y_L`` of the training inputs
-    (top), and its output ``y_L[1]`` against ``x`` with the training points and, if given, the
-    ``target`` function (bottom). Models whose theta is in ``unconverged`` are marked in their
-    title. The models are evaluated where they are (their device and dtype), not moved."""
+    """Figures 7 and 8: for each model (``{theta: model}``) the trajectories ``y_0, ..., y_L`` of
+    the training inputs in the plane of the first two state components, over the vector field
+    ``F_0`` of the first layer when the state is that plane (top), and the output against ``x``
+    with the training points and, if given, the ``target`` function (bottom). Models whose
+    theta is in ``unconverged`` are marked in their title. The models are evaluated where they
+    are (their device and dtype), not moved."""
     thetas = sorted(models)
     colors = theta_colors(thetas)
     fig, axes = plt.subplots(2, len(thetas), figsize=(2.3 * len(thetas), 4.8), squeeze=False)
     x_dense = torch.linspace(float(data.x_val.min()), float(data.x_val.max()), 200,
                              dtype=data.x_val.dtype).unsqueeze(1)
     u, v = np.meshgrid(np.linspace(-extent, extent, grid), np.linspace(-extent, extent, grid))
+    planar = all(model.net.dim == 2 for model in models.values())
     for col, theta in enumerate(thetas):
         model = models[theta]
         parameter = next(model.parameters())
@@ -275,16 +277,16 @@ def dynamics(models: dict, data, grid: int = 17, extent: float = 6.0, unconverge
             return function(tensor.to(parameter.device, parameter.dtype)).cpu().numpy()
 
         ax = axes[0, col]
-        states = torch.tensor(np.stack([u.ravel(), v.ravel()], 1))
-        field = run(model.net.blocks[0].F, states)
-        ax.quiver(u, v, field[:, 0], field[:, 1], color="0.55", angles="xy", width=0.004)
-        traj = run(model.trajectory, data.x_train)  # (L+1, B, 2)
+        if planar:  # F_0 is a field on this plane only when the state is two-dimensional
+            field = run(model.net.blocks[0].F, torch.tensor(np.stack([u.ravel(), v.ravel()], 1)))
+            ax.quiver(u, v, field[:, 0], field[:, 1], color="0.55", angles="xy", width=0.004)
+            ax.set_xlim(-extent, extent)
+            ax.set_ylim(-extent, extent)
+        traj = run(model.trajectory, data.x_train)  # (L+1, B, dim)
         for b in range(traj.shape[1]):
             ax.plot(traj[:, b, 0], traj[:, b, 1], "-", color=colors[theta], lw=0.7, alpha=0.8)
         ax.plot(traj[0, :, 0], traj[0, :, 1], "o", ms=2, color="k")
         ax.plot(traj[-1, :, 0], traj[-1, :, 1], "o", ms=2, color="C3")
-        ax.set_xlim(-extent, extent)
-        ax.set_ylim(-extent, extent)
         ax.set_title(rf"$\theta = {theta}$" + ("\n(solves not converged)" if theta in unconverged
                                                  else ""))
         ax.set_xlabel("$y_1$")
@@ -298,26 +300,34 @@ def dynamics(models: dict, data, grid: int = 17, extent: float = 6.0, unconverge
         ax.set_ylim(-1.6, 1.6)
         ax.set_xlabel("$x$")
     axes[0, 0].set_ylabel("$y_2$")
-    axes[1, 0].set_ylabel("output $y_L[2]$")
+    axes[1, 0].set_ylabel("output $y_L[2]$" if planar else "output")
     axes[1, 0].legend(frameon=False, loc="lower left", fontsize=7)
     return fig
 
 
 @_styled
-def regularizer_effect(histories: dict):
+def regularizer_effect(runs: dict):
     """Effect of a regulariser: mean forward iterations per layer and training loss against the
-    epoch for each labelled run (``{label: history}``)."""
+    epoch, for each labelled long history frame (``{label: frame}`` with ``theta`` and
+    ``seed`` columns): colour is theta, line style the label; median over seeds."""
     fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
-    for i, (label, history) in enumerate(histories.items()):
-        axes[0].plot(history.epoch, per_layer(history, "forward_iterations").mean(axis=1),
-                     color=f"C{i}", label=label)
-        axes[1].plot(history.epoch, history.train_loss, color=f"C{i}", label=label)
+    thetas = sorted({t for frame in runs.values() for t in frame.theta.unique()})
+    colors = theta_colors(thetas)
+    for style, (label, frame) in zip(("-", "--", ":"), runs.items()):
+        for theta, group in frame.groupby("theta", sort=True):
+            seeds = [g for _, g in group.groupby("seed")]
+            epoch = seeds[0].epoch.to_numpy()
+            iterations = np.median([per_layer(g, "forward_iterations").mean(axis=1) for g in seeds], axis=0)
+            loss = np.median([g.train_loss.to_numpy() for g in seeds], axis=0)
+            axes[0].plot(epoch, iterations, style, color=colors[theta],
+                         label=rf"$\theta = {theta}$, {label}")
+            axes[1].plot(epoch, loss, style, color=colors[theta])
     axes[0].set_ylabel("fixed-point iterations per layer")
     axes[1].set_ylabel("training MSE")
     axes[1].set_yscale("log")
     for ax in axes:
         ax.set_xlabel("epoch")
-    axes[0].legend(frameon=False)
+    axes[0].legend(frameon=False, fontsize=7)
     return fig
 
 

@@ -135,6 +135,17 @@ def perturbation_growth(model, x, sigma: float, *, streams: int = 10,
 
 
 @torch.no_grad()
+def perturbation_gain(model, x, sigma: float, *, streams: int = 10,
+                      generator: torch.Generator | None = None) -> float:
+    """``log10 (d_L / d_0)``, the amplification of a perturbation ``y~_0 = embed(x) + sigma xi``
+    of the hidden state through all ``L`` layers, averaged (in log10) over samples and
+    ``streams`` draws: > 0 where the trained network amplifies small perturbations."""
+    require(sigma > 0, f"sigma must be > 0, got {sigma!r}")
+    d, _ = perturbation_distances(model.net, model.embed(x), sigma, streams, generator)
+    return float(torch.log10(d[-1] / d[0]).mean())
+
+
+@torch.no_grad()
 def forward_iterations(model, x) -> tuple[float, bool]:
     """Mean forward-solver iterations per layer of ``model(x)``, and whether every layer's
     solve met its tolerance."""

@@ -22,7 +22,7 @@ except ImportError as err:  # the examples' dependencies: pip install 'irn[examp
 from . import cache, regularizers
 from ._checks import choice, require
 from ._parallel import executor, run_all  # noqa: F401 (executor: public here)
-from .data import digits, sine, two_spirals
+from .data import digits, sine, swiss_roll, two_spirals
 from .models import ImplicitModel, digits_classifier, function_approximator, spiral_classifier
 
 # modules whose forward depends on train()/eval()
@@ -248,7 +248,7 @@ TRAIN_DEFAULTS = {name: p.default for name, p in inspect.signature(train).parame
 
 MODEL_FACTORIES = {"function_approximator": function_approximator,
                    "spiral_classifier": spiral_classifier, "digits_classifier": digits_classifier}
-DATASETS = {"sine": sine, "two_spirals": two_spirals, "digits": digits}
+DATASETS = {"sine": sine, "two_spirals": two_spirals, "swiss_roll": swiss_roll, "digits": digits}
 
 
 def build_model(model: str, seed: int, dtype=torch.float64, **model_kwargs) -> ImplicitModel:
@@ -305,9 +305,10 @@ def _run_jobs(jobs: list[dict]):
 
 def _batches(jobs: list[dict], ensemble: bool, workers: int, max_members: int) -> list[list[int]]:
     """Indices of the jobs trained together, longest first: one job each without ensembling;
-    otherwise the jobs of each :func:`ensemble_key`, sorted by theta (members that converge
-    alike share a piece) and cut into ``max(ceil(n / max_members), min(workers, n))`` even
-    pieces."""
+    otherwise the jobs of each :func:`ensemble_key`, sorted by theta and cut into
+    ``max(ceil(n / max_members), min(workers, n))`` pieces, each cut moved to the nearest
+    change of theta where one is within a piece's length (an ensemble iterates as long as its
+    slowest member, and members of one theta converge alike)."""
     if not ensemble:
         return sorted(([i] for i in range(len(jobs))), key=lambda batch: -_cost([jobs[batch[0]]]))
     groups: dict[str, list[int]] = {}
@@ -317,7 +318,17 @@ def _batches(jobs: list[dict], ensemble: bool, workers: int, max_members: int) -
     for indices in groups.values():
         indices.sort(key=lambda i: jobs[i]["model_kwargs"].get("theta", 0.0))
         pieces = max(math.ceil(len(indices) / max_members), min(workers, len(indices)))
-        batches += [[int(i) for i in piece] for piece in np.array_split(indices, pieces)]
+        thetas = [jobs[i]["model_kwargs"].get("theta", 0.0) for i in indices]
+        changes = [k for k in range(1, len(indices)) if thetas[k] != thetas[k - 1]]
+        cuts, size = [], len(indices) / pieces
+        for p in range(1, pieces):
+            # a cut leaves pieces of at most max_members on both sides
+            low = max((cuts or [0])[-1] + 1, len(indices) - max_members * (pieces - p))
+            high = (cuts or [0])[-1] + max_members
+            even = min(max(round(p * size), low), high)
+            near = [k for k in changes if abs(k - even) < size / 2 and low <= k <= high]
+            cuts.append(min(near, key=lambda k: abs(k - even)) if near else even)
+        batches += [[int(i) for i in indices[a:b]] for a, b in zip([0] + cuts, cuts + [len(indices)])]
     # the longest first, so that a long batch does not start last and run alone
     return sorted(batches, key=lambda batch: -_cost([jobs[i] for i in batch]))
 
@@ -329,9 +340,11 @@ def _training_size(data: str) -> int:
 
 def _cost(batch: list[dict]) -> float:
     """A rough cost model of training ``batch`` together, to start the longest batches first:
-    layer-steps (epochs x minibatches x layers), each a fixed overhead plus arithmetic that
-    grows with the samples in flight (members x minibatch x perturbation streams x width);
-    the 1e-4 weight fits this 2-core machine's timings of the notebooks' jobs."""
+    layer-steps (epochs x minibatches x layers) times the evaluations of F per layer (1
+    explicit; implicit, a third of the iteration cap, doubled for Anderson's least-squares
+    step and for R_fp's recorded iterates), each a fixed overhead plus arithmetic that grows
+    with the samples in flight (members x minibatch x perturbation streams x width); the
+    weights fit this 2-core machine's timings of the notebooks' jobs."""
     job = batch[0]
     train_kwargs, model_kwargs = job["train_kwargs"], job["model_kwargs"]
     n = _training_size(job["data"])
@@ -339,7 +352,13 @@ def _cost(batch: list[dict]) -> float:
     streams = 1 + train_kwargs.get("stab_streams", 2) if train_kwargs.get("stab_weight", 0) > 0 else 1
     layer_steps = (train_kwargs.get("epochs", 1) * math.ceil(n / minibatch)
                    * model_kwargs.get("num_layers", 1))
-    return layer_steps * (1 + 1e-4 * len(batch) * minibatch * streams * model_kwargs.get("dim", 2))
+    evaluations = 1.0
+    if any(j["model_kwargs"].get("theta", 0.0) > 0 for j in batch):
+        evaluations = (model_kwargs.get("max_iters", 50) / 3
+                       * (2 if model_kwargs.get("solver") == "anderson" else 1)
+                       * (2 if train_kwargs.get("fp_weight", 0) > 0 else 1))
+    return layer_steps * evaluations * (1 + 1e-4 * len(batch) * minibatch * streams
+                                        * model_kwargs.get("dim", model_kwargs.get("width", 2)))
 
 
 def _batch_key(jobs: list[dict]) -> str:

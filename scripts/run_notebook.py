@@ -140,9 +140,11 @@ def main() -> int:
               f"partial notebook is {tmp}", file=sys.stderr)
         return 1
     args.figures.mkdir(parents=True, exist_ok=True)
-    for path in sorted(staging.iterdir()):
-        os.replace(path, args.figures / path.name)
-    staging.rmdir()
+    for path in sorted(p for p in staging.rglob("*") if p.is_file()):  # claims/ is a folder
+        target = args.figures / path.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    shutil.rmtree(staging)
     notebook = clean(nbformat.read(str(tmp), as_version=4))
     tmp.unlink()
     for path in [output] + ([args.copy] if args.copy else []):

@@ -233,10 +233,12 @@ def test_perturbation_regularizer_per_member_with_own_generators():
         regularizers.perturbation(ens, y0, 0.1, [1.0, 1.0, 1.0, -1.0], 2)
 
 
-@pytest.mark.parametrize("factory, x_shape", [
-    ("spiral_classifier", (7, 2)), ("digits_classifier", (5, 64)), ("function_approximator", (6, 1))])
-def test_models_of_the_examples_stack(factory, x_shape):
-    kwargs = dict(num_layers=3, T=1.0, tol=1e-11, max_iters=200)
+@pytest.mark.parametrize("factory, x_shape, extra", [
+    ("spiral_classifier", (7, 2), {}), ("digits_classifier", (5, 64), {}),
+    ("function_approximator", (6, 1), {}),
+    ("function_approximator", (6, 1), {"layout": "embedded"})])
+def test_models_of_the_examples_stack(factory, x_shape, extra):
+    kwargs = dict(num_layers=3, T=1.0, tol=1e-11, max_iters=200, **extra)
     solo = [training.build_model(factory, seed, theta=theta, **kwargs)
             for seed, theta in ((0, 0.5), (1, 1.0), (2, 0.0))]
     ens = models.ImplicitModel.stack(solo)
@@ -324,6 +326,27 @@ def test_jobs_group_by_what_they_share():
     assert sorted(map(len, batches)) == [1, 1, 3, 3]
     assert sorted(training._batches(jobs, False, 2, 64)) == [[i] for i in range(len(jobs))]
     assert max(map(len, training._batches(jobs, True, 1, max_members=2))) == 2
+
+
+def test_ensembles_are_cut_where_theta_changes():
+    base = dict(model="function_approximator", data="sine", train_kwargs=dict(epochs=3))
+    thetas = [0.0] * 4 + [0.25] * 4 + [0.5] * 4 + [1.0] * 8
+    jobs = [base | dict(seed=s, model_kwargs=dict(num_layers=3, theta=t)) for s, t in enumerate(thetas)]
+    # two pieces: the even cut (10) moves to the change at 8; three pieces: 7 -> 8, 13 -> 12
+    for workers, sizes in ((2, [8, 12]), (3, [4, 8, 8])):
+        batches = training._batches(jobs, True, workers=workers, max_members=64)
+        assert sorted(map(len, batches)) == sorted(sizes)
+        for batch in batches:  # each piece holds whole thetas
+            held = {thetas[i] for i in batch}
+            assert all(thetas.count(t) == sum(thetas[i] == t for i in batch) for t in held)
+    # no change within half a piece of the even cut: the cut stays even
+    same = [base | dict(seed=s, model_kwargs=dict(num_layers=3, theta=0.5)) for s in range(10)]
+    assert sorted(map(len, training._batches(same, True, workers=2, max_members=64))) == [5, 5]
+    # pieces never exceed max_members
+    assert max(map(len, training._batches(jobs, True, workers=2, max_members=6))) <= 6
+    # Anderson and implicit batches are estimated dearer, and start first
+    anderson = [base | dict(seed=0, model_kwargs=dict(num_layers=3, theta=0.5, solver="anderson"))]
+    assert training._cost(anderson) > training._cost([jobs[8]]) > training._cost([jobs[0]])
 
 
 def test_train_an_explicit_ensemble_with_the_perturbation_regularizer():

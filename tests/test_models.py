@@ -80,6 +80,45 @@ def test_datasets():
     torch.testing.assert_close(full[i], expected.to(DT))
 
 
+def test_swiss_roll_is_haber_and_ruthotto_s():
+    roll = data.swiss_roll()
+    assert roll.x_train.shape == (513, 2) and roll.x_val.shape == (513, 2)
+    # undo the split: even indices of the 1026 samples validate, odd ones train
+    full = torch.empty(1026, 2, dtype=DT)
+    labels = torch.empty(1026, dtype=torch.long)
+    full[0::2], full[1::2] = roll.x_val, roll.x_train
+    labels[0::2], labels[1::2] = roll.y_val, roll.y_train
+    assert labels[:513].eq(0).all() and labels[513:].eq(1).all()
+    for i in (0, 100, 512):  # a_i = 4 pi i / 512, r_i = i / 512; class 1 at r_i + 0.2
+        direction = torch.tensor([np.cos(4 * np.pi * i / 512), np.sin(4 * np.pi * i / 512)], dtype=DT)
+        torch.testing.assert_close(full[i], i / 512 * direction)
+        torch.testing.assert_close(full[513 + i], (i / 512 + 0.2) * direction)
+
+
+def test_example_1_layouts():
+    state = models.function_approximator(5, 0.5).double()
+    assert state.net.dim == 2 and state.net.blocks[0].F.activation == "tanh"
+    torch.manual_seed(0)
+    embedded = models.function_approximator(4, 0.5, layout="embedded").double()
+    x = torch.linspace(-1, 1, 7, dtype=DT).unsqueeze(1)
+    assert embedded(x).shape == (7, 1)
+    assert embedded.net.dim == 5 and embedded.net.blocks[0].F.activation == "relu"
+    assert isinstance(embedded.embed, torch.nn.Linear) and embedded.embed.weight.shape == (5, 1)
+    assert isinstance(embedded.readout, torch.nn.Linear) and embedded.readout.weight.shape == (1, 5)
+    # the residual layers keep the paper's stationary initialisation
+    w0 = embedded.net.blocks[0].F.linear.weight
+    assert torch.linalg.eigvals(w0).abs().max().item() == pytest.approx(1.0)
+    assert all(torch.equal(b.F.linear.weight, w0) for b in embedded.net.blocks)
+    torch.testing.assert_close(embedded(x), embedded.readout(embedded.net(embedded.embed(x))))
+    # the default activation follows the layout; an explicit one wins
+    assert models.function_approximator(2, 0.0, layout="embedded", activation="tanh"
+                                        ).net.blocks[0].F.activation == "tanh"
+    with pytest.raises(ValueError, match="layout must be one of"):
+        models.function_approximator(2, 0.0, layout="wide")
+    with pytest.raises(ValueError, match="width"):
+        models.function_approximator(2, 0.0, layout="embedded", width=0)
+
+
 def test_example_models():
     m = models.function_approximator(5, 0.5).double()
     x = torch.linspace(-1, 1, 7, dtype=DT).unsqueeze(1)

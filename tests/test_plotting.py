@@ -77,3 +77,37 @@ def test_dynamics_leaves_the_models_where_they_are_and_draws_the_given_target():
     assert len(target) == 1
     x, y = target[0].get_data()
     assert abs(y - __import__("numpy").sin(x)).max() < 1e-12
+
+
+def test_dynamics_of_a_wide_state_draws_trajectories_without_a_field():
+    import torch
+    from matplotlib.quiver import Quiver
+
+    from irn import data, models
+
+    torch.manual_seed(0)
+    wide = models.function_approximator(3, 0.5, layout="embedded").double()
+    fig = plotting.dynamics({0.5: wide}, data.sine(), target=torch.sin)
+    assert not any(isinstance(c, Quiver) for ax in fig.axes for c in ax.collections)
+    trajectories = fig.axes[0].lines[:20]  # one per training input, in the first two components
+    states = wide.trajectory(data.sine().x_train).detach().numpy()
+    for b, line in enumerate(trajectories):
+        x, y = line.get_data()
+        assert abs(x - states[:, b, 0]).max() < 1e-12 and abs(y - states[:, b, 1]).max() < 1e-12
+    planar = plotting.dynamics({0.5: models.function_approximator(3, 0.5).double()}, data.sine())
+    assert any(isinstance(c, Quiver) for ax in planar.axes for c in ax.collections)
+
+
+def test_regularizer_effect_draws_the_median_over_seeds_per_theta_and_run():
+    import pandas as pd
+
+    def run(level):
+        return pd.DataFrame([dict(epoch=e, theta=t, seed=s, train_loss=level * (1 + s),
+                                  forward_iterations_0=level * 10 * t)
+                             for t in (0.5, 1.0) for s in range(3) for e in (1, 2)])
+
+    fig = plotting.regularizer_effect({"without": run(1.0), "with": run(0.5)})
+    iterations, losses = fig.axes
+    assert len(iterations.lines) == 4 and len(losses.lines) == 4
+    assert list(losses.lines[0].get_ydata()) == [2.0, 2.0]  # median of 1, 2, 3
+    assert list(iterations.lines[3].get_ydata()) == [5.0, 5.0] and iterations.lines[3].get_linestyle() == "--"

@@ -125,6 +125,9 @@ def test_perturbation_growth_of_a_linear_network(theta):
     np.testing.assert_allclose(growth, np.full(4, expected), rtol=1e-9)
     iterations, converged = robustness.forward_iterations(model, x)
     assert converged and (iterations == 0) == (theta == 0)
+    # through all four layers: the product, whatever the draw
+    gain = robustness.perturbation_gain(model, x, 0.01, generator=torch.Generator().manual_seed(1))
+    assert gain == pytest.approx(4 * np.log10(expected), rel=1e-9)
 
 
 def test_evaluate_reports_every_measurement():

@@ -178,3 +178,25 @@ def test_every_figure_of_a_notebook_is_shown_inline(tmp_path):
     cells = [c for c in nbformat.read(str(out), 4).cells if c.cell_type == "code"]
     for cell in cells[-2:]:
         assert any("image/png" in o.get("data", {}) for o in cell.outputs), cell.source
+
+
+def test_claims_table_collects_the_rows_into_the_csv_and_the_readme(tmp_path):
+    from irn import claims
+
+    figures = tmp_path / "figures"
+    claims.save([claims.row("1a", "state", [-1.0, -2.0] * 5)], "02_x", figures)
+    claims.save([claims.row("6a", "roll", [1.0, -1.0] * 5)], "03_y", figures)
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n<!-- claims:begin -->\nold table\n<!-- claims:end -->\nrest\n")
+    for _ in range(2):  # rerunning replaces the table, it does not add one
+        result = run("scripts/claims_table.py", str(figures), str(readme))
+        assert result.returncode == 0, result.stderr
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# title\n") and text.endswith("rest\n")
+    assert text.count("| 1a. [") == 1 and "**holds**" in text and "**inconclusive**" in text
+    assert f"({figures.as_posix()}/figure4_losses.png)" in text
+    csv = (figures / "claims.csv").read_text().splitlines()
+    assert len(csv) == 3 and csv[0].startswith("claim,setup,")
+    readme.write_text("no markers\n")
+    result = run("scripts/claims_table.py", str(figures), str(readme))
+    assert result.returncode != 0 and "claims:begin" in result.stderr

@@ -1,0 +1,309 @@
+"""The paper's claims as rows with a verdict (SPEC section 4).
+
+Each claim is read as a per-seed quantity (a paired difference: the same seed, hence the same
+initial weights, under the two models compared) whose mean the paper puts on one side of a
+threshold. :func:`row` estimates that mean with a percentile bootstrap over seeds (a fixed
+generator, so the table is deterministic) and gives the verdict: **holds** when the 95%
+interval lies on the claimed side, **contradicted** when it lies on the other side,
+**inconclusive** otherwise. The ``*_rows`` functions compute the per-seed quantities from
+the notebooks' results; :func:`table` collects the rows every notebook saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._checks import choice, missing_extra, require
+
+try:
+    import pandas as pd
+except ImportError as err:  # the examples' dependencies: pip install 'irn[examples]'
+    raise missing_extra("irn.claims", err) from err
+
+COLUMNS = ["claim", "setup", "statement", "metric", "estimate", "low", "high", "seeds",
+           "not_converged", "verdict", "figure"]
+VERDICTS = ("holds", "contradicted", "inconclusive")
+#: fewer seeds than this give no verdict (inconclusive), whatever the interval: the percentile
+#: bootstrap of a handful of values is far too narrow (two seeds give two distinct means)
+MIN_SEEDS = 8
+
+
+@dataclass(frozen=True)
+class Claim:
+    """``statement`` (the paper's words, shortened) read as: the mean over seeds of
+    ``metric`` lies on ``side`` (``"<"`` or ``">"``) of ``threshold``; ``figure`` is the
+    figure it rests on (a file stem in ``figures/``)."""
+
+    statement: str
+    metric: str
+    side: str
+    threshold: float
+    figure: str
+
+
+CLAIMS = {
+    "1a": Claim("L = 5: the explicit ResNet has the best training loss",
+                "log10 train MSE: explicit minus the best implicit", "<", 0.0, "figure4_losses"),
+    "1b": Claim("L = 5: the explicit ResNet is second worst on validation",
+                "log10 val. MSE: explicit minus the median implicit", ">", 0.0, "figure4_losses"),
+    "2": Claim("Figure 7: the explicit ResNet is unstable, all implicit networks are stable",
+               "log10 gain of a perturbation through the L = 5 layers: explicit minus the "
+               "largest implicit", ">", 0.0, "figure7_shallow_dynamics"),
+    "3a": Claim("L = 20: the explicit ResNet is stuck in a local minimum",
+                "log10 train MSE: explicit minus the median implicit", ">", 0.0, "figure4_losses"),
+    "3b": Claim("L = 20: ... and struggles to propagate its gradients",
+                "log10 mean |gradient|: explicit minus the median implicit", "<", 0.0,
+                "figure6_gradients"),
+    "4": Claim("Figure 5: the fixed-point and Neumann iterations converge",
+               "share of implicit models whose every solve converged", ">", 0.9,
+               "figure5_iterations"),
+    "5a": Claim("Eq. 9: R_fp reduces the fixed-point iterations",
+                "forward iterations per layer (last 10% of epochs): with minus without R_fp",
+                "<", 0.0, "figure5b_fixed_point_regularizer"),
+    "5b": Claim("Eq. 9: ... at no cost in loss",
+                "log10 train MSE: with minus without R_fp (0.1: 26% worse)", "<", 0.1,
+                "figure5b_fixed_point_regularizer"),
+    "6a": Claim("Figure 9: R_stab gives more accurate networks than the original ResNet",
+                "validation accuracy (points): with minus without R_stab", ">", 0.0,
+                "figure9_decision_regions"),
+    "6b": Claim("Figure 9: R_stab gives more robust networks than the original ResNet",
+                "PGD accuracy (points): with minus without R_stab", ">", 0.0,
+                "figure9_decision_regions"),
+    "7a": Claim("Abstract: implicit layers improve the stability of forward propagation",
+                "mean per-layer growth of a hidden-state perturbation: theta = 1 minus theta = 0",
+                "<", 0.0, "figure_perturbation_growth"),
+    "7b": Claim("Abstract: implicit layers make networks robust",
+                "PGD accuracy (points): theta = 1 minus theta = 0", ">", 0.0,
+                "figure_robustness_curves"),
+    "7c": Claim("Abstract: robustness is controlled by a few hyperparameters (R_stab)",
+                "PGD accuracy (points), theta = 0: with minus without R_stab", ">", 0.0,
+                "figure_robustness_curves"),
+}
+
+
+def bootstrap_interval(values, *, level: float = 0.95, resamples: int = 10_000,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """The mean of ``values`` (one per seed) and its percentile bootstrap interval: the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the means of ``resamples``
+    resamples with replacement, drawn from ``numpy.random.default_rng(seed)``."""
+    values = np.asarray(values, dtype=float)
+    require(values.ndim == 1 and len(values) >= 1 and np.isfinite(values).all(),
+            f"values must be a non-empty 1-d array of finite numbers, got {values!r}")
+    require(0 < level < 1, f"level must be in (0, 1), got {level!r}")
+    means = np.random.default_rng(seed).choice(values, (resamples, len(values))).mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(values.mean()), float(low), float(high)
+
+
+def verdict(low: float, high: float, side: str, threshold: float) -> str:
+    """``holds`` when ``[low, high]`` lies strictly on ``side`` of ``threshold``,
+    ``contradicted`` when it lies strictly on the other side, else ``inconclusive``."""
+    choice("side", side, ("<", ">"))
+    below, above = high < threshold, low > threshold
+    if below or above:
+        return "holds" if below == (side == "<") else "contradicted"
+    return "inconclusive"
+
+
+def row(claim: str, setup: str, per_seed, *, not_converged: int = 0, figure: str | None = None,
+        seed: int = 0) -> dict:
+    """One row of the claims table: ``claim`` (a key of :data:`CLAIMS`) on ``setup``, from
+    the per-seed values ``per_seed`` (NaN seeds, e.g. a loss that overflowed, are left out
+    and so not counted in ``seeds``); ``not_converged`` counts the runs behind the row whose
+    solves did not all converge (kept, and counted); ``figure`` overrides the claim's. With
+    fewer than :data:`MIN_SEEDS` seeds the estimate and interval are given and the verdict is
+    ``inconclusive``."""
+    choice("claim", claim, CLAIMS)
+    spec = CLAIMS[claim]
+    values = np.asarray(per_seed, dtype=float)
+    values = values[np.isfinite(values)]
+    estimate = low = high = float("nan")
+    if len(values):
+        estimate, low, high = bootstrap_interval(values, seed=seed)
+    result = (verdict(low, high, spec.side, spec.threshold) if len(values) >= MIN_SEEDS
+              else "inconclusive")
+    return dict(claim=claim, setup=setup, statement=spec.statement,
+                metric=f"{spec.metric} ({spec.side} {spec.threshold:g} claimed)",
+                estimate=estimate, low=low, high=high, seeds=len(values),
+                not_converged=int(not_converged), verdict=result, figure=figure or spec.figure)
+
+
+def frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows as a table with the columns :data:`COLUMNS`."""
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def show(rows) -> str:
+    """The rows as a fixed-width text table (what the notebooks print)."""
+    table = rows if isinstance(rows, pd.DataFrame) else frame(rows)
+    return pd.DataFrame({
+        "claim": table.claim, "setup": table.setup,
+        "estimate [95% interval]": [_interval(r) for r in table.itertuples()],
+        "seeds": table.seeds, "not conv.": table.not_converged, "verdict": table.verdict,
+    }).to_string(index=False)
+
+
+def _interval(r) -> str:
+    return f"{r.estimate:+.3g} [{r.low:+.3g}, {r.high:+.3g}]"
+
+
+def save(rows: list[dict], name: str, directory) -> Path:
+    """Write the rows of one notebook to ``directory/claims/name.csv`` (see :func:`table`)."""
+    directory = Path(directory) / "claims"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.csv"
+    tmp = directory / f".{name}.tmp.csv"
+    frame(rows).to_csv(tmp, index=False, float_format="%.6g")
+    tmp.replace(path)
+    return path
+
+
+def table(directory) -> pd.DataFrame:
+    """Every notebook's rows (``directory/claims/*.csv``, in name order): the claims table."""
+    paths = sorted((Path(directory) / "claims").glob("*.csv"))
+    require(bool(paths), f"directory must hold claims/*.csv written by the notebooks, "
+                         f"found none in {directory}")
+    return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)[COLUMNS]
+
+
+def markdown(table: pd.DataFrame, figures_url: str = "figures") -> str:
+    """The claims table in Markdown, each row linking the figure it rests on."""
+    lines = ["| claim | setup | what is measured (claimed side) | estimate [95% interval] | "
+             "seeds | not converged | verdict |", "|---|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| {r.claim}. [{r.statement}]({figures_url}/{r.figure}.png) | {r.setup} | "
+                     f"{r.metric} | {_interval(r)} | {r.seeds} | {r.not_converged} | "
+                     f"**{r.verdict}** |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ per-seed quantities
+
+def _final(histories: pd.DataFrame, column: str) -> pd.Series:
+    """``column`` after the last epoch, indexed by (depth, theta, seed)."""
+    last = histories[histories.epoch == histories.epoch.max()]
+    return last.set_index(["depth", "theta", "seed"])[column]
+
+
+def _converged(histories: pd.DataFrame) -> pd.Series:
+    """Whether every solve of every epoch converged, per (depth, theta, seed)."""
+    return histories.groupby(["depth", "theta", "seed"]).converged.all()
+
+
+def _explicit_minus(values: pd.Series, reduce: str) -> pd.Series:
+    """Per seed: the explicit model's value minus ``reduce`` (min, max, median) over the
+    implicit ones; ``values`` indexed by (theta, seed)."""
+    table = values.unstack("theta")
+    implicit = table[[t for t in table.columns if t > 0]]
+    return table[0.0] - getattr(implicit, reduce)(axis=1)
+
+
+def function_approximation_rows(histories: pd.DataFrame, setup: str, *, shallow: int,
+                                deep: int | None = None, gains: pd.Series | None = None,
+                                regularized: pd.DataFrame | None = None,
+                                figure_suffix: str = "") -> list[dict]:
+    """Claims 1-5 on Example 1 from the histories of :func:`irn.training.train` (with
+    ``depth``, ``theta``, ``seed`` columns; ``theta = 0`` and some ``theta > 0`` at the
+    depths ``shallow`` and ``deep``). ``gains``: the log10 gain of a perturbation through
+    each trained network (:func:`irn.robustness.perturbation_gain`), indexed by (depth,
+    theta, seed) (claim 2). ``regularized``: histories of models retrained with R_fp (same
+    keys, a subset of the implicit ones; claim 5). Each row links its claim's figure with
+    ``figure_suffix`` appended."""
+    train = np.log10(_final(histories, "train_loss"))
+    val = np.log10(_final(histories, "val_loss"))
+    converged = _converged(histories)
+    rows = []
+
+    def linked(claim, setup, per_seed, not_converged):
+        return row(claim, setup, per_seed, not_converged=not_converged,
+                   figure=CLAIMS[claim].figure + figure_suffix)
+
+    def failures(depth, thetas=None):
+        c = converged.loc[depth]
+        return int((~c if thetas is None else ~c.loc[list(thetas)]).sum())
+
+    rows.append(linked("1a", setup, _explicit_minus(train.loc[shallow], "min"), failures(shallow)))
+    rows.append(linked("1b", setup, _explicit_minus(val.loc[shallow], "median"), failures(shallow)))
+    if gains is not None:
+        rows.append(linked("2", setup, _explicit_minus(gains.loc[shallow], "max"), failures(shallow)))
+    if deep in train.index.get_level_values("depth"):
+        rows.append(linked("3a", setup, _explicit_minus(train.loc[deep], "median"), failures(deep)))
+        grads = histories[[c for c in histories.columns if c.startswith("grad_")]]
+        mean_grad = np.log10(histories.assign(g=grads.mean(axis=1))
+                             .groupby(["depth", "theta", "seed"]).g.mean())
+        rows.append(linked("3b", setup, _explicit_minus(mean_grad.loc[deep], "median"),
+                        failures(deep)))
+    for depth in (shallow, deep):
+        if depth is None or depth not in converged.index.get_level_values("depth"):
+            continue
+        implicit = converged.loc[depth]
+        implicit = implicit[implicit.index.get_level_values("theta") > 0]
+        share = implicit.groupby("seed").mean()
+        rows.append(linked("4", f"{setup}, L = {depth}", share, int((~implicit).sum())))
+    if regularized is not None:
+        rows += [r | {"figure": r["figure"] + figure_suffix}
+                 for r in _fixed_point_rows(histories, regularized, setup)]
+    return rows
+
+
+def _fixed_point_rows(plain: pd.DataFrame, regularized: pd.DataFrame, setup: str) -> list[dict]:
+    """Claim 5: per seed, the difference with minus without R_fp, averaged over the
+    (depth, theta) models retrained with it."""
+    def iterations(histories):
+        columns = [c for c in histories.columns if c.startswith("forward_iterations_")]
+        tail = histories[histories.epoch > 0.9 * histories.epoch.max()]
+        return tail.assign(i=tail[columns].mean(axis=1)).groupby(["depth", "theta", "seed"]).i.mean()
+
+    keys = regularized.groupby(["depth", "theta", "seed"]).size().index
+    depths = sorted({d for d, _, _ in keys})
+    thetas = sorted({t for _, t, _ in keys})
+    label = f"{setup}, R_fp at L = {', '.join(map(str, depths))}, theta in {thetas}"
+    both = pd.concat([_converged(plain).loc[keys], _converged(regularized)])
+    not_converged = int((~both).sum())
+    iteration_change = (iterations(regularized) - iterations(plain).loc[keys]).groupby("seed").mean()
+    loss_change = (np.log10(_final(regularized, "train_loss"))
+                   - np.log10(_final(plain, "train_loss")).loc[keys]).groupby("seed").mean()
+    return [row("5a", label, iteration_change, not_converged=not_converged),
+            row("5b", label, loss_change, not_converged=not_converged)]
+
+
+def classification_rows(results: pd.DataFrame, setup: str, *, reference="none",
+                        figure_suffix: str = "") -> list[dict]:
+    """Claim 6 from one row per (variant, seed) with columns ``variant``, ``seed``,
+    ``val_accuracy`` and ``pgd_accuracy`` (fractions) and ``converged``: each variant
+    against ``reference`` (the unregularised ResNet), per seed, in accuracy points. Each row
+    links its claim's figure with ``figure_suffix`` appended."""
+    table = results.set_index(["variant", "seed"]).sort_index()
+    rows = []
+    for variant in [v for v in results.variant.unique() if v != reference]:
+        failures = int((~table.converged.loc[[variant, reference]]).sum())
+        for claim, column in (("6a", "val_accuracy"), ("6b", "pgd_accuracy")):
+            change = 100 * (table[column].loc[variant] - table[column].loc[reference])
+            rows.append(row(claim, f"{setup}, {variant}", change, not_converged=failures,
+                            figure=CLAIMS[claim].figure + figure_suffix))
+    return rows
+
+
+def robustness_rows(summary: pd.DataFrame, setup: str) -> list[dict]:
+    """Claim 7 from one row per (theta, regularizer, seed) of one dataset with columns
+    ``theta``, ``regularizer`` (``none``/``R_stab``), ``seed``, ``growth`` (mean per-layer
+    growth), ``pgd`` (accuracy, %) and ``converged``."""
+    table = summary.set_index(["theta", "regularizer", "seed"]).sort_index()
+    low, high = table.index.get_level_values("theta").min(), table.index.get_level_values("theta").max()
+
+    def change(column, a, b):
+        return table[column].loc[a] - table[column].loc[b]
+
+    def failures(*keys):
+        return int(sum((~table.converged.loc[k]).sum() for k in keys))
+
+    plain_low, plain_high = (low, "none"), (high, "none")
+    return [row("7a", setup, change("growth", plain_high, plain_low),
+                not_converged=failures(plain_low, plain_high)),
+            row("7b", setup, change("pgd", plain_high, plain_low),
+                not_converged=failures(plain_low, plain_high)),
+            row("7c", setup, change("pgd", (low, "R_stab"), plain_low),
+                not_converged=failures(plain_low, (low, "R_stab")))]

@@ -1,0 +1,31 @@
+"""Collect the claims rows the notebooks saved (FIGURES/claims/*.csv) into FIGURES/claims.csv
+and render them into README between the lines `<!-- claims:begin -->` and
+`<!-- claims:end -->` (`make figures` runs it after the notebooks).
+
+    python scripts/claims_table.py figures README.md
+"""
+
+import sys
+from pathlib import Path
+
+from irn import claims
+
+BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
+
+
+def main(figures: str, readme: str) -> int:
+    table = claims.table(figures)
+    out = Path(figures) / "claims.csv"
+    table.to_csv(out, index=False, float_format="%.6g")
+    text = Path(readme).read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        sys.exit(f"error: {readme} must hold one line {BEGIN} followed by one line {END}")
+    head, rest = text.split(BEGIN)
+    tail = rest.split(END)[1]
+    Path(readme).write_text(f"{head}{BEGIN}\n{claims.markdown(table, Path(figures).as_posix())}{END}{tail}")
+    print(f"[claims] {len(table)} rows: {out}, {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
