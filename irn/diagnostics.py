@@ -16,7 +16,7 @@ import torch
 
 from ._checks import choice, require
 from .models import ImplicitModel
-from .training import LOSSES
+from .losses import LOSSES
 
 #: the forward solvers of ``irn.solvers`` with their settings, by display name
 FORWARD_CONFIGS = {

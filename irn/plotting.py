@@ -25,7 +25,7 @@ except ImportError as err:  # the examples' dependencies: pip install 'irn[examp
     raise missing_extra("irn.plotting", err) from err
 
 from . import stability
-from .training import per_layer
+from .history import per_layer
 
 STYLE = {
     "font.family": "DejaVu Sans",  # ships with matplotlib: same glyphs on every machine
@@ -177,7 +177,9 @@ def stability_regions(thetas=(0.0, 0.25, 0.5, 0.75, 1.0), extent: float = 4.0):
 def _band(ax, x, values, color, label, log=True):
     """Median over seeds with the interquartile band (with ten seeds and more the min-max
     bands of different models overlap everywhere)."""
-    values = np.asarray(values)
+    values = np.asarray(values, dtype=float)
+    measured = ~np.isnan(values).any(axis=0)  # validation losses may skip epochs (val_every)
+    x, values = np.asarray(x)[measured], values[:, measured]
     ax.plot(x, np.median(values, axis=0), color=color, label=label)
     if values.shape[0] > 1:
         low, high = np.percentile(values, [25, 75], axis=0)

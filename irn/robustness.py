@@ -24,7 +24,7 @@ from . import cache
 from ._checks import choice, require
 from ._parallel import run_all
 from .regularizers import noise, perturbation_distances
-from .training import LOSSES
+from .losses import LOSSES
 
 
 def _check_bounds(bounds):

@@ -20,25 +20,15 @@ except ImportError as err:  # the examples' dependencies: pip install 'irn[examp
     raise missing_extra("irn.training", err) from err
 
 from . import cache, regularizers
-from ._checks import choice, require
+from ._checks import choice, integer, require
 from ._parallel import executor, run_all  # noqa: F401 (executor: public here)
 from .data import digits, sine, swiss_roll, two_spirals
+from .history import per_layer
+from .losses import LOSSES
 from .models import ImplicitModel, digits_classifier, function_approximator, spiral_classifier
 
 # modules whose forward depends on train()/eval()
 MODE_DEPENDENT = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
-LOSSES = {"mse": torch.nn.functional.mse_loss, "cross_entropy": torch.nn.functional.cross_entropy}
-
-
-def per_layer(history: pd.DataFrame, name: str) -> np.ndarray:
-    """The per-layer columns ``{name}_0 .. {name}_{L-1}`` of a training history: ``(epochs, L)``.
-    ``name`` is ``forward_iterations``, ``backward_iterations`` or ``grad``."""
-    columns = [c for c in history.columns if c.rsplit("_", 1)[0] == name and c.rsplit("_", 1)[1].isdigit()]
-    require(bool(columns), f"name must be one of ('forward_iterations', "
-                            f"'backward_iterations', 'grad'), got {name!r}")
-    columns.sort(key=lambda c: int(c.rsplit("_", 1)[1]))
-    # histories of deeper models concatenated with this one leave its extra columns empty
-    return history[columns].dropna(axis=1, how="all").to_numpy()
 
 
 def _mean_abs_gradients(blocks, members: int | None) -> np.ndarray:
@@ -113,15 +103,17 @@ def _per_member_setting(name: str, value, members: int | None):
 def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step: int = 300,
           lr_gamma: float = 0.5, loss: str = "mse", batch_size: int | None = None,
           stab_weight=0.0, stab_sigma=0.05, stab_beta=1.0, stab_streams: int = 2,
-          fp_weight=0.0, fp_alpha=0.5, seed=0, device="cpu", progress: bool = True,
-          desc: str | None = None):
+          fp_weight=0.0, fp_alpha=0.5, seed=0, val_every: int = 1, device="cpu",
+          progress: bool = True, desc: str | None = None):
     """Train ``model`` (an :class:`irn.models.ImplicitModel`) with Adam on ``data``.
 
     Loss: ``data_loss + fp_weight R_fp(alpha) + stab_weight R_stab(sigma, beta, streams)``.
     The learning rate is multiplied by ``lr_gamma`` every ``lr_step`` epochs. ``batch_size``
     None is full batch (the paper's setting). ``seed`` seeds minibatch order and the
-    perturbations of ``R_stab``. Returns one row per epoch: ``train_loss`` (data loss, mean
-    over the epoch's steps), ``reg_loss``, ``val_loss`` after the epoch (and, for
+    perturbations of ``R_stab``. ``val_every`` evaluates the validation split after every
+    ``val_every``-th epoch and the last one only (NaN in between: a validation forward costs
+    about a third of a training step). Returns one row per epoch: ``train_loss`` (data loss,
+    mean over the epoch's steps), ``reg_loss``, ``val_loss`` after the epoch (and, for
     cross-entropy, ``train_accuracy`` of the epoch's forward passes and ``val_accuracy``
     after the epoch), ``converged`` (every solve of the
     epoch met its tolerance), and per layer ``l``: ``forward_iterations_l``,
@@ -138,6 +130,7 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
     choice("loss", loss, LOSSES)
     require(isinstance(epochs, int) and epochs >= 1, f"epochs must be an int >= 1, got {epochs!r}")
     require(lr > 0, f"lr must be > 0, got {lr!r}")
+    integer("val_every", val_every)
     members = model.members
     seeds = _per_member_setting("seed", seed, members)
     settings = {name: _per_member_setting(name, value, members) for name, value in
@@ -222,7 +215,11 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
         scheduler.step()
         if switch_modes:
             model.eval()
-        val = evaluate(model, data.x_val, data.y_val, loss)
+        if (epoch + 1) % val_every == 0 or epoch + 1 == epochs:
+            val = evaluate(model, data.x_val, data.y_val, loss)
+        else:
+            val = [{"loss": np.nan, "accuracy": np.nan}] * count if members else \
+                {"loss": np.nan, "accuracy": np.nan}
         for e, result in enumerate(val if members else [val]):
             row = {"epoch": epoch + 1, "train_loss": train_loss[e] / steps,
                    "reg_loss": reg_loss[e] / steps, "val_loss": result["loss"]}
@@ -235,8 +232,9 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
                 row[f"backward_iterations_{l}"] = bwd[e, l] / steps
                 row[f"grad_{l}"] = grad[e, l] / steps
             rows[e].append(row)
-        bar.set_postfix(loss=f"{np.median(train_loss) / steps:.2e}",
-                        val=f"{np.median([r[-1]['val_loss'] for r in rows]):.2e}", refresh=False)
+        if not np.isnan(rows[0][-1]["val_loss"]):
+            bar.set_postfix(loss=f"{np.median(train_loss) / steps:.2e}",
+                            val=f"{np.median([r[-1]['val_loss'] for r in rows]):.2e}", refresh=False)
     histories = [pd.DataFrame(r) for r in rows]
     return histories[0] if members is None else histories
 

@@ -47,8 +47,21 @@ assert not any(m.split(".")[0] in {examples!r} for m in sys.modules)
 
 
 def test_the_examples_modules_say_what_is_missing():
-    for module in ("training", "plotting", "robustness", "diagnostics", "cache"):
+    for module in ("training", "plotting", "robustness", "diagnostics", "cache", "claims", "history"):
         result = run(f"import irn.{module}")
         assert result.returncode != 0
         assert "irn[examples]" in result.stderr and f"irn.{module} needs" in result.stderr, \
             result.stderr
+
+
+def test_plotting_robustness_and_diagnostics_do_not_import_the_training_loop():
+    code = """
+import sys
+import irn.plotting, irn.diagnostics, irn.claims
+assert "irn.training" not in sys.modules and "irn._parallel" not in sys.modules
+import irn.robustness  # it runs measurements in parallel processes, not the training loop
+assert "irn.training" not in sys.modules
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env={"MPLBACKEND": "Agg", "PATH": ""})
+    assert result.returncode == 0, result.stderr

@@ -145,6 +145,26 @@ def test_training_records_history_and_reduces_loss():
     assert history.converged.all()
 
 
+def test_validation_every_k_epochs_leaves_training_unchanged():
+    def run(val_every):
+        torch.manual_seed(0)
+        model = models.spiral_classifier(3, 0.5, T=1.0).double()
+        return training.train(model, data.two_spirals(), epochs=7, loss="cross_entropy",
+                              val_every=val_every, progress=False)
+
+    every, sparse = run(1), run(3)
+    measured = sparse.epoch.isin([3, 6, 7])  # every third epoch and the last one
+    assert sparse.val_loss[measured].notna().all() and sparse.val_loss[~measured].isna().all()
+    assert sparse.val_accuracy[~measured].isna().all()
+    pd.testing.assert_series_equal(sparse.val_loss[measured], every.val_loss[measured])
+    pd.testing.assert_frame_equal(sparse.drop(columns=["val_loss", "val_accuracy"]),
+                                  every.drop(columns=["val_loss", "val_accuracy"]))
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="val_every"):
+            training.train(models.spiral_classifier(2, 0.0).double(), data.two_spirals(),
+                           epochs=1, val_every=bad, progress=False)
+
+
 def test_training_with_regularizers_and_classification_is_deterministic():
     def run():
         torch.manual_seed(1)

@@ -111,3 +111,17 @@ def test_regularizer_effect_draws_the_median_over_seeds_per_theta_and_run():
     assert len(iterations.lines) == 4 and len(losses.lines) == 4
     assert list(losses.lines[0].get_ydata()) == [2.0, 2.0]  # median of 1, 2, 3
     assert list(iterations.lines[3].get_ydata()) == [5.0, 5.0] and iterations.lines[3].get_linestyle() == "--"
+
+
+def test_losses_draw_the_validation_curve_through_the_measured_epochs_only():
+    import numpy as np
+    import pandas as pd
+
+    frame = pd.DataFrame([dict(epoch=e, depth=5, theta=t, seed=s, train_loss=1.0 / e,
+                               val_loss=2.0 / e if e % 3 == 0 or e == 7 else np.nan)
+                          for t in (0.0, 1.0) for s in range(3) for e in range(1, 8)])
+    fig = plotting.losses(frame)
+    train, val = fig.axes
+    assert len(train.lines[0].get_xdata()) == 7
+    assert list(val.lines[0].get_xdata()) == [3, 6, 7]
+    assert list(val.lines[0].get_ydata()) == [2 / 3, 2 / 6, 2 / 7]
