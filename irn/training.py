@@ -305,8 +305,9 @@ def _batches(jobs: list[dict], ensemble: bool, workers: int, max_members: int) -
     """Indices of the jobs trained together, longest first: one job each without ensembling;
     otherwise the jobs of each :func:`ensemble_key`, sorted by theta and cut into
     ``max(ceil(n / max_members), min(workers, n))`` pieces, each cut moved to the nearest
-    change of theta where one is within a piece's length (an ensemble iterates as long as its
-    slowest member, and members of one theta converge alike)."""
+    change of theta within a quarter of a piece (an ensemble iterates as long as its slowest
+    member, and members of one theta converge alike; further, the pieces would be too uneven
+    to share the workers)."""
     if not ensemble:
         return sorted(([i] for i in range(len(jobs))), key=lambda batch: -_cost([jobs[batch[0]]]))
     groups: dict[str, list[int]] = {}
@@ -324,7 +325,7 @@ def _batches(jobs: list[dict], ensemble: bool, workers: int, max_members: int) -
             low = max((cuts or [0])[-1] + 1, len(indices) - max_members * (pieces - p))
             high = (cuts or [0])[-1] + max_members
             even = min(max(round(p * size), low), high)
-            near = [k for k in changes if abs(k - even) < size / 2 and low <= k <= high]
+            near = [k for k in changes if abs(k - even) <= size / 4 and low <= k <= high]
             cuts.append(min(near, key=lambda k: abs(k - even)) if near else even)
         batches += [[int(i) for i in indices[a:b]] for a, b in zip([0] + cuts, cuts + [len(indices)])]
     # the longest first, so that a long batch does not start last and run alone

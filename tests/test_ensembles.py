@@ -339,9 +339,12 @@ def test_ensembles_are_cut_where_theta_changes():
         for batch in batches:  # each piece holds whole thetas
             held = {thetas[i] for i in batch}
             assert all(thetas.count(t) == sum(thetas[i] == t for i in batch) for t in held)
-    # no change within half a piece of the even cut: the cut stays even
+    # no change within a quarter of a piece of the even cut: the cut stays even
     same = [base | dict(seed=s, model_kwargs=dict(num_layers=3, theta=0.5)) for s in range(10)]
     assert sorted(map(len, training._batches(same, True, workers=2, max_members=64))) == [5, 5]
+    thirds = [base | dict(seed=s, model_kwargs=dict(num_layers=3, theta=t))
+              for t in (0.0, 0.5, 1.0) for s in range(10)]  # changes at 10, 20; even cut 15
+    assert sorted(map(len, training._batches(thirds, True, workers=2, max_members=64))) == [15, 15]
     # pieces never exceed max_members
     assert max(map(len, training._batches(jobs, True, workers=2, max_members=6))) <= 6
     # Anderson and implicit batches are estimated dearer, and start first

@@ -65,7 +65,7 @@ def test_dynamics_leaves_the_models_where_they_are_and_draws_the_given_target():
     from irn import data, models
 
     torch.manual_seed(0)
-    float32 = models.function_approximator(3, 0.5).float()
+    float32 = models.function_approximator(3, 0.5, on_nonconvergence="ignore").float()
     float64 = models.function_approximator(3, 0.0).double()
     before = {id(p): (p.device, p.dtype) for m in (float32, float64) for p in m.parameters()}
     fig = plotting.dynamics({0.5: float32, 0.0: float64}, data.sine())
@@ -86,7 +86,7 @@ def test_dynamics_of_a_wide_state_draws_trajectories_without_a_field():
     from irn import data, models
 
     torch.manual_seed(0)
-    wide = models.function_approximator(3, 0.5, layout="embedded").double()
+    wide = models.function_approximator(3, 0.5, layout="embedded", on_nonconvergence="ignore").double()
     fig = plotting.dynamics({0.5: wide}, data.sine(), target=torch.sin)
     assert not any(isinstance(c, Quiver) for ax in fig.axes for c in ax.collections)
     trajectories = fig.axes[0].lines[:20]  # one per training input, in the first two components
@@ -94,7 +94,8 @@ def test_dynamics_of_a_wide_state_draws_trajectories_without_a_field():
     for b, line in enumerate(trajectories):
         x, y = line.get_data()
         assert abs(x - states[:, b, 0]).max() < 1e-12 and abs(y - states[:, b, 1]).max() < 1e-12
-    planar = plotting.dynamics({0.5: models.function_approximator(3, 0.5).double()}, data.sine())
+    planar = plotting.dynamics({0.5: models.function_approximator(
+        3, 0.5, on_nonconvergence="ignore").double()}, data.sine())
     assert any(isinstance(c, Quiver) for ax in planar.axes for c in ax.collections)
 
 
