@@ -7,10 +7,10 @@ The front door::
 """
 
 from . import regularizers, stability
-from .layers import ImplicitResidualBlock
+from .layers import ImplicitResidualBlock, SolveConfig
 from .models import ImplicitResNet
 from .solvers import ConvergenceWarning, SolveStats, SolverError
 
 __version__ = "0.1.0"
-__all__ = ["ImplicitResidualBlock", "ImplicitResNet", "SolveStats", "ConvergenceWarning",
+__all__ = ["ImplicitResidualBlock", "ImplicitResNet", "SolveConfig", "SolveStats", "ConvergenceWarning",
            "SolverError", "regularizers", "stability", "__version__"]

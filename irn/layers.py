@@ -24,7 +24,9 @@ step, as a single explicit block does.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,6 +41,43 @@ POLICIES = ("warn", "raise", "ignore")
 def _axpy(a: torch.Tensor, c, b: torch.Tensor) -> torch.Tensor:
     """``a + c b`` for a float ``c`` (one network) or a per-member column ``c`` (an ensemble)."""
     return torch.add(a, b, alpha=c) if isinstance(c, float) else torch.addcmul(a, c, b)
+
+
+@dataclass(frozen=True)
+class SolveConfig:
+    """How a block solves: the forward ``solver`` with its ``solver_options``, the ``backward``
+    (``neumann``, ``gmres``, ``direct``, ``unrolled``, ``jacobian_free``), the stopping rules
+    ``max_b ||R_b|| <= tol`` within ``max_iters`` (forward) and ``lin_tol``,
+    ``lin_max_iters`` (backward; None: the forward's), and the ``on_nonconvergence`` policy.
+    Every field is checked here, once, option values included; a block holds one
+    (``block.config``), and ``dataclasses.replace`` changes some fields of it."""
+
+    solver: str = "fixed_point"
+    backward: str = "neumann"
+    tol: float = 1e-6
+    max_iters: int = 50
+    lin_tol: float | None = None
+    lin_max_iters: int | None = None
+    solver_options: dict = field(default_factory=dict)
+    on_nonconvergence: str = "warn"
+
+    def __post_init__(self):
+        choice("solver", self.solver, S.FORWARD_SOLVERS)
+        choice("backward", self.backward, S.BACKWARDS)
+        number("tol", self.tol, lambda v: v > 0, "a finite number > 0")
+        integer("max_iters", self.max_iters)
+        lin_tol = self.tol if self.lin_tol is None else self.lin_tol
+        lin_max_iters = self.max_iters if self.lin_max_iters is None else self.lin_max_iters
+        number("lin_tol", lin_tol, lambda v: v > 0, "a finite number > 0")
+        integer("lin_max_iters", lin_max_iters)
+        require(self.solver_options is None or isinstance(self.solver_options, dict),
+                f"solver_options must be a dict or None, got {self.solver_options!r}")
+        options = dict(self.solver_options or {})
+        S.check_options(self.solver, options)
+        choice("on_nonconvergence", self.on_nonconvergence, POLICIES)
+        for name, value in (("tol", float(self.tol)), ("lin_tol", float(lin_tol)),
+                            ("lin_max_iters", lin_max_iters), ("solver_options", options)):
+            object.__setattr__(self, name, value)  # resolved once, here
 
 
 def _per_member(name: str, value, members: int | None):
@@ -175,28 +214,11 @@ class ImplicitResidualBlock(nn.Module):
         for value in (theta if isinstance(theta, (list, tuple)) else (theta,)):
             number("theta", value, lambda v: 0 <= v <= 1, "a number in [0, 1]")
         h, theta = _per_member("h", h, members), _per_member("theta", theta, members)
-        choice("solver", solver, S.FORWARD_SOLVERS)
-        choice("backward", backward, S.BACKWARDS)
-        number("tol", tol, lambda v: v > 0, "a finite number > 0")
-        integer("max_iters", max_iters)
-        lin_tol = tol if lin_tol is None else lin_tol
-        lin_max_iters = max_iters if lin_max_iters is None else lin_max_iters
-        number("lin_tol", lin_tol, lambda v: v > 0, "a finite number > 0")
-        integer("lin_max_iters", lin_max_iters)
-        require(solver_options is None or isinstance(solver_options, dict),
-                f"solver_options must be a dict or None, got {solver_options!r}")
-        solver_options = dict(solver_options or {})
-        S.check_options(solver, solver_options)
-        choice("on_nonconvergence", on_nonconvergence, POLICIES)
-
+        self.config = SolveConfig(solver, backward, tol, max_iters, lin_tol, lin_max_iters,
+                                  solver_options, on_nonconvergence)
         self.F = F
         self.members = members  # None: one network; E: an ensemble block
         self.h, self.theta = h, theta
-        self.solver, self.backward = solver, backward
-        self.tol, self.max_iters = float(tol), max_iters
-        self.lin_tol, self.lin_max_iters = float(lin_tol), lin_max_iters
-        self.solver_options = solver_options
-        self.on_nonconvergence = on_nonconvergence
         self.name = "block"  # ImplicitResNet renames its blocks "block 0", "block 1", ...
         self.keep_iterates = False
         # what the latest forward/backward left behind, in a plain object: nn.Module's own
@@ -207,22 +229,34 @@ class ImplicitResidualBlock(nn.Module):
 
     @property
     def settings(self) -> dict:
-        """The solver settings: every keyword of the constructor but ``F``, ``h`` and ``theta``."""
-        return dict(solver=self.solver, backward=self.backward, tol=self.tol,
-                    max_iters=self.max_iters, lin_tol=self.lin_tol,
-                    lin_max_iters=self.lin_max_iters, solver_options=self.solver_options,
-                    on_nonconvergence=self.on_nonconvergence)
+        """The solver settings (:class:`SolveConfig`'s fields) as a dict."""
+        return {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}
 
     def with_settings(self, **block_kwargs) -> "ImplicitResidualBlock":
         """A block on the same ``F`` (shared, not copied) with some settings changed (any
-        keyword of the constructor but ``F``); the others are kept, the solver options too
-        unless ``solver`` changes (options belong to a solver)."""
-        settings = dict(h=self.h, theta=self.theta) | self.settings
-        if "solver" in block_kwargs:
-            settings["solver_options"] = None
-        block = ImplicitResidualBlock(self.F, **(settings | block_kwargs))
+        keyword of the constructor but ``F``): ``dataclasses.replace`` of its
+        :class:`SolveConfig`, whose solver options are dropped when ``solver`` changes (options
+        belong to a solver)."""
+        changes = {k: v for k, v in block_kwargs.items() if k not in ("h", "theta")}
+        if "solver" in changes:
+            changes.setdefault("solver_options", None)
+        config = dataclasses.replace(self.config, **changes)
+        block = ImplicitResidualBlock(self.F, block_kwargs.get("h", self.h),
+                                      block_kwargs.get("theta", self.theta), **{
+                                          f.name: getattr(config, f.name)
+                                          for f in dataclasses.fields(config)})
         block.name, block.keep_iterates = self.name, self.keep_iterates
         return block
+
+    # the solver settings, read from the block's SolveConfig
+    solver = property(lambda self: self.config.solver)
+    backward = property(lambda self: self.config.backward)
+    tol = property(lambda self: self.config.tol)
+    max_iters = property(lambda self: self.config.max_iters)
+    lin_tol = property(lambda self: self.config.lin_tol)
+    lin_max_iters = property(lambda self: self.config.lin_max_iters)
+    solver_options = property(lambda self: self.config.solver_options)
+    on_nonconvergence = property(lambda self: self.config.on_nonconvergence)
 
     @property
     def last_stats(self) -> SolveStats | list[SolveStats] | None:

@@ -39,6 +39,7 @@ iteration. ``SolveInfo`` then holds one entry per member.
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from dataclasses import dataclass
@@ -326,13 +327,12 @@ FORWARD_SOLVERS = {
     "nonlinear_cg": nonlinear_cg,
     "anderson": anderson,
 }
-#: solver name -> the keys its ``solver_options`` accept
-SOLVER_OPTIONS = {
-    "fixed_point": (),
-    "gradient_descent": ("step_size",),
-    "nonlinear_cg": ("variant",),
-    "anderson": ("memory", "regularization"),
-}
+#: what the block passes to every forward solver; the rest of a solver's keywords are its options
+SOLVER_ARGUMENTS = ("g", "y0", "tol", "max_iters", "differentiable", "record", "active")
+#: solver name -> the keys its ``solver_options`` accept, read from the solver's own signature
+SOLVER_OPTIONS = {name: tuple(p for p in inspect.signature(solver).parameters
+                              if p not in SOLVER_ARGUMENTS)
+                  for name, solver in FORWARD_SOLVERS.items()}
 
 
 def check_options(solver: str, options: dict) -> None:
@@ -351,6 +351,8 @@ def check_options(solver: str, options: dict) -> None:
             integer(name, value)
         elif key == "regularization":
             number(name, value, lambda v: v >= 0, "a finite number >= 0")
+        else:  # an option added to a solver's signature must get its check here
+            raise NotImplementedError(f"no check for {name} of solver {solver!r}")
 
 
 # ------------------------------------------------------------------------------ linear solvers

@@ -340,8 +340,8 @@ def _training_size(data: str) -> int:
 def _cost(batch: list[dict]) -> float:
     """A rough cost model of training ``batch`` together, to start the longest batches first:
     layer-steps (epochs x minibatches x layers) times the evaluations of F per layer (1
-    explicit; implicit, a third of the iteration cap, doubled for Anderson's least-squares
-    step and for R_fp's recorded iterates), each a fixed overhead plus arithmetic that grows
+    explicit; implicit, a third of the iteration cap up to 30, doubled for Anderson's
+    least-squares step and for R_fp's recorded iterates), each a fixed overhead plus arithmetic that grows
     with the samples in flight (members x minibatch x perturbation streams x width); the
     weights fit this 2-core machine's timings of the notebooks' jobs."""
     job = batch[0]
@@ -353,7 +353,7 @@ def _cost(batch: list[dict]) -> float:
                    * model_kwargs.get("num_layers", 1))
     evaluations = 1.0
     if any(j["model_kwargs"].get("theta", 0.0) > 0 for j in batch):
-        evaluations = (model_kwargs.get("max_iters", 50) / 3
+        evaluations = (min(model_kwargs.get("max_iters", 50), 30) / 3
                        * (2 if model_kwargs.get("solver") == "anderson" else 1)
                        * (2 if train_kwargs.get("fp_weight", 0) > 0 else 1))
     return layer_steps * evaluations * (1 + 1e-4 * len(batch) * minibatch * streams

@@ -1,5 +1,6 @@
 """ImplicitResidualBlock: forward solutions, gradients, statistics, policies, errors."""
 
+import inspect
 import warnings
 
 import pytest
@@ -512,3 +513,47 @@ def test_torch_func_transforms_raise_one_clear_error(transform):
             "grad": lambda: func.grad(lambda t: block(t).sum())(x)}[transform]
     with pytest.raises(NotImplementedError, match="torch.func transforms.*ImplicitResNet.stack"):
         call()
+
+
+SOLVE_SETTINGS = [(k, v) for k, v in BAD_ARGUMENTS if "h" not in k and "theta" not in k]
+
+
+@pytest.mark.parametrize("kwargs,name", SOLVE_SETTINGS)
+def test_the_settings_object_checks_every_field_itself(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        irn.SolveConfig(**kwargs)
+
+
+def test_a_block_holds_one_frozen_settings_object_and_with_settings_replaces_fields():
+    import dataclasses
+
+    block = irn.ImplicitResidualBlock(nn.Identity(), 0.5, 0.25, solver="anderson",
+                                      solver_options={"memory": 3}, tol=1e-7, backward="gmres")
+    config = block.config
+    assert config == irn.SolveConfig(solver="anderson", backward="gmres", tol=1e-7,
+                                     solver_options={"memory": 3})
+    assert config.lin_tol == 1e-7 and config.lin_max_iters == 50  # resolved from tol, max_iters
+    assert block.settings == dataclasses.asdict(config)
+    assert (block.solver, block.tol, block.solver_options) == ("anderson", 1e-7, {"memory": 3})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.tol = 1.0
+    changed = block.with_settings(tol=1e-5, theta=0.5)
+    assert changed.config == dataclasses.replace(config, tol=1e-5)
+    assert changed.theta == 0.5 and changed.h == 0.5 and changed.F is block.F
+    # options belong to a solver: dropped when the solver changes, unless given again
+    assert block.with_settings(solver="fixed_point").config.solver_options == {}
+    assert block.with_settings(solver="anderson", solver_options={"memory": 2}
+                               ).solver_options == {"memory": 2}
+    with pytest.raises(ValueError, match="max_iters"):
+        block.with_settings(max_iters=0)
+
+
+def test_solver_options_are_read_from_each_solvers_signature():
+    from irn import solvers
+
+    assert solvers.SOLVER_OPTIONS == {"fixed_point": (), "gradient_descent": ("step_size",),
+                                      "nonlinear_cg": ("variant",),
+                                      "anderson": ("memory", "regularization")}
+    for name, solver in solvers.FORWARD_SOLVERS.items():  # the block passes the rest itself
+        parameters = list(inspect.signature(solver).parameters)
+        assert parameters[:len(solvers.SOLVER_ARGUMENTS)] == list(solvers.SOLVER_ARGUMENTS), name
