@@ -230,7 +230,7 @@ class ImplicitResidualBlock(nn.Module):
     @property
     def settings(self) -> dict:
         """The solver settings (:class:`SolveConfig`'s fields) as a dict."""
-        return {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}
+        return dataclasses.asdict(self.config)
 
     def with_settings(self, **block_kwargs) -> "ImplicitResidualBlock":
         """A block on the same ``F`` (shared, not copied) with some settings changed (any
@@ -242,9 +242,8 @@ class ImplicitResidualBlock(nn.Module):
             changes.setdefault("solver_options", None)
         config = dataclasses.replace(self.config, **changes)
         block = ImplicitResidualBlock(self.F, block_kwargs.get("h", self.h),
-                                      block_kwargs.get("theta", self.theta), **{
-                                          f.name: getattr(config, f.name)
-                                          for f in dataclasses.fields(config)})
+                                      block_kwargs.get("theta", self.theta),
+                                      **dataclasses.asdict(config))
         block.name, block.keep_iterates = self.name, self.keep_iterates
         return block
 
