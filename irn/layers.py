@@ -13,7 +13,11 @@ Backward: an ``autograd.Function`` computing the ``F(y*)`` term turns the incomi
 returns ``h theta (dF(y*)/dw)^T v`` for the parameters and hands ``v`` to the graph of
 ``x + h(1-theta)F(x)``, which yields ``dL/dx = v + h(1-theta) J_F(x)^T v`` and
 ``dL/dw = h[(1-theta) dF(x)/dw + theta dF(y*)/dw]^T v`` (implicit function theorem). Nothing
-of the iterations is saved for backward, and of the ``F(y*)`` term only ``y*``.
+of the iterations is saved for backward, and of the ``F(y*)`` term only ``y*`` and
+``x + h(1-theta)F(x)``. Second derivatives (``create_graph=True``): with ``neumann`` and
+``direct`` the adjoint solve is itself built from differentiable operations at a ``y*`` that
+carries its implicit derivative ``dy* = (I - h theta J_F)^{-1}(...)``, another solve with the
+same operator; ``unrolled`` differentiates the iterations.
 
 Ensembles (SPEC section 2b): a block whose ``h`` or ``theta`` is a sequence of ``E`` values is
 ``E`` independent blocks at once. Its ``F`` maps ``(E, B, *)`` to ``(E, B, *)`` (member ``e``'s
@@ -90,7 +94,7 @@ def _per_member(name: str, value, members: int | None):
     return tuple(float(v) for v in values)
 
 
-def linearize(F: nn.Module, y: torch.Tensor, scale: float = 1.0):
+def linearize(F: nn.Module, y: torch.Tensor, scale: float = 1.0, create_graph: bool = False):
     """The two products of the backward at ``y``, built once and applied many times::
 
         input_vjp(u)     = scale * J_F(y)^T u                 (the adjoint linear solve)
@@ -99,25 +103,38 @@ def linearize(F: nn.Module, y: torch.Tensor, scale: float = 1.0):
 
     A residual function may provide its own, as a method ``F.linearize(y, scale)`` (the
     library's :class:`irn.models.Perceptron` does: a few tensor operations per product instead
-    of autograd calls); otherwise one graph of ``F(y)`` is built and serves both.
+    of autograd calls); otherwise one graph of ``F(y)`` is built and serves both. With
+    ``create_graph`` the products are themselves differentiable, in ``y`` (which then keeps its
+    own graph), ``u`` and the parameters: second derivatives (an own ``linearize`` is when it is
+    made of differentiable tensor operations, as the library's are).
     """
     own = getattr(F, "linearize", None)
     if own is not None:
         return own(y, scale)
-    params = list(F.parameters())
     with torch.enable_grad():
-        y_in = y.detach().requires_grad_()
-        fy = F(y_in)
+        if create_graph:
+            # fresh nodes on the graphs of y and of the parameters: the products are partial
+            # derivatives (only the paths through F's own inputs; y* also depends on w) and
+            # stay differentiable in y and w
+            y_in = y.view_as(y) if y.requires_grad else y.detach().requires_grad_()
+            views = {name: p.view_as(p) for name, p in F.named_parameters()}
+            params = list(views.values())
+            fy = torch.func.functional_call(F, views, (y_in,))
+        else:
+            params = list(F.parameters())
+            y_in = y.detach().requires_grad_()
+            fy = F(y_in)
 
     def parameter_vjp(u):
         wanted = [p for p in params if p.requires_grad]
         if not (wanted and fy.requires_grad):
             return [None] * len(params)
         grads = iter(torch.autograd.grad(fy, wanted, scale * u, retain_graph=True,
-                                         allow_unused=True, materialize_grads=True))
+                                         create_graph=create_graph, allow_unused=True,
+                                         materialize_grads=True))
         return [next(grads) if p.requires_grad else None for p in params]
 
-    return (lambda u: scale * S.vjp(fy, y_in, u)), parameter_vjp
+    return (lambda u: scale * S.vjp(fy, y_in, u, create_graph=create_graph)), parameter_vjp
 
 
 class _Latest:
@@ -129,50 +146,90 @@ class _Latest:
         self.stats, self.iterate_residuals, self.backward_converged = None, None, None
 
 
+#: the backwards whose adjoint solve is made of differentiable operations (create_graph=True)
+TWICE_DIFFERENTIABLE = ("neumann", "direct", "unrolled")
+
+
+def _adjoint(ctx, grad):
+    """The backward shared by the two functions below: ``v`` with
+    ``(I - h theta J_F(y*)^T) v = grad`` and ``h theta (dF(y*)/dw)^T v``, and the solve's
+    statistics. Asked for a graph (``create_graph=True``; autograd then runs the backward in
+    grad mode), the solve is built from differentiable operations at ``y*`` carrying its own
+    implicit derivative (:class:`_ImplicitSolution`), so that ``v`` is differentiable in ``x``,
+    the parameters and ``grad``: second (and higher) derivatives."""
+    block = ctx.block
+    explicit, y_star = ctx.saved_tensors
+    create_graph = torch.is_grad_enabled()
+    if create_graph:
+        if block.backward not in TWICE_DIFFERENTIABLE:
+            raise NotImplementedError(
+                f"{block.name}: a second derivative (create_graph=True) through an implicit "
+                f"block is not supported with backward={block.backward!r}; build the block "
+                f"with backward='neumann', 'direct' or 'unrolled'")
+        y_star = _ImplicitSolution.apply(explicit, y_star.detach(), ctx.scale, block,
+                                         *block.F.parameters())
+    return block._solve_adjoint(y_star, grad, ctx.scale, create_graph=create_graph)
+
+
 class _ImplicitBackward(torch.autograd.Function):
     """The last application of the map, ``explicit + h theta F(y*)``, with its own backward.
 
-    Forward keeps only ``y*`` (no graph of ``F(y*)``). Backward solves
+    Forward keeps only ``explicit`` and ``y*`` (no graph of ``F(y*)``). Backward solves
     ``(I - h theta J_F(y*)^T) v = g`` and returns ``v`` for ``explicit`` (autograd pushes it
-    through ``x + h(1-theta)F(x)``) and ``h theta (dF(y*)/dw)^T v`` for F's parameters ``w``.
+    through ``x + h(1-theta)F(x)``) and ``h theta (dF(y*)/dw)^T v`` for F's parameters ``w``;
+    the solve's statistics complete the forward's ``SolveStats``.
     """
 
     @staticmethod
     def forward(ctx, explicit, y_star, f_star, scale, block, stats, *params):
-        # f_star = F(y*), evaluated by the solver already; only y* is kept for the backward;
-        # scale = h theta (a float, or a per-member column of an ensemble)
+        # f_star = F(y*), evaluated by the solver already; scale = h theta (a float, or a
+        # per-member column of an ensemble); explicit is kept for second derivatives only
         ctx.block, ctx.stats, ctx.scale = block, stats, scale  # this forward's, for its backward
-        ctx.save_for_backward(y_star)
+        ctx.save_for_backward(explicit, y_star)
         return _axpy(explicit, scale, f_star)
 
     @staticmethod
     def backward(ctx, grad):
-        # autograd runs a backward with grad mode on exactly when create_graph=True was asked
-        if torch.is_grad_enabled():
-            raise NotImplementedError(
-                f"{ctx.block.name}: a second derivative through an implicit block is not "
-                f"supported with backward={ctx.block.backward!r} (its adjoint solve is not "
-                f"differentiated); build the block with backward='unrolled' for "
-                f"create_graph=True, Hessian-vector products or gradient penalties")
-        (y_star,) = ctx.saved_tensors
-        v, param_grads = ctx.block._solve_adjoint(y_star, grad, ctx.stats, ctx.scale)
+        v, param_grads, info = _adjoint(ctx, grad)
+        ctx.block._record_backward(info, ctx.stats)
         return (v, None, None, None, None, None, *param_grads)
+
+
+class _ImplicitSolution(torch.autograd.Function):
+    """``y*`` as a function of ``explicit = x + h(1-theta)F(x)`` and F's parameters, for second
+    derivatives: ``y* = explicit + h theta F(y*)`` gives
+    ``dy* = (I - h theta J_F(y*))^{-1} (d explicit + h theta (dF/dw) dw)``, so its backward is
+    the block's adjoint solve again (and differentiable again under ``create_graph``)."""
+
+    @staticmethod
+    def forward(ctx, explicit, y_star, scale, block, *params):
+        ctx.block, ctx.scale = block, scale
+        ctx.save_for_backward(explicit, y_star)
+        return y_star.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, param_grads, info = _adjoint(ctx, grad)
+        ctx.block._record_backward(info)  # a solve of its own: warns, records nothing
+        return (v, None, None, None, *param_grads)
 
 
 class _UnrolledBackward(torch.autograd.Function):
     """Identity; its backward (autograd through the iterations, no linear solve) completes
-    the statistics of the matching forward."""
+    the statistics of the matching forward: no backward iterations."""
 
     @staticmethod
-    def forward(ctx, out, stats):
-        ctx.stats = stats
+    def forward(ctx, out, block, stats):
+        ctx.block, ctx.stats = block, stats
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad):  # the identity: differentiable again (double backward works)
-        for stats in ctx.stats:
-            stats.backward_iterations, stats.backward_residual = 0, 0.0
-        return grad, None
+        block = ctx.block
+        members = ([None] if block.members is None
+                   else [e for e, t in enumerate(block.theta) if t > 0])
+        block._record_backward([(e, 0, 0.0, None) for e in members], ctx.stats)
+        return grad, None, None
 
 
 class ImplicitResidualBlock(nn.Module):
@@ -416,9 +473,7 @@ class ImplicitResidualBlock(nn.Module):
             return step(y_star)
         if unrolled:  # autograd through the iterations: one more application, on the graph
             out = _axpy(explicit, h_implicit, self._residual_function(y_star))
-            return _UnrolledBackward.apply(
-                out, [s for s, t in zip(latest.stats, self.theta) if t > 0]
-                if members is not None else [latest.stats])
+            return _UnrolledBackward.apply(out, self, latest.stats)
         # one more application of the map with y* held constant; its backward is implicit
         with torch.no_grad():
             f_star = evaluate_F(y_star)
@@ -437,38 +492,50 @@ class ImplicitResidualBlock(nn.Module):
         return [torch.where(k < counts, r.mean(dim=1), 0) for k, r in enumerate(record)]
 
     # -- backward -------------------------------------------------------------------------
-    def _solve_adjoint(self, y_star: torch.Tensor, grad: torch.Tensor, stats, scale):
+    def _solve_adjoint(self, y_star: torch.Tensor, grad: torch.Tensor, scale,
+                       create_graph: bool = False):
         """``v`` with ``(I - h theta J_F(y*)^T) v = grad`` (``v = grad`` for
-        ``jacobian_free``) and ``h theta (dF(y*)/dw)^T v`` for F's parameters (``scale`` is
-        ``h theta``); completes ``stats``, those of the matching forward. An ensemble solves
-        per member; its explicit members pass ``grad`` on (``v = grad``)."""
-        input_vjp, parameter_vjp = linearize(self.F, y_star, scale=scale)
+        ``jacobian_free``), ``h theta (dF(y*)/dw)^T v`` for F's parameters (``scale`` is
+        ``h theta``) and the solve's statistics: ``[(member, iterations, residual, converged)]``
+        (``member`` None for one network; an ensemble's implicit members, its explicit ones
+        passing ``grad`` on; ``converged`` None where nothing was solved). With
+        ``create_graph`` every product is differentiable."""
+        input_vjp, parameter_vjp = linearize(self.F, y_star, scale, create_graph)
         ensemble = self.members is not None
         implicit = self._coefficients(y_star)[2]
         members = [e for e, t in enumerate(self.theta) if t > 0] if ensemble else [None]
-        member_stats = [stats[e] for e in members] if ensemble else [stats]
         if self.backward == "jacobian_free":
-            for s in member_stats:
-                s.backward_iterations, s.backward_residual = 0, 0.0
-            return grad, parameter_vjp(grad)
+            return grad, parameter_vjp(grad), [(e, 0, 0.0, None) for e in members]
         v, info = self._run(S.LINEAR_SOLVERS[self.backward], input_vjp, grad, tol=self.lin_tol,
                             max_iters=self.lin_max_iters, active=implicit, what="backward")
-        if ensemble:
-            if not all(implicit):  # explicit members: v = grad (GMRES left them at zero)
-                mask = torch.tensor(implicit, device=v.device)
-                v = torch.where(mask.reshape((-1,) + (1,) * (v.dim() - 1)), v, grad)
-            per_member = [(info.iterations[e], info.residual[e], info.converged[e])
-                          for e in members]
-            converged = [None] * self.members
-            for e, (_, _, ok) in zip(members, per_member):
-                converged[e] = ok
-        else:
-            per_member = [(info.iterations, float(info.residual), info.converged)]
-            converged = info.converged
-        if stats is self._latest.stats:
-            self._latest.backward_converged = converged
-        for member, s, (iterations, residual, ok) in zip(members, member_stats, per_member):
-            s.backward_iterations, s.backward_residual = iterations, residual
-            if not ok:
+        if not ensemble:
+            return v, parameter_vjp(v), [(None, info.iterations, float(info.residual),
+                                          info.converged)]
+        if not all(implicit):  # explicit members: v = grad (GMRES left them at zero)
+            mask = torch.tensor(implicit, device=v.device)
+            v = torch.where(mask.reshape((-1,) + (1,) * (v.dim() - 1)), v, grad)
+        return v, parameter_vjp(v), [(e, info.iterations[e], info.residual[e], info.converged[e])
+                                     for e in members]
+
+    def _record_backward(self, info, stats=None) -> None:
+        """Hand a backward's statistics ``info`` (``[(member, iterations, residual,
+        converged)]``, as :meth:`_solve_adjoint` returns them) to the ``stats`` of its forward,
+        and to ``backward_converged`` when that forward is the latest one and solved something;
+        warn (or raise) per unconverged member."""
+        if stats is not None:
+            member_stats = stats if self.members is not None else [stats]
+            for member, iterations, residual, _ in info:
+                target = member_stats[0 if member is None else member]
+                target.backward_iterations, target.backward_residual = iterations, residual
+            solved = [(member, ok) for member, _, _, ok in info if ok is not None]
+            if stats is self._latest.stats and solved:
+                if self.members is None:
+                    self._latest.backward_converged = solved[0][1]
+                else:
+                    converged = [None] * self.members
+                    for member, ok in solved:
+                        converged[member] = ok
+                    self._latest.backward_converged = converged
+        for member, iterations, residual, ok in info:
+            if ok is False:
                 self._nonconvergence("backward", iterations, residual, member)
-        return v, parameter_vjp(v)

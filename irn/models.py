@@ -46,11 +46,12 @@ class Perceptron(nn.Module):
         return ACTIVATIONS[self.activation](
             nn.functional.linear(y, self.linear.weight, self.linear.bias))
 
-    @torch.no_grad()
     def linearize(self, y, scale: float = 1.0):
         """The products of the backward (see :func:`irn.layers.linearize`), with
         ``s(u) = scale * act'(W y + b) * u``: ``u -> scale J_F(y)^T u = s(u) W`` and
-        ``u -> (dF/dW^T, dF/db^T) scale u = (s(u)^T y, sum_batch s(u))``."""
+        ``u -> (dF/dW^T, dF/db^T) scale u = (s(u)^T y, sum_batch s(u))``. Plain tensor
+        operations: differentiable in ``y``, ``W``, ``b`` and ``u`` when called in grad mode
+        (second derivatives; the first-order backward runs without it)."""
         weight, bias = self.linear.weight, self.linear.bias
         slope = scale * DERIVATIVES[self.activation](self.linear(y))
 
@@ -100,7 +101,6 @@ class StackedPerceptron(nn.Module):
     def forward(self, y):
         return ACTIVATIONS[self.activation](self._affine(y))
 
-    @torch.no_grad()
     def linearize(self, y, scale=1.0):
         """:meth:`Perceptron.linearize` per member (``scale`` a float or an ``(E, 1, 1)``
         column): ``u -> s(u) W_e`` and ``u -> (s(u)^T y, sum_batch s(u))`` member by member."""

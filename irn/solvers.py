@@ -359,6 +359,7 @@ def check_options(solver: str, options: dict) -> None:
 
 def _linear_threshold(b: Tensor, tol: float, active: Tensor | None = None):
     """``tol * max(1, max_b ||b_b||)``: a float, or for an ensemble a list, one per member."""
+    b = b.detach()  # a differentiable (create_graph) solve still stops on plain numbers
     if active is None:
         return tol * max(1.0, float(batch_norm(b).max()))
     return [tol * max(1.0, norm) for norm in batch_norm(b, 2).amax(dim=1).tolist()]
@@ -497,7 +498,9 @@ def direct(vjp, b, *, tol, max_iters, active=None):
         first = int((singular != 0).nonzero()[0, 0])
         raise _failure("I - J^T is singular (iteration 0)",
                        None if active is None else first // shape[1])
-    residual = torch.linalg.vector_norm(b.reshape(samples, n, 1) - (eye - jt) @ v, dim=(1, 2))
+    with torch.no_grad():  # a statistic, also of a differentiable (create_graph) solve
+        residual = torch.linalg.vector_norm(b.reshape(samples, n, 1) - (eye - jt) @ v,
+                                            dim=(1, 2))
     threshold = _linear_threshold(b, tol, active)
     if active is None:
         res = float(residual.max())

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import DT, Linear, TanhLayer, linear_solution, newton_solution, random_tanh
+from conftest import DT, Linear, linear_solution, newton_solution, random_tanh
 from torch import nn
 
 import irn
@@ -491,15 +491,91 @@ def test_second_derivatives_through_unrolled_match_finite_differences():
     torch.testing.assert_close(hv, hv_plain, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("backward", ["neumann", "gmres", "direct", "jacobian_free"])
-def test_second_derivatives_through_an_implicit_backward_name_the_alternative(backward):
+def residual_functions():
+    """A generic module (autograd products) and the library's Perceptron (its own ones)."""
+    torch.manual_seed(0)
+    return {"sequential": nn.Sequential(nn.Linear(3, 3), nn.Tanh()).double(),
+            "perceptron": irn.models.Perceptron(3, "tanh").double()}
+
+
+def second_order(block, x):
+    """A gradient penalty's derivatives: ``d/d(x, w) ||d tanh(block(x)).sum() / dx||^2``, and
+    the parameters' gradient of the parameter gradient's norm (meta-learning's shape)."""
+    params = list(block.F.parameters())
+    (g,) = torch.autograd.grad(block(x).tanh().sum(), x, create_graph=True)
+    penalty = torch.autograd.grad(g.square().sum(), [x, *params])
+    grads = torch.autograd.grad(block(x).tanh().sum(), params, create_graph=True)
+    meta = torch.autograd.grad(sum(w.square().sum() for w in grads), [x, *params])
+    return penalty + meta
+
+
+@pytest.mark.parametrize("backward", ["neumann", "direct"])
+@pytest.mark.parametrize("kind", ["sequential", "perceptron"])
+def test_second_derivatives_through_an_implicit_backward(backward, kind):
+    """create_graph=True through neumann and direct: torch's gradgradcheck (float64 finite
+    differences of the gradient), and the Hessian-vector products of a gradient penalty and of
+    a parameter-gradient penalty equal those of backward='unrolled' run to convergence."""
+    F = residual_functions()[kind]
+    block = irn.ImplicitResidualBlock(F, 0.3, 0.5, backward=backward, tol=1e-13, max_iters=200)
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1),
+                    requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: block(t), (x,), eps=1e-6, atol=1e-6)
+    implicit = second_order(block, x)
+    assert block.last_stats.backward_iterations is not None  # the first backward's statistics
+    unrolled = second_order(block.with_settings(backward="unrolled"), x)
+    for a, b in zip(implicit, unrolled):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+        assert b.abs().max() > 1e-3  # the comparison is not between zeros
+
+
+def test_second_derivatives_of_an_ensemble_equal_its_members():
+    torch.manual_seed(0)
+    nets = [irn.ImplicitResNet(3, 2, 0.4, theta, activation="tanh", tol=1e-13, max_iters=200,
+                               backward="direct").double() for theta in (0.0, 0.5, 1.0)]
+    ens = irn.ImplicitResNet.stack(nets)
+    x = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+
+    def penalty_gradient(net, inputs):
+        (g,) = torch.autograd.grad(net(inputs).tanh().sum(), inputs, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), inputs)[0]
+
+    stacked = penalty_gradient(ens, x)
+    for e, net in enumerate(nets):
+        solo = penalty_gradient(net, x[e].detach().clone().requires_grad_())
+        torch.testing.assert_close(stacked[e], solo, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backward", ["gmres", "jacobian_free"])
+def test_second_derivatives_through_other_backwards_name_the_alternatives(backward):
     block = irn.ImplicitResidualBlock(nn.Sequential(nn.Linear(3, 3), nn.Tanh()).double(), 0.3,
                                       0.5, backward=backward)
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="block.*backward='unrolled'"):
+    with pytest.raises(NotImplementedError,
+                       match=f"block.*backward='{backward}'.*'neumann', 'direct' or 'unrolled'"):
         torch.autograd.grad(block(x).sum(), x, create_graph=True)
     (g,) = torch.autograd.grad(block(x).sum(), x)  # first derivatives as before
     assert g.shape == x.shape
+
+
+def test_the_adjoint_solve_returns_its_statistics_and_the_block_records_them():
+    """The backward hands its statistics back (``_solve_adjoint`` returns them, the stats of the
+    forward it belongs to are completed in one place), including for an earlier forward."""
+    torch.manual_seed(0)
+    block = irn.ImplicitResidualBlock(nn.Sequential(nn.Linear(3, 3), nn.Tanh()).double(), 0.3)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    first = block(x)
+    first_stats = block.last_stats
+    block(2 * x)  # a later forward: the first one's backward must not touch its stats
+    latest = block.last_stats
+    y_star = torch.randn(4, 3, dtype=torch.float64)
+    v, grads, info = block._solve_adjoint(y_star, torch.ones(4, 3, dtype=torch.float64), 0.15)
+    assert first_stats.backward_iterations is None and latest.backward_iterations is None
+    ((member, iterations, residual, converged),) = info
+    assert member is None and iterations > 0 and residual <= block.lin_tol and converged
+    assert v.shape == (4, 3) and len(grads) == 2
+    first.sum().backward()
+    assert first_stats.backward_iterations > 0 and latest.backward_iterations is None
+    assert block.backward_converged is None  # of the latest forward, which had no backward
 
 
 @pytest.mark.parametrize("transform", ["vmap", "jvp", "grad"])
