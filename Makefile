@@ -8,6 +8,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export SOURCE_DATE_EPOCH := 0
 export PYTHONHASHSEED := 0
+# One code path for PyTorch's CPU kernels, MKL and oneDNN on x86-64 (AVX2, which AVX-512 CPUs
+# also run): otherwise each picks its own by CPU model, and the examples' training, which
+# amplifies rounding (notebook 2), prints different digits on different machines.
+ifeq ($(shell uname -m),x86_64)
+export ATEN_CPU_CAPABILITY ?= avx2
+export MKL_CBWR ?= AVX2
+export ONEDNN_MAX_CPU_ISA ?= AVX2
+endif
 
 .PHONY: help venv test unit figures smoke references bench lab clean clean-cache
 .DEFAULT_GOAL := help
