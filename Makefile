@@ -90,6 +90,7 @@ bench: $(STAMP) ## benchmarks: print a table and write benchmarks/results.md
 	$(BIN)/python benchmarks/bench.py
 
 lab: $(STAMP) ## open the executed notebooks in JupyterLab (sources one folder up)
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[examples,lab]"
 	cd notebooks && ../$(BIN)/jupyter lab executed/01_linear_stability.ipynb
 
 clean: ## remove build outputs (keeps .venv, figures/ and the cache of trained models)
