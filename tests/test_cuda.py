@@ -35,6 +35,23 @@ def test_block_matches_cpu(rng, solver, options, backward, dtype, tol):
         torch.testing.assert_close(gpu, cpu, atol=atol, rtol=atol)
 
 
+@pytest.mark.parametrize("backward", ["neumann", "direct"])
+def test_second_derivatives_match_cpu(rng, backward):
+    """create_graph=True through the implicit backward on the GPU: the Hessian-vector product
+    of a gradient penalty equals the CPU's."""
+    F = random_tanh(4, rng, scale=1.0)
+    x = torch.randn(8, 4, generator=rng, dtype=DT)
+    results = []
+    for device in ("cpu", "cuda"):
+        block = irn.ImplicitResidualBlock(F.to(device), 0.8, 0.6, backward=backward, tol=1e-12,
+                                          max_iters=300)
+        xd = x.to(device).clone().requires_grad_()
+        (g,) = torch.autograd.grad(block(xd).tanh().sum(), xd, create_graph=True)
+        (hv,) = torch.autograd.grad(g.square().sum(), xd)
+        results.append(hv.cpu())
+    torch.testing.assert_close(results[1], results[0], atol=1e-8, rtol=1e-8)
+
+
 def test_regularizers_and_training_on_cuda():
     torch.manual_seed(0)
     model = models.spiral_classifier(10, 0.5, on_nonconvergence="ignore").double()
