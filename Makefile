@@ -17,7 +17,7 @@ export MKL_CBWR ?= AVX2
 export ONEDNN_MAX_CPU_ISA ?= AVX2
 endif
 
-.PHONY: help venv test unit figures smoke references bench lab clean clean-cache
+.PHONY: help venv test unit figures smoke long references bench lab clean clean-cache
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -59,6 +59,7 @@ build/$(1)/%.ipynb: notebooks/%.ipynb build/$(1)/params/%.yaml $$(IRN_SRC) $$(RU
 endef
 $(eval $(call PROFILE_RULES,paper,figures,--copy notebooks/executed/$$*.ipynb))
 $(eval $(call PROFILE_RULES,smoke,build/smoke/figures,))
+$(eval $(call PROFILE_RULES,long,build/long/figures,))
 .SECONDARY:
 
 figures: figures/claims.csv ## regenerate every figure of the paper into figures/ (paper profile)
@@ -68,6 +69,14 @@ figures/claims.csv: $(NAMES:%=build/paper/%.ipynb) scripts/claims_table.py
 	$(BIN)/python scripts/claims_table.py figures README.md
 
 smoke: $(NAMES:%=build/smoke/%.ipynb) ## run every notebook with the tiny smoke profile (build/smoke/)
+
+# the paper profile with twice the training (params/long.yaml): which verdicts depend on the
+# budget; compared with figures/claims.csv as it stands (`make figures` refreshes it)
+long: build/long/compare.md ## the paper profile with twice the epochs (build/long/), verdicts compared
+build/long/compare.md: $(NAMES:%=build/long/%.ipynb) scripts/compare_claims.py
+	$(BIN)/python scripts/claims_table.py build/long/figures
+	$(BIN)/python scripts/compare_claims.py figures/claims.csv build/long/figures/claims.csv \
+	  "paper profile" "long profile" $@
 
 references: $(STAMP) ## regenerate the nbval references tests/notebooks/ (smoke profile)
 	@$(BIN)/python scripts/split_params.py params/smoke.yaml build/references/params

@@ -180,6 +180,25 @@ def markdown(table: pd.DataFrame, figures_url: str = "figures") -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare(first: pd.DataFrame, second: pd.DataFrame, labels=("first", "second")) -> pd.DataFrame:
+    """The rows of two claims tables side by side (e.g. two training budgets): per
+    ``(claim, setup)`` found in both, each table's interval and verdict, and ``changed`` when
+    the verdicts differ. Rows found in only one table are left out (their setups differ)."""
+    require(len(labels) == 2 and labels[0] != labels[1], f"labels must be two different names, "
+                                                         f"got {labels!r}")
+    keys = ["claim", "setup"]
+    for name, t in zip(labels, (first, second)):
+        require(not t.duplicated(keys).any(), f"{name}: (claim, setup) must identify a row")
+    both = first.merge(second, on=keys, suffixes=[f"_{label}" for label in labels])
+    out = both[keys].copy()
+    for label in labels:
+        out[label] = [_interval(r) for r in both[[f"estimate_{label}", f"low_{label}", f"high_{label}"]]
+                      .set_axis(["estimate", "low", "high"], axis=1).itertuples()]
+        out[f"verdict {label}"] = both[f"verdict_{label}"]
+    out["changed"] = both[f"verdict_{labels[0]}"] != both[f"verdict_{labels[1]}"]
+    return out.reset_index(drop=True)
+
+
 # ------------------------------------------------------------------ per-seed quantities
 
 def _final(histories: pd.DataFrame, column: str) -> pd.Series:

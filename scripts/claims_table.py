@@ -1,5 +1,5 @@
 """Collect the claims rows the notebooks saved (FIGURES/claims/*.csv) into FIGURES/claims.csv
-and render them into README between the lines `<!-- claims:begin -->` and
+and, if README is given, render them into it between the lines `<!-- claims:begin -->` and
 `<!-- claims:end -->` (`make figures` runs it after the notebooks).
 
     python scripts/claims_table.py figures README.md
@@ -13,10 +13,13 @@ from irn import claims
 BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
 
 
-def main(figures: str, readme: str) -> int:
+def main(figures: str, readme: str | None = None) -> int:
     table = claims.table(figures)
     out = Path(figures) / "claims.csv"
     table.to_csv(out, index=False, float_format="%.6g")
+    if readme is None:
+        print(f"[claims] {len(table)} rows: {out}")
+        return 0
     text = Path(readme).read_text()
     if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
         sys.exit(f"error: {readme} must hold one line {BEGIN} followed by one line {END}")

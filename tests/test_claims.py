@@ -142,3 +142,24 @@ def test_saved_rows_make_the_table_and_its_markdown(tmp_path):
     assert "-1.5 [" in claims.show(table)
     with pytest.raises(ValueError, match="claims"):
         claims.table(tmp_path / "empty")
+
+
+def test_compare_puts_two_tables_side_by_side_and_flags_changed_verdicts():
+    def table(rows):
+        return pd.DataFrame([dict(zip(("claim", "setup", "estimate", "low", "high", "verdict"), r))
+                             for r in rows])
+
+    short = table([("1a", "state", 0.1, -0.1, 0.3, "inconclusive"),
+                   ("2", "state", -0.5, -0.8, -0.2, "contradicted"),
+                   ("7a", "digits", 1.0, 0.5, 1.5, "contradicted")])   # only in the first
+    long = table([("2", "state", -0.6, -0.9, -0.3, "contradicted"),
+                  ("1a", "state", -0.4, -0.6, -0.2, "holds")])
+    out = claims.compare(short, long, ("short", "long"))
+    assert list(out.columns) == ["claim", "setup", "short", "verdict short", "long",
+                                 "verdict long", "changed"]
+    assert out[["claim", "changed"]].values.tolist() == [["1a", True], ["2", False]]
+    assert out.loc[0, "short"] == "+0.1 [-0.1, +0.3]" and out.loc[0, "long"] == "-0.4 [-0.6, -0.2]"
+    with pytest.raises(ValueError, match="labels must be two different names"):
+        claims.compare(short, long, ("a", "a"))
+    with pytest.raises(ValueError, match="second: \\(claim, setup\\) must identify a row"):
+        claims.compare(short, pd.concat([long, long]), ("first", "second"))
