@@ -50,7 +50,7 @@ RUN := $(REFERENCE_RUN) $(if $(CACHE),--cache $(CACHE)) \
 
 # The paper profile's executed notebooks are also kept, for readers, in notebooks/executed/.
 define PROFILE_RULES
-build/$(1)/params.stamp: params/$(1).yaml scripts/split_params.py | $$(STAMP)
+build/$(1)/params.stamp: $(wildcard params/*.yaml) scripts/split_params.py | $$(STAMP)
 	@$$(BIN)/python scripts/split_params.py params/$(1).yaml build/$(1)/params
 	@touch $$@
 build/$(1)/params/%.yaml: build/$(1)/params.stamp ;

@@ -226,9 +226,7 @@ class _UnrolledBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # the identity: differentiable again (double backward works)
         block = ctx.block
-        members = ([None] if block.members is None
-                   else [e for e, t in enumerate(block.theta) if t > 0])
-        block._record_backward([(e, 0, 0.0, None) for e in members], ctx.stats)
+        block._record_backward([(e, 0, 0.0, None) for e in block._solving_members()], ctx.stats)
         return grad, None, None
 
 
@@ -503,9 +501,8 @@ class ImplicitResidualBlock(nn.Module):
         input_vjp, parameter_vjp = linearize(self.F, y_star, scale, create_graph)
         ensemble = self.members is not None
         implicit = self._coefficients(y_star)[2]
-        members = [e for e, t in enumerate(self.theta) if t > 0] if ensemble else [None]
         if self.backward == "jacobian_free":
-            return grad, parameter_vjp(grad), [(e, 0, 0.0, None) for e in members]
+            return grad, parameter_vjp(grad), [(e, 0, 0.0, None) for e in self._solving_members()]
         v, info = self._run(S.LINEAR_SOLVERS[self.backward], input_vjp, grad, tol=self.lin_tol,
                             max_iters=self.lin_max_iters, active=implicit, what="backward")
         if not ensemble:
@@ -515,7 +512,11 @@ class ImplicitResidualBlock(nn.Module):
             mask = torch.tensor(implicit, device=v.device)
             v = torch.where(mask.reshape((-1,) + (1,) * (v.dim() - 1)), v, grad)
         return v, parameter_vjp(v), [(e, info.iterations[e], info.residual[e], info.converged[e])
-                                     for e in members]
+                                     for e in self._solving_members()]
+
+    def _solving_members(self) -> list:
+        """The members whose backward solves (``theta > 0``); ``[None]`` for one network."""
+        return [None] if self.members is None else [e for e, t in enumerate(self.theta) if t > 0]
 
     def _record_backward(self, info, stats=None) -> None:
         """Hand a backward's statistics ``info`` (``[(member, iterations, residual,

@@ -9,6 +9,16 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def split_params():
+    """scripts/split_params.py as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("split_params", ROOT / "scripts" / "split_params.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run(*args, cwd=ROOT):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True)
 
@@ -35,7 +45,7 @@ def test_profiles_only_name_declared_parameters():
     import papermill
 
     for profile in sorted((ROOT / "params").glob("*.yaml")):
-        for notebook, values in yaml.safe_load(profile.read_text()).items():
+        for notebook, values in split_params().load(profile).items():
             declared = papermill.inspect_notebook(str(ROOT / "notebooks" / f"{notebook}.ipynb"))
             assert set(values) <= set(declared), (profile.name, notebook)
 
@@ -59,6 +69,24 @@ def test_split_params_rewrites_only_changed_files(tmp_path):
     assert second["03_two_spirals.yaml"] == first["03_two_spirals.yaml"]
     assert second["01_linear_stability.yaml"] != first["01_linear_stability.yaml"]
     assert yaml.safe_load((out / "01_linear_stability.yaml").read_text()) == {"h": 0.2}
+
+
+def test_a_profile_extends_another_parameter_by_parameter(tmp_path):
+    (tmp_path / "base.yaml").write_text("01_linear_stability:\n  h: 0.1\n  steps: 100\n"
+                                        "03_two_spirals:\n  seeds: [0]\n")
+    (tmp_path / "p.yaml").write_text("extends: base.yaml\n01_linear_stability:\n  h: 0.2\n")
+    out = tmp_path / "out"
+    assert run("scripts/split_params.py", str(tmp_path / "p.yaml"), str(out)).returncode == 0
+    assert yaml.safe_load((out / "01_linear_stability.yaml").read_text()) == {"h": 0.2, "steps": 100}
+    assert yaml.safe_load((out / "03_two_spirals.yaml").read_text()) == {"seeds": [0]}
+
+
+def test_the_long_profile_changes_only_the_paper_profiles_budgets():
+    paper, long = (split_params().load(ROOT / "params" / f"{p}.yaml") for p in ("paper", "long"))
+    changed = {(nb, key) for nb in paper for key in paper[nb] if paper[nb][key] != long[nb][key]}
+    assert changed == {("02_function_approximation", "epochs"), ("02_function_approximation", "lr_step"),
+                       ("03_two_spirals", "training_settings"), ("04_robustness", "spirals"),
+                       ("04_robustness", "digits")}
 
 
 def test_nbval_references_run_the_current_notebooks():
