@@ -1,4 +1,4 @@
-"""The paper's claims as rows with a verdict (SPEC section 4).
+"""The paper's claims as rows with a verdict (docs/design.md, section 7).
 
 Each claim is read as a per-seed quantity (a paired difference: the same seed, hence the same
 initial weights, under the two models compared) whose mean the paper puts on one side of a

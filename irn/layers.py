@@ -19,7 +19,7 @@ of the iterations is saved for backward, and of the ``F(y*)`` term only ``y*`` a
 carries its implicit derivative ``dy* = (I - h theta J_F)^{-1}(...)``, another solve with the
 same operator; ``unrolled`` differentiates the iterations.
 
-Ensembles (SPEC section 2b): a block whose ``h`` or ``theta`` is a sequence of ``E`` values is
+Ensembles (docs/design.md, section 5): a block whose ``h`` or ``theta`` is a sequence of ``E`` values is
 ``E`` independent blocks at once. Its ``F`` maps ``(E, B, *)`` to ``(E, B, *)`` (member ``e``'s
 residual function acting on ``x[e]``), every solve stops per member, and ``last_stats`` is a
 list with one :class:`irn.SolveStats` per member. Members with ``theta = 0`` take the explicit

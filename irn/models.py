@@ -4,7 +4,7 @@
 of step ``h``: ``F_l(y) = act(W_l y + b_l)``. ``ImplicitModel`` wraps it with an input
 embedding and a readout, which is all the examples of the paper need.
 
-Ensembles (SPEC section 2b): ``ImplicitResNet.stack(nets)`` and ``ImplicitModel.stack(models)``
+Ensembles (docs/design.md, section 5): ``ImplicitResNet.stack(nets)`` and ``ImplicitModel.stack(models)``
 copy ``E`` networks into one module whose weights carry a leading member dimension
 (:class:`StackedPerceptron`, :class:`StackedLinear`) and whose inputs are ``(E, B, ...)``;
 ``member(e)`` copies member ``e`` back out.
@@ -225,7 +225,7 @@ class ImplicitResNet(nn.Module):
     # -- ensembles ------------------------------------------------------------------------
     @classmethod
     def stack(cls, nets: list["ImplicitResNet"]) -> "ImplicitResNet":
-        """``E`` networks as one ensemble (SPEC section 2b): inputs ``(E, B, dim)``, member ``e``
+        """``E`` networks as one ensemble (docs/design.md, section 5): inputs ``(E, B, dim)``, member ``e``
         sees only ``y0[e]`` and computes what ``nets[e]`` computes alone. The networks must
         agree in ``dim``, ``num_layers``, activation and every solver setting; ``h`` and
         ``theta`` may differ. The weights are copied (``nets`` and the ensemble stay
@@ -379,7 +379,7 @@ LAYOUTS = ("state", "embedded")
 def function_approximator(num_layers: int, theta: float, *, T: float = 5.0,
                           activation: str | None = None, layout: str = "state", width: int = 5,
                           **block_kwargs) -> ImplicitModel:
-    """Example 1, in one of two layouts (SPEC section 4); ``L`` blocks of step ``h = T / L``.
+    """Example 1, in one of two layouts (docs/design.md, section 6); ``L`` blocks of step ``h = T / L``.
 
     ``layout="state"``: ``y0 = (x, 0)`` in R^2, output ``y_L[1]``, tanh by default.
     ``layout="embedded"`` (the authors' code of May 2019): a learned affine embedding

@@ -1,4 +1,4 @@
-"""The two regularisers of the paper (section 2.2; reconstructed in SPEC section 1).
+"""The two regularisers of the paper (section 2.2; reconstructed in docs/design.md, section 4).
 
 On an ensemble (``irn.ImplicitResNet.stack``) each returns one value per member, shape
 ``(E,)``, and its settings (``alpha``, ``sigma``, ``beta``) may be a float or one float per

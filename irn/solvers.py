@@ -1,7 +1,7 @@
 """Solvers for the implicit block: nonlinear (forward) and linear (backward).
 
 Every forward solver finds a fixed point ``y = g(y)`` of a map ``g`` acting on a batch
-(shape ``(B, *)``), starting at ``y0``, with one stopping rule (SPEC section 1):
+(shape ``(B, *)``), starting at ``y0``, with one stopping rule (docs/design.md, section 2):
 
     R(y) = y - g(y),   converged when  max_b ||R_b(y)||_2 <= tol,   at most max_iters iterations.
 
@@ -29,7 +29,7 @@ Convergence is tested once per iteration on one scalar, the batch maximum of the
 norm; that scalar is also the NaN/inf check, so a loop does one device-to-host transfer
 per iteration and no other.
 
-Ensembles (SPEC section 2b): with ``active`` given (one bool per member, on the host), the
+Ensembles (docs/design.md, section 5): with ``active`` given (one bool per member, on the host), the
 states have shape ``(E, B, *)``, ``E`` independent members of ``B`` samples each, and the
 stopping rule holds per member: member ``e`` stops when ``max_b ||R_{e,b}|| <= tol``, after
 which its iterate is frozen, bit for bit, while the others go on (members with ``active[e]``

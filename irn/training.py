@@ -388,8 +388,8 @@ def train_many(jobs: list[dict], workers: int = 1, desc: str = "training", *,
     ``data`` (a key of ``DATASETS``), ``train_kwargs`` (for :func:`train`) and ``seed``
     (initialisation and training noise). With ``ensemble`` (default) jobs that differ only in
     seed, ``theta`` and regulariser weights and sizes are stacked into ensembles of at most
-    ``max_members`` (cut into at least ``workers`` pieces) and trained as one (SPEC section
-    2b); each job gets what training it alone gives, to rounding: how jobs are stacked
+    ``max_members`` (cut into at least ``workers`` pieces) and trained as one (docs/design.md,
+    section 5); each job gets what training it alone gives, to rounding: how jobs are stacked
     (``ensemble``, ``workers``, ``max_members``) moves results by rounding only, where it
     runs (here, local processes, a Dask cluster) not at all.
 

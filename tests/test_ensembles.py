@@ -1,4 +1,4 @@
-"""Ensembles (SPEC section 2b): E stacked networks compute, member by member, exactly what the
+"""Ensembles (docs/design.md, section 5): E stacked networks compute, member by member, exactly what the
 networks compute alone (float64, 1e-10 relative), and train the same (1e-8 over 100 epochs)."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""irn.stability against the closed forms of SPEC section 1."""
+"""irn.stability against the closed forms of the linear test system (paper eq. 6)."""
 
 import numpy as np
 import pytest
