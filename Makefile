@@ -90,17 +90,31 @@ NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=600 -p no:cachepro
 unit: $(STAMP) ## run the unit tests only
 	$(BIN)/python -m pytest -q tests
 
-test: $(STAMP) ## run the unit tests and the notebook regression (nbval)
+# The references must hold on any CPU, not only the one that wrote them: the notebooks are
+# checked again under PyTorch's and numpy's generic kernels (scripts/code_paths.py), which round
+# differently, as another machine would; checked cells carry measured tolerances.
+test: $(STAMP) ## run the unit tests and the notebook regression (nbval), on two CPU code paths
 	$(BIN)/python -m pytest -q $(NBVAL) tests
+	$(BIN)/python scripts/code_paths.py with generic $(BIN)/python -m pytest -q $(NBVAL) tests/notebooks
 	@rm -rf tests/notebooks/.staging-*
 
 bench: $(STAMP) ## benchmarks: print a table and write benchmarks/results.md
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[examples,bench]"
 	$(BIN)/python benchmarks/bench.py
 
-lab: $(STAMP) ## open the executed notebooks in JupyterLab (sources one folder up)
+# JupyterLab where users run it: as root in a container or cloud VM it needs --allow-root, and
+# without a display --no-browser (it prints the URL with its token); it listens on localhost
+# only. LAB_ARGS passes more options (e.g. LAB_ARGS=--port=8890).
+LAB_FLAGS = $(if $(filter 0,$(shell id -u)),--allow-root) \
+	$(if $(DISPLAY)$(WAYLAND_DISPLAY),,--no-browser) --ServerApp.ip=127.0.0.1
+LAB_ARGS ?=
+$(VENV)/.lab-installed: $(STAMP)
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[examples,lab]"
-	cd notebooks && ../$(BIN)/jupyter lab executed/01_linear_stability.ipynb
+	touch $@
+
+lab: $(VENV)/.lab-installed ## open the executed notebooks in JupyterLab (sources one folder up)
+	cd notebooks && ../$(BIN)/jupyter lab $(LAB_FLAGS) --ServerApp.root_dir=. $(LAB_ARGS) \
+	  executed/01_linear_stability.ipynb
 
 clean: ## remove build outputs (keeps .venv, figures/ and the cache of trained models)
 	find build -mindepth 1 -maxdepth 1 ! -name cache -exec rm -rf {} + 2>/dev/null || true

@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+import tolerant_nbval
+
 DT = torch.float64
 
 
@@ -68,3 +70,10 @@ def random_tanh(dim, rng, scale=0.5):
 def seed_global_rng():
     """Every test starts from the same global RNG state (model initialisations draw from it)."""
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    """nbval compares the numbers of checked notebook cells within their declared tolerances
+    (tests/tolerant_nbval.py)."""
+    if config.pluginmanager.hasplugin("nbval"):
+        tolerant_nbval.install()
