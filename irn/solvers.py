@@ -105,6 +105,17 @@ def _failure(message: str, member: int | None = None) -> SolverError:
     return err
 
 
+def labelled(name: str, what: str, solve: Callable, *args, **kwargs):
+    """``solve(*args, **kwargs)``, its SolverError renamed ``"<name>[, member e]: <what> solve
+    failed: ..."`` so that the message names the block (and the ensemble member)."""
+    try:
+        return solve(*args, **kwargs)
+    except SolverError as err:
+        member = getattr(err, "member", None)
+        label = name if member is None else f"{name}, member {member}"
+        raise SolverError(f"{label}: {what} solve failed: {err}") from None
+
+
 def _check_finite(res: float, iteration: int, member: int | None = None) -> None:
     if not math.isfinite(res):
         raise _failure(f"non-finite value (NaN or inf) at iteration {iteration}", member)
@@ -217,6 +228,56 @@ def _value_and_gradient(g: Callable, y: Tensor, differentiable: bool):
 
 # ----------------------------------------------------------------------------- forward solvers
 
+#: what the block passes to every forward solver; the rest of a solver's keywords are its options
+SOLVER_ARGUMENTS = ("g", "y0", "tol", "max_iters", "differentiable", "record", "active")
+#: name -> forward solver, filled by :func:`forward_solver`
+FORWARD_SOLVERS: dict[str, Callable] = {}
+#: name -> the keys its ``solver_options`` accept, in the order of the solver's signature
+SOLVER_OPTIONS: dict[str, tuple[str, ...]] = {}
+_OPTION_CHECKS: dict[str, dict[str, Callable]] = {}
+
+
+def forward_solver(name: str, **checks: Callable):
+    """Register a forward solver under ``name`` (the block's ``solver=name``). ``checks`` maps
+    each of its options, the keywords after :data:`SOLVER_ARGUMENTS`, to ``check(label,
+    value)``, which raises a ValueError naming ``label``; an option without a check (or a
+    check without an option) fails at registration. Adding a solver is this decorator on one
+    function."""
+    def register(solver: Callable) -> Callable:
+        parameters = list(inspect.signature(solver).parameters)
+        options = tuple(parameters[len(SOLVER_ARGUMENTS):])
+        if parameters[:len(SOLVER_ARGUMENTS)] != list(SOLVER_ARGUMENTS) or set(options) != set(checks):
+            raise TypeError(f"forward solver {name!r}: arguments must start with "
+                            f"{SOLVER_ARGUMENTS} and each option needs a check; options "
+                            f"{options}, checks {tuple(checks)}")
+        FORWARD_SOLVERS[name], SOLVER_OPTIONS[name], _OPTION_CHECKS[name] = solver, options, checks
+        return solver
+    return register
+
+
+def _positive(label, value):
+    number(label, value, lambda v: v > 0, "a finite number > 0")
+
+
+def _non_negative(label, value):
+    number(label, value, lambda v: v >= 0, "a finite number >= 0")
+
+
+def _one_of(*allowed):
+    return lambda label, value: choice(label, value, allowed)
+
+
+def check_options(solver: str, options: dict) -> None:
+    """Every key and value of ``solver_options`` for ``solver``, checked once (a block does it
+    at construction): ``ValueError`` naming the option and what it allows."""
+    checks = _OPTION_CHECKS[solver]
+    for key, value in options.items():
+        require(key in checks, f"solver_options key {key!r} is not known to solver "
+                               f"{solver!r}; allowed keys: {SOLVER_OPTIONS[solver]}")
+        checks[key](f"solver_options[{key!r}]", value)
+
+
+@forward_solver("fixed_point")
 def fixed_point(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None):
     """Picard iteration ``y^{k+1} = g(y^k)`` (paper eq. 8), i.e.
     ``y^{k+1} = x + h(1-theta) F(x) + h theta F(y^k)`` for the theta-block."""
@@ -228,6 +289,7 @@ def fixed_point(g, y0, *, tol, max_iters, differentiable=False, record=None, act
         y = gy if monitor.mask is None else monitor.freeze(gy, y)
 
 
+@forward_solver("gradient_descent", step_size=_positive)
 def gradient_descent(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None,
                      step_size=0.5):
     """Fixed-step gradient descent on ``phi(y) = 1/2 ||R(y)||^2``:
@@ -240,9 +302,7 @@ def gradient_descent(g, y0, *, tol, max_iters, differentiable=False, record=None
         y = monitor.freeze(y - step_size * grad, y)
 
 
-NCG_VARIANTS = ("polak_ribiere", "fletcher_reeves")
-
-
+@forward_solver("nonlinear_cg", variant=_one_of("polak_ribiere", "fletcher_reeves"))
 def nonlinear_cg(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None,
                  variant="polak_ribiere"):
     """Nonlinear conjugate gradients on ``phi(y) = 1/2 ||R(y)||^2``, per sample.
@@ -280,6 +340,7 @@ def nonlinear_cg(g, y0, *, tol, max_iters, differentiable=False, record=None, ac
         grad_old = grad
 
 
+@forward_solver("anderson", memory=integer, regularization=_non_negative)
 def anderson(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None,
              memory=5, regularization=1e-4):
     """Anderson acceleration of ``y = g(y)`` with window ``m = memory``:
@@ -321,40 +382,6 @@ def anderson(g, y0, *, tol, max_iters, differentiable=False, record=None, active
         y = monitor.freeze(torch.where(plain, gy, mixed), y)
 
 
-FORWARD_SOLVERS = {
-    "fixed_point": fixed_point,
-    "gradient_descent": gradient_descent,
-    "nonlinear_cg": nonlinear_cg,
-    "anderson": anderson,
-}
-#: what the block passes to every forward solver; the rest of a solver's keywords are its options
-SOLVER_ARGUMENTS = ("g", "y0", "tol", "max_iters", "differentiable", "record", "active")
-#: solver name -> the keys its ``solver_options`` accept, read from the solver's own signature
-SOLVER_OPTIONS = {name: tuple(p for p in inspect.signature(solver).parameters
-                              if p not in SOLVER_ARGUMENTS)
-                  for name, solver in FORWARD_SOLVERS.items()}
-
-
-def check_options(solver: str, options: dict) -> None:
-    """Every key and value of ``solver_options`` for ``solver``, checked once (a block does it
-    at construction): ``ValueError`` naming the option and what it allows."""
-    allowed = SOLVER_OPTIONS[solver]
-    for key, value in options.items():
-        require(key in allowed, f"solver_options key {key!r} is not known to solver "
-                                f"{solver!r}; allowed keys: {allowed}")
-        name = f"solver_options[{key!r}]"
-        if key == "step_size":
-            number(name, value, lambda v: v > 0, "a finite number > 0")
-        elif key == "variant":
-            choice(name, value, NCG_VARIANTS)
-        elif key == "memory":
-            integer(name, value)
-        elif key == "regularization":
-            number(name, value, lambda v: v >= 0, "a finite number >= 0")
-        else:  # an option added to a solver's signature must get its check here
-            raise NotImplementedError(f"no check for {name} of solver {solver!r}")
-
-
 # ------------------------------------------------------------------------------ linear solvers
 
 def _linear_threshold(b: Tensor, tol: float, active: Tensor | None = None):
@@ -389,7 +416,12 @@ def gmres(vjp, b, *, tol, max_iters, active=None, restart=30):
     moving. ``iterations`` counts operator applications in Arnoldi steps. For an ensemble
     each member stops on its own: it keeps only the Arnoldi steps its own rule asked for
     (the rest of its rotated right-hand side is dropped before the back-substitution), so
-    it computes exactly what it computes alone."""
+    it computes exactly what it computes alone.
+
+    Length: one restart cycle (Arnoldi with modified Gram-Schmidt, Givens rotations,
+    back-substitution) shares its state (basis, Hessenberg matrix, rotations, per-member step
+    counts) across all its phases; split into functions, each would take and return most of
+    it, and the textbook algorithm would no longer read top to bottom."""
     lead = 1 if active is None else 2
     shape = b.shape
     groups = 1 if active is None else shape[0]
@@ -513,6 +545,5 @@ def direct(vjp, b, *, tol, max_iters, active=None):
                                        [v <= t for v, t in zip(values, threshold)])
 
 
+#: the linear solvers of the implicit backward by name (``irn.backward`` chooses among them)
 LINEAR_SOLVERS = {"neumann": neumann, "gmres": gmres, "direct": direct}
-#: every backward mode: the linear solvers plus the two that solve nothing
-BACKWARDS = ("neumann", "gmres", "direct", "unrolled", "jacobian_free")

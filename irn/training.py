@@ -3,10 +3,12 @@ regularisers, and a per-epoch record of losses and solver statistics."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -132,25 +134,17 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
     require(lr > 0, f"lr must be > 0, got {lr!r}")
     integer("val_every", val_every)
     members = model.members
+    count = members or 1
     seeds = _per_member_setting("seed", seed, members)
-    settings = {name: _per_member_setting(name, value, members) for name, value in
-                dict(stab_weight=stab_weight, stab_sigma=stab_sigma, stab_beta=stab_beta,
-                     fp_weight=fp_weight, fp_alpha=fp_alpha).items()}
-    for name in ("stab_weight", "fp_weight"):
-        values = settings[name] if members else [settings[name]]
-        require(all(v >= 0 for v in values), f"{name} must be >= 0, got {settings[name]!r}")
+    regularizer = _Regularizer.of(members, stab_weight=stab_weight, stab_sigma=stab_sigma,
+                                  stab_beta=stab_beta, stab_streams=stab_streams,
+                                  fp_weight=fp_weight, fp_alpha=fp_alpha)
     dtype = next(model.parameters()).dtype
     model.to(device)
     data = data.to(device=device, dtype=dtype)
     blocks = list(model.net.blocks)
-    stab_on = any(w > 0 for w in (settings["stab_weight"] if members else [stab_weight]))
-    fp_on = any(w > 0 for w in (settings["fp_weight"] if members else [fp_weight]))
-    model.net.keep_iterates = fp_on
-    if members is not None:  # per-member weights as (E,) tensors, sigma/beta/alpha as lists
-        weights = {name: torch.tensor(settings[name], dtype=dtype, device=device)
-                   for name in ("stab_weight", "fp_weight")}
-    else:
-        weights = {name: settings[name] for name in ("stab_weight", "fp_weight")}
+    model.net.keep_iterates = regularizer.fp_on
+    regularizer = regularizer.on(dtype, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
     member_seeds = seeds if members else [seeds]
@@ -158,8 +152,6 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
     order_generators = [torch.Generator().manual_seed(s) for s in member_seeds]
     n = data.x_train.shape[0]
     batch_size = n if batch_size is None else batch_size
-    loss_fn = LOSSES[loss]
-    count = members or 1
 
     # train/eval switches walk every module; skip them when no module's forward depends on it
     switch_modes = any(isinstance(m, MODE_DEPENDENT) for m in model.modules())
@@ -169,74 +161,154 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
     for epoch in bar:
         if switch_modes:
             model.train()
-        if batch_size < n:  # each member's own order, as its solo run draws it
-            order = torch.stack([torch.randperm(n, generator=g) for g in order_generators])
-        else:
-            order = torch.arange(n).expand(count, n)
-        train_loss, reg_loss, correct = (np.zeros(count) for _ in range(3))
-        fwd, bwd, grad = (np.zeros((count, len(blocks))) for _ in range(3))
-        converged, steps = np.ones(count, dtype=bool), 0
-        for start in range(0, n, batch_size):
-            index = order[:, start:start + batch_size].to(device)
-            if members is None:
-                index = index[0]
-            x, y = data.x_train[index], data.y_train[index]  # (E,) B, ...
-            optimizer.zero_grad(set_to_none=True)
-            y0 = model.embed(x)
-            reg = torch.zeros(() if members is None else (members,), dtype=dtype, device=device)
-            if stab_on:
-                r_stab, y_last = regularizers.perturbation(
-                    model.net, y0, settings["stab_sigma"], settings["stab_beta"], stab_streams,
-                    generator=generators if members else generators[0], return_output=True)
-                reg = reg + weights["stab_weight"] * r_stab
-            else:
-                y_last = model.net(y0)
-            if fp_on:
-                reg = reg + weights["fp_weight"] * regularizers.fixed_point(
-                    model.net, settings["fp_alpha"])
-            out = model.readout(y_last)
-            data_loss = loss_fn(out, y) if members is None else _member_losses(loss_fn, out, y)
-            (data_loss + reg).sum().backward()
-            optimizer.step()
-            steps += 1
-            train_loss += data_loss.detach().cpu().numpy()
-            reg_loss += reg.detach().cpu().numpy()
-            if loss == "cross_entropy":
-                correct += (out.detach().argmax(dim=-1) == y).reshape(count, -1).sum(dim=1).cpu().numpy()
-            for l, block in enumerate(blocks):
-                stats = block.last_stats if members else [block.last_stats]
-                bconv = block.backward_converged  # None until a backward solve ran
-                bconv = [bconv] * count if not isinstance(bconv, list) else bconv
-                for e in range(count):
-                    fwd[e, l] += stats[e].iterations
-                    bwd[e, l] += stats[e].backward_iterations or 0
-                    converged[e] &= stats[e].converged and bconv[e] is not False
-            grad += _mean_abs_gradients(blocks, members)
+        totals = _epoch(model, data, _order(n, batch_size, order_generators).to(device),
+                        batch_size, optimizer, loss, regularizer,
+                        generators if members else generators[0])
         scheduler.step()
         if switch_modes:
             model.eval()
         if (epoch + 1) % val_every == 0 or epoch + 1 == epochs:
             val = evaluate(model, data.x_val, data.y_val, loss)
+            val = val if members else [val]
         else:
-            val = [{"loss": np.nan, "accuracy": np.nan}] * count if members else \
-                {"loss": np.nan, "accuracy": np.nan}
-        for e, result in enumerate(val if members else [val]):
-            row = {"epoch": epoch + 1, "train_loss": train_loss[e] / steps,
-                   "reg_loss": reg_loss[e] / steps, "val_loss": result["loss"]}
-            if loss == "cross_entropy":
-                row["train_accuracy"] = correct[e] / n
-                row["val_accuracy"] = result["accuracy"]
-            row["converged"] = bool(converged[e])
-            for l in range(len(blocks)):
-                row[f"forward_iterations_{l}"] = fwd[e, l] / steps
-                row[f"backward_iterations_{l}"] = bwd[e, l] / steps
-                row[f"grad_{l}"] = grad[e, l] / steps
-            rows[e].append(row)
+            val = [{"loss": np.nan, "accuracy": np.nan}] * count
+        for e, result in enumerate(val):
+            rows[e].append(totals.row(e, epoch + 1, result, n, loss == "cross_entropy"))
         if not np.isnan(rows[0][-1]["val_loss"]):
-            bar.set_postfix(loss=f"{np.median(train_loss) / steps:.2e}",
+            bar.set_postfix(loss=f"{np.median(totals.train_loss) / totals.steps:.2e}",
                             val=f"{np.median([r[-1]['val_loss'] for r in rows]):.2e}", refresh=False)
     histories = [pd.DataFrame(r) for r in rows]
     return histories[0] if members is None else histories
+
+
+@dataclass(frozen=True)
+class _Regularizer:
+    """The regularisers of a training run: ``stab_weight * R_stab(stab_sigma, stab_beta,
+    stab_streams) + fp_weight * R_fp(fp_alpha)``, each setting one value or (an ensemble) one
+    per member; the weights as ``(E,)`` tensors once :meth:`on` a dtype and device."""
+
+    members: int | None
+    stab_weight: object
+    stab_sigma: object
+    stab_beta: object
+    stab_streams: int
+    fp_weight: object
+    fp_alpha: object
+
+    @classmethod
+    def of(cls, members, **settings) -> "_Regularizer":
+        streams = settings.pop("stab_streams")
+        values = {name: _per_member_setting(name, value, members) for name, value in settings.items()}
+        for name in ("stab_weight", "fp_weight"):
+            weights = values[name] if members else [values[name]]
+            require(all(v >= 0 for v in weights), f"{name} must be >= 0, got {values[name]!r}")
+        return cls(members, stab_streams=streams, **values)
+
+    def _weights(self, name):
+        return getattr(self, name) if self.members else [getattr(self, name)]
+
+    @property
+    def stab_on(self) -> bool:
+        return any(w > 0 for w in self._weights("stab_weight"))
+
+    @property
+    def fp_on(self) -> bool:
+        return any(w > 0 for w in self._weights("fp_weight"))
+
+    def on(self, dtype, device) -> "_Regularizer":
+        if self.members is None:
+            return self
+        return dataclasses.replace(self, **{name: torch.tensor(getattr(self, name), dtype=dtype,
+                                                               device=device)
+                                            for name in ("stab_weight", "fp_weight")})
+
+
+def _order(n: int, batch_size: int, generators) -> torch.Tensor:
+    """The sample order of one epoch, one row per member: each member's own random order (as
+    its solo run draws it) when minibatching, ``0..n-1`` for full batches."""
+    if batch_size < n:
+        return torch.stack([torch.randperm(n, generator=g) for g in generators])
+    return torch.arange(n).expand(len(generators), n)
+
+
+def _epoch(model, data, order, batch_size, optimizer, loss, regularizer, generator):
+    """One epoch of Adam steps over the minibatches of ``order`` (one row of sample indices per
+    member); returns its :class:`_EpochTotals`."""
+    members, blocks = model.members, list(model.net.blocks)
+    totals = _EpochTotals(members or 1, len(blocks))
+    for start in range(0, order.shape[1], batch_size):
+        index = order[:, start:start + batch_size]
+        if members is None:
+            index = index[0]
+        x, y = data.x_train[index], data.y_train[index]  # (E,) B, ...
+        optimizer.zero_grad(set_to_none=True)
+        data_loss, reg, out = _losses(model, x, y, LOSSES[loss], regularizer, generator)
+        (data_loss + reg).sum().backward()
+        optimizer.step()
+        totals.add(data_loss, reg, out, y, blocks, members, classify=loss == "cross_entropy")
+    return totals
+
+
+def _losses(model, x, y, loss_fn, regularizer: _Regularizer, generator):
+    """``(data loss, regulariser, output)`` of one step; per member ``(E,)`` for an ensemble."""
+    members = model.members
+    y0 = model.embed(x)
+    reg = torch.zeros(() if members is None else (members,), dtype=y0.dtype, device=y0.device)
+    if regularizer.stab_on:
+        r_stab, y_last = regularizers.perturbation(
+            model.net, y0, regularizer.stab_sigma, regularizer.stab_beta,
+            regularizer.stab_streams, generator=generator, return_output=True)
+        reg = reg + regularizer.stab_weight * r_stab
+    else:
+        y_last = model.net(y0)
+    if regularizer.fp_on:
+        reg = reg + regularizer.fp_weight * regularizers.fixed_point(model.net, regularizer.fp_alpha)
+    out = model.readout(y_last)
+    data_loss = loss_fn(out, y) if members is None else _member_losses(loss_fn, out, y)
+    return data_loss, reg, out
+
+
+class _EpochTotals:
+    """Sums over an epoch's steps, per member: losses, correct predictions, and per layer the
+    forward and backward iterations and mean absolute gradients; whether every solve
+    converged."""
+
+    def __init__(self, count: int, layers: int):
+        self.train_loss, self.reg_loss, self.correct = (np.zeros(count) for _ in range(3))
+        self.fwd, self.bwd, self.grad = (np.zeros((count, layers)) for _ in range(3))
+        self.converged, self.steps = np.ones(count, dtype=bool), 0
+
+    def add(self, data_loss, reg, out, y, blocks, members, classify: bool) -> None:
+        count = len(self.train_loss)
+        self.steps += 1
+        self.train_loss += data_loss.detach().cpu().numpy()
+        self.reg_loss += reg.detach().cpu().numpy()
+        if classify:
+            self.correct += (out.detach().argmax(dim=-1) == y).reshape(count, -1).sum(dim=1).cpu().numpy()
+        for l, block in enumerate(blocks):
+            stats = block.last_stats if members else [block.last_stats]
+            bconv = block.backward_converged  # None until a backward solve ran
+            bconv = [bconv] * count if not isinstance(bconv, list) else bconv
+            for e in range(count):
+                self.fwd[e, l] += stats[e].iterations
+                self.bwd[e, l] += stats[e].backward_iterations or 0
+                self.converged[e] &= stats[e].converged and bconv[e] is not False
+        self.grad += _mean_abs_gradients(blocks, members)
+
+    def row(self, e: int, epoch: int, val: dict, n: int, classify: bool) -> dict:
+        """Member ``e``'s row of the history for this epoch (``val``: its validation result)."""
+        steps = self.steps
+        row = {"epoch": epoch, "train_loss": self.train_loss[e] / steps,
+               "reg_loss": self.reg_loss[e] / steps, "val_loss": val["loss"]}
+        if classify:
+            row["train_accuracy"] = self.correct[e] / n
+            row["val_accuracy"] = val["accuracy"]
+        row["converged"] = bool(self.converged[e])
+        for l in range(self.fwd.shape[1]):
+            row[f"forward_iterations_{l}"] = self.fwd[e, l] / steps
+            row[f"backward_iterations_{l}"] = self.bwd[e, l] / steps
+            row[f"grad_{l}"] = self.grad[e, l] / steps
+        return row
 
 
 # ------------------------------------------------------------------------- several models

@@ -558,8 +558,8 @@ def test_second_derivatives_through_other_backwards_name_the_alternatives(backwa
 
 
 def test_the_adjoint_solve_returns_its_statistics_and_the_block_records_them():
-    """The backward hands its statistics back (``_solve_adjoint`` returns them, the stats of the
-    forward it belongs to are completed in one place), including for an earlier forward."""
+    """The backward hands its statistics back (the strategy's ``adjoint`` returns them, the stats
+    of the forward it belongs to are completed in one place), including for an earlier forward."""
     torch.manual_seed(0)
     block = irn.ImplicitResidualBlock(nn.Sequential(nn.Linear(3, 3), nn.Tanh()).double(), 0.3)
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
@@ -568,10 +568,11 @@ def test_the_adjoint_solve_returns_its_statistics_and_the_block_records_them():
     block(2 * x)  # a later forward: the first one's backward must not touch its stats
     latest = block.last_stats
     y_star = torch.randn(4, 3, dtype=torch.float64)
-    v, grads, info = block._solve_adjoint(y_star, torch.ones(4, 3, dtype=torch.float64), 0.15)
+    adjoint = block._adjoint()
+    v, grads, info = adjoint.backward.adjoint(adjoint, y_star, torch.ones(4, 3, dtype=torch.float64),
+                                              0.15, create_graph=False)
     assert first_stats.backward_iterations is None and latest.backward_iterations is None
-    ((member, iterations, residual, converged),) = info
-    assert member is None and iterations > 0 and residual <= block.lin_tol and converged
+    assert info.iterations > 0 and info.residual <= block.lin_tol and info.converged
     assert v.shape == (4, 3) and len(grads) == 2
     first.sum().backward()
     assert first_stats.backward_iterations > 0 and latest.backward_iterations is None

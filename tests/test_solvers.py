@@ -72,8 +72,21 @@ def test_direct_on_a_singular_system_raises_solver_error_naming_the_block():
 def test_registries_are_consistent():
     assert set(S.FORWARD_SOLVERS) == set(S.SOLVER_OPTIONS) == {
         "fixed_point", "gradient_descent", "nonlinear_cg", "anderson"}
-    assert set(S.LINEAR_SOLVERS) < set(S.BACKWARDS)
-    assert set(S.BACKWARDS) == {"neumann", "gmres", "direct", "unrolled", "jacobian_free"}
+    from irn.backward import BACKWARDS
+
+    assert set(S.LINEAR_SOLVERS) < set(BACKWARDS)
+    assert set(BACKWARDS) == {"neumann", "gmres", "direct", "unrolled", "jacobian_free"}
+    assert {n for n, b in BACKWARDS.items() if b.twice_differentiable} == {
+        "neumann", "direct", "unrolled"}
+
+
+def test_a_forward_solver_declares_a_check_for_each_option():
+    with pytest.raises(TypeError, match="each option needs a check"):
+        @S.forward_solver("broken")
+        def broken(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None,
+                   damping=0.5):
+            return y0, None
+    assert "broken" not in S.FORWARD_SOLVERS
 
 
 # --------------------------------------------------------------------------------- memory

@@ -1,0 +1,94 @@
+"""The library stays readable: short functions (a long one says why in its docstring), no code
+repeated across modules, and no reference to documents outside the repository."""
+
+import ast
+import re
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY = sorted((ROOT / "irn").glob("*.py"))
+MAX_LINES = 60
+WINDOW = 6  # consecutive code lines that count as a repeated block
+
+
+def functions(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+
+
+def length(node) -> int:
+    """Lines of a function, its docstring excluded (documentation is welcome; code is what a
+    reader has to hold in their head)."""
+    body = node.body
+    doc = (body[0].end_lineno - body[0].lineno + 1 if body and isinstance(body[0], ast.Expr)
+           and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)
+           else 0)
+    return node.end_lineno - node.lineno + 1 - doc
+
+
+def test_no_long_function_without_a_reason():
+    """A function over 60 lines (docstring excluded) states why in its docstring, in a
+    paragraph ``Length: ...``."""
+    long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)"
+            for path in LIBRARY for node in functions(path)
+            if (lines := length(node)) > MAX_LINES
+            and "Length:" not in (ast.get_docstring(node) or "")]
+    assert not long, "functions over 60 lines without a 'Length:' reason:\n" + "\n".join(long)
+
+
+def code_lines(path: Path) -> list[tuple[int, str]]:
+    """``(line number, line)`` of a module's code: stripped, without blank lines, comments and
+    docstrings."""
+    tree = ast.parse(path.read_text())
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                docstrings.update(range(body[0].lineno, body[0].end_lineno + 1))
+    lines = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        text = line.split("#")[0].strip() if not line.strip().startswith(("'", '"')) else line.strip()
+        if text and number not in docstrings:
+            lines.append((number, text))
+    return lines
+
+
+def repeated_blocks(paths, root: Path = ROOT) -> list[str]:
+    """Runs of ``WINDOW`` identical code lines found in two different modules."""
+    seen = defaultdict(set)
+    for path in paths:
+        lines = code_lines(path)
+        for i in range(len(lines) - WINDOW + 1):
+            block = tuple(text for _, text in lines[i:i + WINDOW])
+            if sum(len(t) for t in block) > 120:  # not a run of brackets and short keywords
+                seen[block].add(f"{path.relative_to(root)}:{lines[i][0]}")
+    return sorted(" ~ ".join(sorted(places)) for places in seen.values()
+                  if len({p.split(":")[0] for p in places}) > 1)
+
+
+def test_no_block_repeated_across_modules():
+    repeated = repeated_blocks(LIBRARY)
+    assert not repeated, "the same code in two modules (make it one function):\n" + "\n".join(repeated)
+
+
+def test_the_repetition_check_finds_a_copy(tmp_path):
+    source = (ROOT / "irn" / "stability.py").read_text()
+    (tmp_path / "irn").mkdir()
+    for name in ("a.py", "b.py"):
+        (tmp_path / "irn" / name).write_text(source)
+    assert repeated_blocks(sorted((tmp_path / "irn").glob("*.py")), tmp_path)
+
+
+def test_no_reference_to_documents_outside_the_repository():
+    """Docstrings, comments, notebooks and parameters cite docs/design.md, which a reader of the
+    repository has, not a specification kept elsewhere."""
+    outside = re.compile(r"\bSPEC\b|shared/")
+    files = [*LIBRARY, *(ROOT / "notebooks").glob("*.ipynb"), *(ROOT / "params").glob("*.yaml"),
+             *(ROOT / "tests").glob("*.py"), ROOT / "README.md"]
+    hits = [f"{path.relative_to(ROOT)}:{n}" for path in files if path != Path(__file__)
+            for n, line in enumerate(path.read_text().splitlines(), 1) if outside.search(line)]
+    assert not hits, "references to a document outside the repository: " + ", ".join(hits)
