@@ -32,6 +32,20 @@ def integer(name: str, value, low: int = 1) -> None:
             f"{name} must be an int >= {low}, got {value!r}")
 
 
+def per_member(name: str, value, members: int | None):
+    """A setting given for one network (``members`` None: one value, not a sequence) or for an
+    ensemble of ``members`` (one value for all, or a sequence of one per member): the value, or
+    a list of ``members`` values."""
+    sequence = isinstance(value, (list, tuple))
+    if members is None:
+        require(not sequence, f"{name} must be a single value for a single network, got {value!r}")
+        return value
+    values = list(value) if sequence else [value] * members
+    require(len(values) == members, f"{name} must be one value or one per member ({members}), "
+                                    f"got {len(values)}")
+    return values
+
+
 def missing_extra(user: str, err: ImportError) -> ImportError:
     """The error for a module of the examples (tables, training loop, plots) whose optional
     dependencies are not installed: ``import irn`` and its layers need only torch and numpy."""

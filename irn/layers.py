@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from . import solvers as S
-from ._checks import choice, integer, number, require
+from ._checks import choice, integer, number, per_member, require
 from .backward import BACKWARDS, Adjoint, axpy, linearize  # noqa: F401 (linearize: public here)
 from .solvers import ConvergenceWarning, SolveInfo, SolverError, SolveStats
 
@@ -78,16 +78,6 @@ class SolveConfig:
         for name, value in (("tol", float(self.tol)), ("lin_tol", float(lin_tol)),
                             ("lin_max_iters", lin_max_iters), ("solver_options", options)):
             object.__setattr__(self, name, value)  # resolved once, here
-
-
-def _per_member(name: str, value, members: int | None):
-    """``value`` as a float (one network) or a tuple of ``members`` floats (an ensemble)."""
-    if members is None:
-        return float(value)
-    values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * members
-    require(len(values) == members, f"{name} must have one value per member ({members}), "
-                                    f"got {len(values)}")
-    return tuple(float(v) for v in values)
 
 
 class _Latest:
@@ -139,7 +129,8 @@ class ImplicitResidualBlock(nn.Module):
             number("h", value, lambda v: v > 0, "a finite number > 0")
         for value in (theta if isinstance(theta, (list, tuple)) else (theta,)):
             number("theta", value, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-        h, theta = _per_member("h", h, members), _per_member("theta", theta, members)
+        h, theta = (float(v) if members is None else tuple(map(float, v))
+                    for v in (per_member("h", h, members), per_member("theta", theta, members)))
         self.config = SolveConfig(solver, backward, tol, max_iters, lin_tol, lin_max_iters,
                                   solver_options, on_nonconvergence)
         self.F = F

@@ -12,24 +12,19 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import require
+from ._checks import per_member, require
 from .solvers import batch_norm
 
 
 def _setting(name: str, value, members: int | None, like: torch.Tensor, check, allowed: str):
     """A regulariser setting checked (``check(v)`` for each value, ``allowed`` names the
     range): a float for one network; for an ensemble an ``(E,)`` tensor on ``like``'s device."""
-    values = list(value) if isinstance(value, Sequence) else [value]
-    require(members is not None or len(values) == 1 and not isinstance(value, Sequence),
-            f"{name} must be a float for a single network, got {value!r}")
-    require(members is None or len(values) in (1, members),
-            f"{name} must be a float or one value per member ({members}), got {len(values)}")
-    for v in values:
+    values = per_member(name, value, members)
+    for v in (values if members else [values]):
         require(check(v), f"{name} must be {allowed}, got {v!r}")
     if members is None:
-        return values[0]
-    return torch.tensor(values * (members if len(values) == 1 else 1), dtype=like.dtype,
-                        device=like.device)
+        return values
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
 def fixed_point(net, alpha: float) -> torch.Tensor:

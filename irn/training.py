@@ -22,7 +22,7 @@ except ImportError as err:  # the examples' dependencies: pip install 'irn[examp
     raise missing_extra("irn.training", err) from err
 
 from . import cache, regularizers
-from ._checks import choice, integer, require
+from ._checks import choice, integer, per_member, require
 from ._parallel import executor, run_all  # noqa: F401 (executor: public here)
 from .data import digits, sine, swiss_roll, two_spirals
 from .history import per_layer
@@ -90,18 +90,6 @@ def evaluate(model: ImplicitModel, x: torch.Tensor, y: torch.Tensor, loss: str =
         return results
 
 
-def _per_member_setting(name: str, value, members: int | None):
-    """A training setting as given (one model) or one value per member (an ensemble)."""
-    if members is None:
-        require(not isinstance(value, (list, tuple)),
-                f"{name} must be a single value for a single model, got {value!r}")
-        return value
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * members
-    require(len(values) == members, f"{name} must be one value or one per member ({members}), "
-                                    f"got {len(values)}")
-    return values
-
-
 def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step: int = 300,
           lr_gamma: float = 0.5, loss: str = "mse", batch_size: int | None = None,
           stab_weight=0.0, stab_sigma=0.05, stab_beta=1.0, stab_streams: int = 2,
@@ -135,7 +123,7 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
     integer("val_every", val_every)
     members = model.members
     count = members or 1
-    seeds = _per_member_setting("seed", seed, members)
+    seeds = per_member("seed", seed, members)
     regularizer = _Regularizer.of(members, stab_weight=stab_weight, stab_sigma=stab_sigma,
                                   stab_beta=stab_beta, stab_streams=stab_streams,
                                   fp_weight=fp_weight, fp_alpha=fp_alpha)
@@ -198,7 +186,7 @@ class _Regularizer:
     @classmethod
     def of(cls, members, **settings) -> "_Regularizer":
         streams = settings.pop("stab_streams")
-        values = {name: _per_member_setting(name, value, members) for name, value in settings.items()}
+        values = {name: per_member(name, value, members) for name, value in settings.items()}
         for name in ("stab_weight", "fp_weight"):
             weights = values[name] if members else [values[name]]
             require(all(v >= 0 for v in weights), f"{name} must be >= 0, got {values[name]!r}")
