@@ -175,16 +175,16 @@ def ensemble_step(workload, members, device="cpu"):
     Adam) of one network (``members=None``) or of an ensemble of ``members`` networks of
     seeds ``0..members-1``, float64, on the example's full training set. The learning rate is
     small so that the iteration counts hardly drift over the timed calls."""
-    from irn import training
+    from irn import experiments, training
     from irn.models import ImplicitModel
 
     factory, data_name, settings, loss = ENSEMBLE_WORKLOADS[workload]
     settings = settings | dict(on_nonconvergence="ignore")
     with torch.random.fork_rng(devices=[]):
-        models = [training.build_model(factory, seed, **settings).to(device)
+        models = [experiments.build_model(factory, seed, **settings).to(device)
                   for seed in range(members or 1)]
     model = models[0] if members is None else ImplicitModel.stack(models)
-    data = training.DATASETS[data_name]().to(device=device, dtype=torch.float64)
+    data = experiments.DATASETS[data_name]().to(device=device, dtype=torch.float64)
     x, y = data.x_train, data.y_train
     if members is not None:
         x, y = x.expand(members, *x.shape), y.expand(members, *y.shape)
@@ -209,8 +209,8 @@ def jax_problem(workload, members):
 
     model, _ = ensemble_step(workload, members)
     factory, data_name, settings, loss = ENSEMBLE_WORKLOADS[workload]
-    from irn import training
-    data = training.DATASETS[data_name]()
+    from irn import experiments
+    data = experiments.DATASETS[data_name]()
     block = model.net.blocks[0]
     net = model.net
     if members is None:

@@ -4,10 +4,6 @@ regularisers, and a per-epoch record of losses and solver statistics."""
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
-import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,13 +17,12 @@ try:
 except ImportError as err:  # the examples' dependencies: pip install 'irn[examples]'
     raise missing_extra("irn.training", err) from err
 
-from . import cache, regularizers
+from . import regularizers
 from ._checks import choice, integer, per_member, require
-from ._parallel import executor, run_all  # noqa: F401 (executor: public here)
-from .data import digits, sine, swiss_roll, two_spirals
+from ._parallel import executor  # noqa: F401 (public here: a Dask cluster's executor)
 from .history import per_layer
 from .losses import LOSSES
-from .models import ImplicitModel, digits_classifier, function_approximator, spiral_classifier
+from .models import ImplicitModel
 
 # modules whose forward depends on train()/eval()
 MODE_DEPENDENT = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
@@ -130,7 +125,6 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
     dtype = next(model.parameters()).dtype
     model.to(device)
     data = data.to(device=device, dtype=dtype)
-    blocks = list(model.net.blocks)
     model.net.keep_iterates = regularizer.fp_on
     regularizer = regularizer.on(dtype, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
@@ -301,203 +295,13 @@ class _EpochTotals:
 
 # ------------------------------------------------------------------------- several models
 
-TRAIN_DEFAULTS = {name: p.default for name, p in inspect.signature(train).parameters.items()
-                  if p.default is not inspect.Parameter.empty}
+def train_many(jobs: list[dict], workers: int = 1, desc: str = "training", **options):
+    """Train independent models as ensembles where they stack: :func:`irn.experiments.train_many`
+    (kept here under its documented name; :func:`irn.experiments.run` takes :class:`Job`
+    values and returns models and histories keyed by their tags)."""
+    from .experiments import train_many as run_jobs  # the sweep machinery imports this module
 
-MODEL_FACTORIES = {"function_approximator": function_approximator,
-                   "spiral_classifier": spiral_classifier, "digits_classifier": digits_classifier}
-DATASETS = {"sine": sine, "two_spirals": two_spirals, "swiss_roll": swiss_roll, "digits": digits}
-
-
-def build_model(model: str, seed: int, dtype=torch.float64, **model_kwargs) -> ImplicitModel:
-    """``MODEL_FACTORIES[model](**model_kwargs)`` initialised from ``torch.manual_seed(seed)``."""
-    choice("model", model, MODEL_FACTORIES)
-    torch.manual_seed(seed)
-    return MODEL_FACTORIES[model](**model_kwargs).to(dtype)
-
-
-# settings in which jobs of one ensemble may differ: the rest must be equal
-MEMBER_MODEL_SETTINGS = ("theta",)
-MEMBER_TRAIN_SETTINGS = ("stab_weight", "stab_sigma", "stab_beta", "fp_weight", "fp_alpha")
-
-
-def _check_job(job: dict) -> None:
-    missing = {"model", "model_kwargs", "data", "train_kwargs", "seed"} - set(job)
-    require(not missing, f"job is missing keys {sorted(missing)}")
-    choice("data", job["data"], DATASETS)
-    choice("model", job["model"], MODEL_FACTORIES)
-
-
-def ensemble_key(job: dict) -> str:
-    """What jobs of one ensemble share: everything but the seed, ``theta`` and the
-    regulariser weights and sizes, except whether each regulariser is on (a member without
-    R_stab must not solve for perturbed copies, which would change its stopping rule)."""
-    train_kwargs = job["train_kwargs"]
-    key = dict(model=job["model"], data=job["data"],
-               model_kwargs={k: v for k, v in job["model_kwargs"].items()
-                             if k not in MEMBER_MODEL_SETTINGS},
-               train_kwargs={k: v for k, v in train_kwargs.items()
-                             if k not in MEMBER_TRAIN_SETTINGS},
-               stab=train_kwargs.get("stab_weight", 0) > 0, fp=train_kwargs.get("fp_weight", 0) > 0)
-    return json.dumps(key, sort_keys=True, default=repr)
-
-
-def _run_jobs(jobs: list[dict]):
-    """Train ``jobs`` (one ensemble's worth, or a single job) in this process: ``[(history,
-    state_dict), ...]``. Several jobs are stacked and trained as one ensemble."""
-    models = [build_model(job["model"], job["seed"], **job["model_kwargs"]) for job in jobs]
-    data = DATASETS[jobs[0]["data"]]()
-    if len(jobs) == 1:
-        history = train(models[0], data, seed=jobs[0]["seed"], progress=False,
-                        **jobs[0]["train_kwargs"])
-        return [(history, {k: v.cpu() for k, v in models[0].state_dict().items()})]
-    ensemble = ImplicitModel.stack(models)
-    shared = {k: v for k, v in jobs[0]["train_kwargs"].items() if k not in MEMBER_TRAIN_SETTINGS}
-    per_member = {name: [job["train_kwargs"].get(name, TRAIN_DEFAULTS[name]) for job in jobs]
-                  for name in MEMBER_TRAIN_SETTINGS}
-    histories = train(ensemble, data, seed=[job["seed"] for job in jobs], progress=False,
-                      **shared, **per_member)
-    return [(history, {k: v.cpu() for k, v in ensemble.member(e).state_dict().items()})
-            for e, history in enumerate(histories)]
-
-
-def _batches(jobs: list[dict], ensemble: bool, workers: int, max_members: int) -> list[list[int]]:
-    """Indices of the jobs trained together, longest first: one job each without ensembling;
-    otherwise the jobs of each :func:`ensemble_key`, sorted by theta and cut into
-    ``max(ceil(n / max_members), min(workers, n))`` pieces, each cut moved to the nearest
-    change of theta within a quarter of a piece (an ensemble iterates as long as its slowest
-    member, and members of one theta converge alike; further, the pieces would be too uneven
-    to share the workers)."""
-    if not ensemble:
-        return sorted(([i] for i in range(len(jobs))), key=lambda batch: -_cost([jobs[batch[0]]]))
-    groups: dict[str, list[int]] = {}
-    for i, job in enumerate(jobs):
-        groups.setdefault(ensemble_key(job), []).append(i)
-    batches = []
-    for indices in groups.values():
-        indices.sort(key=lambda i: jobs[i]["model_kwargs"].get("theta", 0.0))
-        pieces = max(math.ceil(len(indices) / max_members), min(workers, len(indices)))
-        thetas = [jobs[i]["model_kwargs"].get("theta", 0.0) for i in indices]
-        changes = [k for k in range(1, len(indices)) if thetas[k] != thetas[k - 1]]
-        cuts, size = [], len(indices) / pieces
-        for p in range(1, pieces):
-            # a cut leaves pieces of at most max_members on both sides
-            low = max((cuts or [0])[-1] + 1, len(indices) - max_members * (pieces - p))
-            high = (cuts or [0])[-1] + max_members
-            even = min(max(round(p * size), low), high)
-            near = [k for k in changes if abs(k - even) <= size / 4 and low <= k <= high]
-            cuts.append(min(near, key=lambda k: abs(k - even)) if near else even)
-        batches += [[int(i) for i in indices[a:b]] for a, b in zip([0] + cuts, cuts + [len(indices)])]
-    # the longest first, so that a long batch does not start last and run alone
-    return sorted(batches, key=lambda batch: -_cost([jobs[i] for i in batch]))
-
-
-@functools.cache
-def _training_size(data: str) -> int:
-    return DATASETS[data]().x_train.shape[0]
-
-
-def _cost(batch: list[dict]) -> float:
-    """A rough cost model of training ``batch`` together, to start the longest batches first:
-    layer-steps (epochs x minibatches x layers) times the evaluations of F per layer (1
-    explicit; implicit, a third of the iteration cap up to 30, doubled for Anderson's
-    least-squares step and for R_fp's recorded iterates), each a fixed overhead plus arithmetic that grows
-    with the samples in flight (members x minibatch x perturbation streams x width); the
-    weights fit this 2-core machine's timings of the notebooks' jobs."""
-    job = batch[0]
-    train_kwargs, model_kwargs = job["train_kwargs"], job["model_kwargs"]
-    n = _training_size(job["data"])
-    minibatch = min(train_kwargs.get("batch_size") or n, n)
-    streams = 1 + train_kwargs.get("stab_streams", 2) if train_kwargs.get("stab_weight", 0) > 0 else 1
-    layer_steps = (train_kwargs.get("epochs", 1) * math.ceil(n / minibatch)
-                   * model_kwargs.get("num_layers", 1))
-    evaluations = 1.0
-    if any(j["model_kwargs"].get("theta", 0.0) > 0 for j in batch):
-        evaluations = (min(model_kwargs.get("max_iters", 50), 30) / 3
-                       * (2 if model_kwargs.get("solver") == "anderson" else 1)
-                       * (2 if train_kwargs.get("fp_weight", 0) > 0 else 1))
-    return layer_steps * evaluations * (1 + 1e-4 * len(batch) * minibatch * streams
-                                        * model_kwargs.get("dim", model_kwargs.get("width", 2)))
-
-
-def _batch_key(jobs: list[dict]) -> str:
-    return cache.key({"train_many": jobs})
-
-
-def _load_batch(directory, entry: str, size: int):
-    found = cache.load(directory, entry)
-    if found is None:
-        return None
-    tables, tensors = found
-    if set(tables) != {f"history_{e}" for e in range(size)} or len(tensors) != size:
-        return None
-    return [(tables[f"history_{e}"], tensors[f"state_{e}"]) for e in range(size)]
-
-
-def _store_batch(directory, entry: str, outcome) -> None:
-    cache.store(directory, entry, {f"history_{e}": h for e, (h, _) in enumerate(outcome)},
-                {f"state_{e}": s for e, (_, s) in enumerate(outcome)})
-
-
-def train_many(jobs: list[dict], workers: int = 1, desc: str = "training", *,
-               ensemble: bool = True, max_members: int = 64, cache_dir=None,
-               executor=None):
-    """Train independent models, ``workers`` processes at a time (or on ``executor``).
-
-    Each job is a dict with ``model`` (a key of ``MODEL_FACTORIES``), ``model_kwargs``,
-    ``data`` (a key of ``DATASETS``), ``train_kwargs`` (for :func:`train`) and ``seed``
-    (initialisation and training noise). With ``ensemble`` (default) jobs that differ only in
-    seed, ``theta`` and regulariser weights and sizes are stacked into ensembles of at most
-    ``max_members`` (cut into at least ``workers`` pieces) and trained as one (docs/design.md,
-    section 5); each job gets what training it alone gives, to rounding: how jobs are stacked
-    (``ensemble``, ``workers``, ``max_members``) moves results by rounding only, where it
-    runs (here, local processes, a Dask cluster) not at all.
-
-    ``cache_dir``: a folder of trained batches (:mod:`irn.cache`), keyed by the jobs, the
-    training sources and the versions; a batch found there is not trained again.
-    ``executor``: any ``concurrent.futures.Executor`` to run the batches on (e.g.
-    ``irn.training.executor("tcp://host:8786")``, a Dask cluster); default: local processes.
-    Returns ``[(model, history), ...]`` in the order of ``jobs``; progress is shown per
-    finished job.
-    """
-    require(isinstance(workers, int) and workers >= 1, f"workers must be an int >= 1, got {workers!r}")
-    require(isinstance(max_members, int) and max_members >= 1,
-            f"max_members must be an int >= 1, got {max_members!r}")
-    for job in jobs:
-        _check_job(job)
-    batches = _batches(jobs, ensemble, workers, max_members)
-    bar = tqdm(total=len(jobs), desc=desc, mininterval=0)
-    outcomes = [None] * len(batches)
-    keys = [_batch_key([jobs[i] for i in batch]) for batch in batches] if cache_dir else None
-    if cache_dir:
-        for b, batch in enumerate(batches):
-            outcomes[b] = _load_batch(cache_dir, keys[b], len(batch))
-            if outcomes[b] is not None:
-                bar.update(len(batch))
-    todo = [b for b, outcome in enumerate(outcomes) if outcome is None]
-
-    def done(index):
-        b = todo[index]
-        bar.update(len(batches[b]))
-
-    trained = run_all(_run_jobs, [[jobs[i] for i in batches[b]] for b in todo], workers,
-                      on_done=done, executor=executor)
-    for b, outcome in zip(todo, trained):
-        outcomes[b] = outcome
-        if cache_dir:
-            _store_batch(cache_dir, keys[b], outcome)
-    bar.close()
-    results = [None] * len(jobs)
-    for batch, outcome in zip(batches, outcomes):
-        for i, result in zip(batch, outcome):
-            results[i] = result
-    models = []
-    for job, (history, state) in zip(jobs, results):
-        with torch.random.fork_rng(devices=[]):  # rebuilding must not move the caller's RNG
-            model = build_model(job["model"], job["seed"], **job["model_kwargs"])
-        model.load_state_dict(state)
-        models.append((model, history))
-    return models
+    return run_jobs(jobs, workers, desc, **options)
 
 
 def summarize(histories: pd.DataFrame, by=("depth", "theta")) -> pd.DataFrame:

@@ -25,7 +25,7 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from tolerant_nbval import NUMBER, CellTolerance, Tolerance, differences, last_place, split  # noqa: E402
+from tolerant_nbval import CellTolerance, Tolerance, differences, last_place, split  # noqa: E402
 
 # The Makefile's pin (AVX2 everywhere), PyTorch's and numpy's generic kernels with MKL and
 # oneDNN at their most conservative, and this CPU's own widest kernels, unpinned.

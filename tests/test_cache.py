@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from irn import cache, robustness, training
+from irn import cache, experiments, robustness, training
 
 
 def jobs(epochs=3, **extra):
@@ -24,13 +24,13 @@ def jobs(epochs=3, **extra):
 def count_training(monkeypatch):
     """Counts the batches train_many trains (in this process: workers=1)."""
     calls = []
-    original = training._run_jobs
+    original = experiments._run_jobs
 
     def counted(batch):
         calls.append(len(batch))
         return original(batch)
 
-    monkeypatch.setattr(training, "_run_jobs", counted)
+    monkeypatch.setattr(experiments, "_run_jobs", counted)
     return calls
 
 
@@ -129,7 +129,7 @@ def test_loading_never_unpickles_objects(tmp_path):
 
 def test_robustness_measurements_are_cached(tmp_path):
     (model, _), = training.train_many(jobs()[:1])
-    task = (model, training.DATASETS["two_spirals"](),
+    task = (model, experiments.DATASETS["two_spirals"](),
             dict(sigmas=[0.0, 0.1], epsilons=[0.0, 0.05], pgd_steps=2, repeats=2, seed=3))
     first = robustness.evaluate_many([task], cache_dir=tmp_path)
     assert len(list(tmp_path.iterdir())) == 1

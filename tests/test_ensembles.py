@@ -7,7 +7,7 @@ import torch
 
 import irn
 import irn.data
-from irn import models, regularizers, training
+from irn import experiments, models, regularizers, training
 from irn.solvers import FORWARD_SOLVERS
 
 DT = torch.float64
@@ -239,7 +239,7 @@ def test_perturbation_regularizer_per_member_with_own_generators():
     ("function_approximator", (6, 1), {"layout": "embedded"})])
 def test_models_of_the_examples_stack(factory, x_shape, extra):
     kwargs = dict(num_layers=3, T=1.0, tol=1e-11, max_iters=200, **extra)
-    solo = [training.build_model(factory, seed, theta=theta, **kwargs)
+    solo = [experiments.build_model(factory, seed, theta=theta, **kwargs)
             for seed, theta in ((0, 0.5), (1, 1.0), (2, 0.0))]
     ens = models.ImplicitModel.stack(solo)
     assert ens.members == 3
@@ -269,7 +269,7 @@ def test_train_ensemble_matches_solo_histories():
     data = irn.data.sine(low=-4.0)
     # tol far below 1e-8: with tol = 1e-6 a rounding-level difference can flip an
     # iteration count at the threshold and move the result by about tol
-    solo = [training.build_model("function_approximator", s, num_layers=3, theta=t, T=2.0,
+    solo = [experiments.build_model("function_approximator", s, num_layers=3, theta=t, T=2.0,
                                  tol=1e-12, max_iters=200) for s, t in ((0, 0.5), (1, 0.0))]
     ens = models.ImplicitModel.stack(solo)
     histories = training.train(ens, data, epochs=5, seed=[0, 1], progress=False)
@@ -301,7 +301,7 @@ def test_train_many_with_and_without_ensembles_agree_over_100_epochs():
                                   on_nonconvergence="ignore"),
                              dict(epochs=100, lr=0.01, lr_step=30, batch_size=8,
                                   fp_weight=weight, fp_alpha=alpha)))
-    assert len(training._batches(jobs, True, 1, 64)) == 2  # two ensembles, not ten runs
+    assert len(experiments._batches(jobs, True, 1, 64)) == 2  # two ensembles, not ten runs
     stacked = training.train_many(jobs, ensemble=True)
     alone = training.train_many(jobs, ensemble=False)
     for (model_a, history_a), (model_b, history_b) in zip(stacked, alone):
@@ -322,10 +322,10 @@ def test_jobs_group_by_what_they_share():
             for s in range(3) for t in (0.0, 1.0)]
     jobs.append(base | dict(seed=0, model_kwargs=dict(num_layers=4, theta=0.5)))
     jobs.append(base | dict(seed=0, train_kwargs=dict(epochs=3, fp_weight=1.0)))
-    batches = training._batches(jobs, True, workers=2, max_members=64)
+    batches = experiments._batches(jobs, True, workers=2, max_members=64)
     assert sorted(map(len, batches)) == [1, 1, 3, 3]
-    assert sorted(training._batches(jobs, False, 2, 64)) == [[i] for i in range(len(jobs))]
-    assert max(map(len, training._batches(jobs, True, 1, max_members=2))) == 2
+    assert sorted(experiments._batches(jobs, False, 2, 64)) == [[i] for i in range(len(jobs))]
+    assert max(map(len, experiments._batches(jobs, True, 1, max_members=2))) == 2
 
 
 def test_ensembles_are_cut_where_theta_changes():
@@ -334,22 +334,22 @@ def test_ensembles_are_cut_where_theta_changes():
     jobs = [base | dict(seed=s, model_kwargs=dict(num_layers=3, theta=t)) for s, t in enumerate(thetas)]
     # two pieces: the even cut (10) moves to the change at 8; three pieces: 7 -> 8, 13 -> 12
     for workers, sizes in ((2, [8, 12]), (3, [4, 8, 8])):
-        batches = training._batches(jobs, True, workers=workers, max_members=64)
+        batches = experiments._batches(jobs, True, workers=workers, max_members=64)
         assert sorted(map(len, batches)) == sorted(sizes)
         for batch in batches:  # each piece holds whole thetas
             held = {thetas[i] for i in batch}
             assert all(thetas.count(t) == sum(thetas[i] == t for i in batch) for t in held)
     # no change within a quarter of a piece of the even cut: the cut stays even
     same = [base | dict(seed=s, model_kwargs=dict(num_layers=3, theta=0.5)) for s in range(10)]
-    assert sorted(map(len, training._batches(same, True, workers=2, max_members=64))) == [5, 5]
+    assert sorted(map(len, experiments._batches(same, True, workers=2, max_members=64))) == [5, 5]
     thirds = [base | dict(seed=s, model_kwargs=dict(num_layers=3, theta=t))
               for t in (0.0, 0.5, 1.0) for s in range(10)]  # changes at 10, 20; even cut 15
-    assert sorted(map(len, training._batches(thirds, True, workers=2, max_members=64))) == [15, 15]
+    assert sorted(map(len, experiments._batches(thirds, True, workers=2, max_members=64))) == [15, 15]
     # pieces never exceed max_members
-    assert max(map(len, training._batches(jobs, True, workers=2, max_members=6))) <= 6
+    assert max(map(len, experiments._batches(jobs, True, workers=2, max_members=6))) <= 6
     # Anderson and implicit batches are estimated dearer, and start first
     anderson = [base | dict(seed=0, model_kwargs=dict(num_layers=3, theta=0.5, solver="anderson"))]
-    assert training._cost(anderson) > training._cost([jobs[8]]) > training._cost([jobs[0]])
+    assert experiments._cost(anderson) > experiments._cost([jobs[8]]) > experiments._cost([jobs[0]])
 
 
 def test_train_an_explicit_ensemble_with_the_perturbation_regularizer():

@@ -1,0 +1,72 @@
+"""Jobs as values and run(): checked at construction, trained exactly as train_many trains their
+dicts, returned keyed by their tags."""
+
+import pandas as pd
+import pytest
+
+from irn import experiments, training
+from irn.experiments import Job
+
+
+def spiral_job(seed, theta, **training_settings):
+    return Job("spiral_classifier", "two_spirals", seed,
+               network=dict(num_layers=2, theta=theta),
+               solver=dict(tol=1e-6, on_nonconvergence="ignore"),
+               training=dict(epochs=3, loss="cross_entropy") | training_settings,
+               tags=dict(theta=theta))
+
+
+@pytest.mark.parametrize("change, name", [
+    (dict(model="resnet"), "model"),
+    (dict(data="mnist"), "data"),
+    (dict(seed=1.5), "seed"),
+    (dict(training=dict(epochs=3, learning_rate=0.1)), "learning_rate"),
+    (dict(solver=dict(theta=0.5)), "overlap"),
+    (dict(tags=dict(seed=0)), "seed"),
+])
+def test_a_bad_job_is_refused_at_construction(change, name):
+    with pytest.raises(ValueError, match=name):
+        spiral_job(0, 0.5).replace(**change)
+
+
+def test_run_returns_models_and_histories_keyed_by_tags_as_train_many_trains_them():
+    jobs = [spiral_job(seed, theta) for seed in (0, 1) for theta in (0.0, 0.5)]
+    models, histories = experiments.run(jobs, desc="test")
+    assert list(models) == [(0.0, 0), (0.5, 0), (0.0, 1), (0.5, 1)]
+    assert list(histories.columns[-2:]) == ["theta", "seed"]
+    assert len(histories) == 4 * 3
+    reference = training.train_many([job.as_dict() for job in jobs], desc="test")
+    for job, (model, history) in zip(jobs, reference):
+        mine = histories[(histories.theta == job.tags["theta"]) & (histories.seed == job.seed)]
+        pd.testing.assert_frame_equal(mine.drop(columns=["theta", "seed"]).reset_index(drop=True),
+                                      history, check_exact=True)
+        for a, b in zip(models[job.key].state_dict().values(), model.state_dict().values()):
+            assert a.equal(b)
+
+
+def test_run_refuses_jobs_with_the_same_key():
+    with pytest.raises(ValueError, match="distinct"):
+        experiments.run([spiral_job(0, 0.5), spiral_job(0, 0.5, lr=0.1)])
+
+
+def test_as_dict_is_the_job_train_many_takes():
+    job = spiral_job(3, 1.0, stab_weight=1.0)
+    assert job.as_dict() == dict(
+        model="spiral_classifier", seed=3, data="two_spirals",
+        model_kwargs=dict(num_layers=2, theta=1.0, tol=1e-6, on_nonconvergence="ignore"),
+        train_kwargs=dict(epochs=3, loss="cross_entropy", stab_weight=1.0))
+
+
+def test_select_keeps_the_jobs_with_given_tags_and_drops_those_tags():
+    jobs = [spiral_job(seed, theta).replace(tags=dict(network=network, theta=theta))
+            for network in ("ours", "paper") for seed in (0, 1) for theta in (0.0, 0.5)]
+    models, histories = experiments.run(jobs, desc="test")
+    assert models[("paper", 0.5, 1)] is models[jobs[-1].key]  # named keys equal plain tuples
+    paper, paper_histories = experiments.select(models, histories, network="paper")
+    assert list(paper) == [(0.0, 0), (0.5, 0), (0.0, 1), (0.5, 1)]
+    assert [key.theta for key in paper] == [0.0, 0.5, 0.0, 0.5]
+    assert paper[0.5, 1] is models["paper", 0.5, 1]
+    assert list(paper_histories.columns[-2:]) == ["theta", "seed"] and "network" not in paper_histories
+    assert len(paper_histories) == 4 * 3 and paper_histories.index.tolist() == list(range(12))
+    with pytest.raises(ValueError, match="no job"):
+        experiments.select(models, histories, network="theirs")
