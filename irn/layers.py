@@ -154,10 +154,14 @@ class ImplicitResidualBlock(nn.Module):
         """A block on the same ``F`` (shared, not copied) with some settings changed (any
         keyword of the constructor but ``F``): ``dataclasses.replace`` of its
         :class:`SolveConfig`, whose solver options are dropped when ``solver`` changes (options
-        belong to a solver)."""
+        belong to a solver), and whose ``lin_tol`` (``lin_max_iters``) follows a changed ``tol``
+        (``max_iters``) when it was equal to it, as the default is."""
         changes = {k: v for k, v in block_kwargs.items() if k not in ("h", "theta")}
         if "solver" in changes:
             changes.setdefault("solver_options", None)
+        for forward, backward in (("tol", "lin_tol"), ("max_iters", "lin_max_iters")):
+            if forward in changes and getattr(self.config, backward) == getattr(self.config, forward):
+                changes.setdefault(backward, None)
         config = dataclasses.replace(self.config, **changes)
         block = ImplicitResidualBlock(self.F, block_kwargs.get("h", self.h),
                                       block_kwargs.get("theta", self.theta),

@@ -615,7 +615,7 @@ def test_a_block_holds_one_frozen_settings_object_and_with_settings_replaces_fie
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.tol = 1.0
     changed = block.with_settings(tol=1e-5, theta=0.5)
-    assert changed.config == dataclasses.replace(config, tol=1e-5)
+    assert changed.config == dataclasses.replace(config, tol=1e-5, lin_tol=None)  # lin_tol follows
     assert changed.theta == 0.5 and changed.h == 0.5 and changed.F is block.F
     # options belong to a solver: dropped when the solver changes, unless given again
     assert block.with_settings(solver="fixed_point").config.solver_options == {}
@@ -634,3 +634,12 @@ def test_solver_options_are_read_from_each_solvers_signature():
     for name, solver in solvers.FORWARD_SOLVERS.items():  # the block passes the rest itself
         parameters = list(inspect.signature(solver).parameters)
         assert parameters[:len(solvers.SOLVER_ARGUMENTS)] == list(solvers.SOLVER_ARGUMENTS), name
+
+
+def test_with_settings_lets_a_default_lin_tol_follow_a_changed_tol():
+    block = irn.ImplicitResidualBlock(nn.Linear(2, 2), 0.5, tol=1e-6, max_iters=50)
+    changed = block.with_settings(tol=1e-9, max_iters=80)
+    assert (changed.lin_tol, changed.lin_max_iters) == (1e-9, 80)
+    own = irn.ImplicitResidualBlock(nn.Linear(2, 2), 0.5, tol=1e-6, lin_tol=1e-4, lin_max_iters=7)
+    kept = own.with_settings(tol=1e-9, max_iters=80)
+    assert (kept.lin_tol, kept.lin_max_iters) == (1e-4, 7)  # set on purpose: kept
