@@ -29,7 +29,7 @@ step, as a single explicit block does.
 from __future__ import annotations
 
 import dataclasses
-import warnings
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +38,8 @@ from torch import nn
 from . import solvers as S
 from ._checks import choice, integer, number, per_member, require
 from .backward import BACKWARDS, Adjoint, axpy, linearize  # noqa: F401 (linearize: public here)
-from .solvers import ConvergenceWarning, SolveInfo, SolverError, SolveStats
+from .records import SolveRecord
+from .solvers import ConvergenceWarning, SolverError, SolveStats  # noqa: F401 (public here)
 
 POLICIES = ("warn", "raise", "ignore")
 
@@ -78,16 +79,6 @@ class SolveConfig:
         for name, value in (("tol", float(self.tol)), ("lin_tol", float(lin_tol)),
                             ("lin_max_iters", lin_max_iters), ("solver_options", options)):
             object.__setattr__(self, name, value)  # resolved once, here
-
-
-class _Latest:
-    """Mutable record of a block's latest solve."""
-
-    __slots__ = ("stats", "iterate_residuals", "backward_converged")
-
-    def __init__(self):
-        self.stats, self.iterate_residuals, self.backward_converged = None, None, None
-
 
 
 class ImplicitResidualBlock(nn.Module):
@@ -138,9 +129,7 @@ class ImplicitResidualBlock(nn.Module):
         self.h, self.theta = h, theta
         self.name = "block"  # ImplicitResNet renames its blocks "block 0", "block 1", ...
         self.keep_iterates = False
-        # what the latest forward/backward left behind, in a plain object: nn.Module's own
-        # __setattr__ is slow enough to show in a 100-layer network's training step
-        self._latest = _Latest()
+        self._latest = SolveRecord(members, theta if members else (theta,), on_nonconvergence)
         self._checked_shape = False
         self._columns = None  # an ensemble's per-member coefficients, built at the first call
         self._adjoint_of = None  # (name, Adjoint): what this block's backward needs
@@ -247,7 +236,7 @@ class ImplicitResidualBlock(nn.Module):
             implicit = None if self.members is None else tuple(t > 0 for t in self.theta)
             self._adjoint_of = (self.name, Adjoint(
                 self.F, BACKWARDS[self.backward], self.lin_tol, self.lin_max_iters, implicit,
-                self.name, self._report_backward))
+                self.name, functools.partial(self._latest.backward, name=self.name)))
         return self._adjoint_of[1]
 
     # -- forward --------------------------------------------------------------------------
@@ -255,10 +244,10 @@ class ImplicitResidualBlock(nn.Module):
         self._check_input(x)
         h_explicit, h_implicit, implicit = self._coefficients(x)
         if x.numel() == 0:  # an empty batch: nothing to solve, an empty output
-            self._record_no_solve()
+            self._latest.no_solve(self.keep_iterates)
             return x.clone()
         if h_implicit == 0 if self.members is None else self.theta == (0.0,) * self.members:
-            self._record_no_solve()
+            self._latest.no_solve(self.keep_iterates)
             if self.members is None:
                 return x + self.h * self._residual_function(x)  # exactly the ResNet step
             return axpy(x, h_explicit, self._residual_function(x))
@@ -275,14 +264,11 @@ class ImplicitResidualBlock(nn.Module):
                 self.name, "forward", S.FORWARD_SOLVERS[self.solver], step, x, tol=self.tol,
                 max_iters=self.max_iters, differentiable=differentiable, record=record,
                 active=implicit, **self.solver_options)
-        latest = self._latest
-        latest.iterate_residuals = self._iterate_residuals(record, info)
-        latest.stats = self._record_stats(info, implicit)
-        latest.backward_converged = None
+        self._latest.forward(info, record, self.name)
         if not grad_on:
             return step(y_star)
         # one more application of the map at y*, with the backward strategy attached
-        return strategy.output(self._adjoint(), explicit, y_star, h_implicit, latest.stats,
+        return strategy.output(self._adjoint(), explicit, y_star, h_implicit, self._latest.stats,
                                evaluate_F)
 
     def _fixed_point_map(self, x, fx, explicit, h_implicit, differentiable: bool):
@@ -313,77 +299,3 @@ class ImplicitResidualBlock(nn.Module):
             def step(y):  # one coefficient per member
                 return torch.addcmul(constant, h_implicit, evaluate_F(y))
         return step, evaluate_F
-
-    def _iterate_residuals(self, record, info):
-        """Batch means of the recorded residual norms; an ensemble's are ``(E,)`` tensors,
-        zero past each member's own iteration count (so that R_fp sums only its terms)."""
-        if record is None:
-            return None
-        if self.members is None:
-            return [r.mean() for r in record]
-        counts = torch.tensor([k if t > 0 else 0 for k, t in zip(info.iterations, self.theta)],
-                              device=record[0].device)
-        return [torch.where(k < counts, r.mean(dim=1), 0) for k, r in enumerate(record)]
-
-    # -- statistics -----------------------------------------------------------------------
-    def _nonconvergence(self, what: str, iterations: int, residual: float,
-                        member: int | None = None) -> None:
-        label = self.name if member is None else f"{self.name}, member {member}"
-        message = (f"{label}: {what} solve did not converge in {iterations} "
-                   f"iterations (residual {residual:.3e})")
-        if self.on_nonconvergence == "raise":
-            raise SolverError(message)
-        if self.on_nonconvergence == "warn":
-            warnings.warn(message, ConvergenceWarning, stacklevel=5)  # the caller of block(x)
-
-    def _record_no_solve(self) -> None:
-        """The statistics of a forward that solved nothing (explicit, or an empty batch)."""
-        latest = self._latest
-        latest.iterate_residuals = [] if self.keep_iterates else None
-        latest.backward_converged = None
-        latest.stats = (SolveStats(0, 0.0, True) if self.members is None
-                        else [SolveStats(0, 0.0, True) for _ in range(self.members)])
-
-    def _record_stats(self, info, implicit):
-        """One network: a :class:`SolveStats`; an ensemble: one per member (the explicit
-        members' those of an explicit block). Warns (or raises) per unconverged member."""
-        if implicit is None:
-            stats = SolveStats(info.iterations, float(info.residual), info.converged)
-            if not info.converged:
-                self._nonconvergence("forward", info.iterations, stats.residual)
-            return stats
-        stats = []
-        for e, is_implicit in enumerate(implicit):
-            stats.append(SolveStats(info.iterations[e], info.residual[e], info.converged[e])
-                         if is_implicit else SolveStats(0, 0.0, True))
-            if is_implicit and not info.converged[e]:
-                self._nonconvergence("forward", info.iterations[e], info.residual[e], e)
-        return stats
-
-    def _report_backward(self, info: SolveInfo, stats=None) -> None:
-        """Hand a backward's statistics ``info`` (per member for an ensemble; ``converged``
-        None where nothing was solved) to the ``stats`` of its forward, for the members that
-        solve (``theta > 0``), and to ``backward_converged`` when that forward is the latest
-        one and solved something; warn (or raise) per unconverged member."""
-        if self.members is None:
-            entries = [(None, info.iterations, info.residual, info.converged)]
-        else:
-            entries = [(e, info.iterations[e], info.residual[e], info.converged[e])
-                       for e, t in enumerate(self.theta) if t > 0]
-        if stats is not None:
-            targets = [stats] if self.members is None else stats
-            for member, iterations, residual, _ in entries:
-                target = targets[0 if member is None else member]
-                target.backward_iterations, target.backward_residual = iterations, residual
-            solved = [(member, ok) for member, _, _, ok in entries if ok is not None]
-            if stats is self._latest.stats and solved:
-                if self.members is None:
-                    self._latest.backward_converged = solved[0][1]
-                else:
-                    converged = [None] * self.members
-                    for member, ok in solved:
-                        converged[member] = ok
-                    self._latest.backward_converged = converged
-        for member, iterations, residual, ok in entries:
-            if ok is False:
-                self._nonconvergence("backward", iterations, residual, member)
