@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ._checks import per_member, require
-from .solvers import batch_norm
+from .solvers import per_sample_norm
 
 
 def _setting(name: str, value, members: int | None, like: torch.Tensor, check, allowed: str):
@@ -86,7 +86,7 @@ def perturbation_distances(net, y0: torch.Tensor, sigma, streams: int,
         states = net.trajectory(inputs)  # (L + 1, (S + 1) B, dim)
         states = states.reshape(states.shape[0], streams + 1, batch, *states.shape[2:])
         clean, perturbed = states[:, :1], states[:, 1:]
-        d = batch_norm((perturbed - clean).reshape(-1, *states.shape[3:]))
+        d = per_sample_norm((perturbed - clean).reshape(-1, *states.shape[3:]))
         return d.reshape(states.shape[0], streams, batch), states[-1, 0]
     net._check_input(y0)
     batch = y0.shape[1]
@@ -101,7 +101,7 @@ def perturbation_distances(net, y0: torch.Tensor, sigma, streams: int,
     inputs = torch.cat([y0.unsqueeze(1), y0.unsqueeze(1) + sigma * xi], dim=1)
     states = net.trajectory(inputs.reshape(members, (streams + 1) * batch, -1))
     states = states.reshape(states.shape[0], members, streams + 1, batch, -1)
-    d = batch_norm(states[:, :, 1:] - states[:, :, :1], 4)  # (L + 1, E, S, B)
+    d = per_sample_norm(states[:, :, 1:] - states[:, :, :1], 4)  # (L + 1, E, S, B)
     return d, states[-1, :, 0]
 
 

@@ -123,7 +123,7 @@ def adversarial_accuracy(model, x, y, epsilons, attack: str = "fgsm",
 
 
 @torch.no_grad()
-def perturbation_growth(model, x, sigma: float, *, streams: int = 10,
+def growth_per_layer(model, x, sigma: float, *, streams: int = 10,
                         generator: torch.Generator | None = None) -> np.ndarray:
     """Per-layer growth of a perturbation of the hidden state: ``d_l / d_{l-1}``,
     ``l = 1..L``, averaged over samples and ``streams`` Gaussian perturbations
@@ -154,14 +154,14 @@ def forward_iterations(model, x) -> tuple[float, bool]:
     return float(np.mean([s.iterations for s in stats])), all(s.converged for s in stats)
 
 
-def evaluate(model, data, *, sigmas, epsilons, pgd_steps: int = 10, repeats: int = 10,
+def measure(model, data, *, sigmas, epsilons, pgd_steps: int = 10, repeats: int = 10,
              growth_sigma: float = 0.01, growth_streams: int = 10, bounds=None,
              seed: int = 0):
     """Every robustness measurement of one trained classifier on ``data``'s validation split.
 
     Returns ``(curves, growth, summary)``: ``curves`` has columns ``perturbation``
     (``gaussian``, ``fgsm``, ``pgd``), ``size`` (sigma or epsilon), ``accuracy``;
-    ``growth`` is :func:`perturbation_growth` at ``growth_sigma``; ``summary`` holds
+    ``growth`` is :func:`growth_per_layer` at ``growth_sigma``; ``summary`` holds
     ``clean_accuracy``, ``forward_iterations`` (mean per layer on the clean inputs) and
     ``converged``. ``seed`` seeds the noise and the PGD starts.
     """
@@ -173,7 +173,7 @@ def evaluate(model, data, *, sigmas, epsilons, pgd_steps: int = 10, repeats: int
                                    ).assign(perturbation="fgsm"),
               adversarial_accuracy(model, x, y, epsilons, "pgd", steps=pgd_steps,
                                    generator=generator, bounds=bounds).assign(perturbation="pgd")]
-    growth = perturbation_growth(model, x, growth_sigma, streams=growth_streams,
+    growth = growth_per_layer(model, x, growth_sigma, streams=growth_streams,
                                  generator=generator)
     iterations, converged = forward_iterations(model, x)
     summary = {"clean_accuracy": accuracy(model, x, y), "forward_iterations": iterations,
@@ -182,9 +182,9 @@ def evaluate(model, data, *, sigmas, epsilons, pgd_steps: int = 10, repeats: int
     return curves, growth, summary
 
 
-def _evaluate_task(task):
+def _measure_task(task):
     model, data, settings = task
-    return evaluate(model, data, **settings)
+    return measure(model, data, **settings)
 
 
 def _fingerprint(tensors) -> str:
@@ -197,7 +197,7 @@ def _fingerprint(tensors) -> str:
     return digest.hexdigest()
 
 
-def _evaluation_key(task) -> str:
+def _measurement_key(task) -> str:
     model, data, settings = task
     return cache.key({"evaluate": settings, "model": repr(model),
                       "weights": _fingerprint(model.state_dict().values()),
@@ -205,16 +205,16 @@ def _evaluation_key(task) -> str:
                      cache.EVALUATION_SOURCES)
 
 
-def evaluate_many(tasks: list, workers: int = 1, *, cache_dir=None, executor=None) -> list:
-    """:func:`evaluate` of every ``(model, data, settings)`` in ``tasks`` (``settings``: the
-    keyword arguments of :func:`evaluate`), ``workers`` processes at a time (or on
+def measure_many(tasks: list, workers: int = 1, *, cache_dir=None, executor=None) -> list:
+    """:func:`measure` of every ``(model, data, settings)`` in ``tasks`` (``settings``: the
+    keyword arguments of :func:`measure`), ``workers`` processes at a time (or on
     ``executor``); results in order and the same wherever they ran (every measurement is
     seeded by its own ``seed``). With ``cache_dir`` a measurement is looked up by the model's
     weights, the data, the settings and the sources (:mod:`irn.cache`) before it is made."""
     require(isinstance(workers, int) and workers >= 1, f"workers must be an int >= 1, got {workers!r}")
     tasks = list(tasks)
     results = [None] * len(tasks)
-    keys = [_evaluation_key(task) for task in tasks] if cache_dir else None
+    keys = [_measurement_key(task) for task in tasks] if cache_dir else None
     for i in range(len(tasks) if cache_dir else 0):
         found = cache.load(cache_dir, keys[i])
         if found is not None and sorted(found[0]) == ["curves", "growth", "summary"]:
@@ -222,7 +222,7 @@ def evaluate_many(tasks: list, workers: int = 1, *, cache_dir=None, executor=Non
             results[i] = (tables["curves"], tables["growth"].growth.to_numpy(),
                           tables["summary"].iloc[0].to_dict())
     todo = [i for i, result in enumerate(results) if result is None]
-    for i, result in zip(todo, run_all(_evaluate_task, [tasks[i] for i in todo], workers,
+    for i, result in zip(todo, run_all(_measure_task, [tasks[i] for i in todo], workers,
                                        executor=executor)):
         results[i] = result
         if cache_dir:
@@ -233,9 +233,9 @@ def evaluate_many(tasks: list, workers: int = 1, *, cache_dir=None, executor=Non
     return results
 
 
-def summarize(curves: pd.DataFrame, summary: pd.DataFrame, sigma: dict, epsilon: dict,
+def summary_table(curves: pd.DataFrame, summary: pd.DataFrame, sigma: dict, epsilon: dict,
               by=("dataset", "theta", "regularizer")) -> pd.DataFrame:
-    """One row per model (the columns ``by``) of the long frames of :func:`evaluate` over
+    """One row per model (the columns ``by``) of the long frames of :func:`measure` over
     seeds (``curves`` and ``summary`` with the columns ``by`` and ``seed`` added): mean and
     standard deviation over seeds (in %) of ``clean_accuracy`` and of the accuracy under
     ``gaussian`` noise at ``sigma[dataset]`` and ``fgsm`` / ``pgd`` at ``epsilon[dataset]``

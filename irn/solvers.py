@@ -82,7 +82,7 @@ class SolveInfo:
     converged: bool | list[bool]
 
 
-def batch_norm(t: Tensor, lead: int = 1) -> Tensor:
+def per_sample_norm(t: Tensor, lead: int = 1) -> Tensor:
     """Per-sample Euclidean norm ``||t_b||_2`` over all but the ``lead`` leading dimensions:
     shape ``(B,)`` for a batch-first tensor, ``(E, B)`` for an ensemble's with ``lead=2``."""
     if t.dim() == lead + 1:
@@ -159,7 +159,7 @@ class _Monitor:
     def done(self, residual: Tensor) -> bool:
         """Register the residual ``R(y^k)`` of the current iterate; True when the loop must stop."""
         self.iteration += 1
-        self.norms = norms = batch_norm(residual, self.lead)  # per sample, for solvers that need them
+        self.norms = norms = per_sample_norm(residual, self.lead)  # per sample, for solvers that need them
         if self.record is not None:
             self.record.append(norms)
         if not self.ensemble:
@@ -388,8 +388,8 @@ def _linear_threshold(b: Tensor, tol: float, active: Tensor | None = None):
     """``tol * max(1, max_b ||b_b||)``: a float, or for an ensemble a list, one per member."""
     b = b.detach()  # a differentiable (create_graph) solve still stops on plain numbers
     if active is None:
-        return tol * max(1.0, float(batch_norm(b).max()))
-    return [tol * max(1.0, norm) for norm in batch_norm(b, 2).amax(dim=1).tolist()]
+        return tol * max(1.0, float(per_sample_norm(b).max()))
+    return [tol * max(1.0, norm) for norm in per_sample_norm(b, 2).amax(dim=1).tolist()]
 
 
 def neumann(vjp, b, *, tol, max_iters, active=None):

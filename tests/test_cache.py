@@ -131,14 +131,14 @@ def test_robustness_measurements_are_cached(tmp_path):
     (model, _), = training.train_many(jobs()[:1])
     task = (model, experiments.DATASETS["two_spirals"](),
             dict(sigmas=[0.0, 0.1], epsilons=[0.0, 0.05], pgd_steps=2, repeats=2, seed=3))
-    first = robustness.evaluate_many([task], cache_dir=tmp_path)
+    first = robustness.measure_many([task], cache_dir=tmp_path)
     assert len(list(tmp_path.iterdir())) == 1
-    second = robustness.evaluate_many([task], cache_dir=tmp_path)
+    second = robustness.measure_many([task], cache_dir=tmp_path)
     pd.testing.assert_frame_equal(first[0][0], second[0][0], check_exact=True)
     assert (first[0][1] == second[0][1]).all() and first[0][2] == second[0][2]
     with torch.no_grad():
         model.readout.bias.add_(0.1)  # another model: another entry
-    robustness.evaluate_many([task], cache_dir=tmp_path)
+    robustness.measure_many([task], cache_dir=tmp_path)
     assert len(list(tmp_path.iterdir())) == 2
 
 

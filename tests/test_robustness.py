@@ -120,7 +120,7 @@ def test_perturbation_growth_of_a_linear_network(theta):
             block.F.linear.weight.copy_(c * torch.eye(3, dtype=DT))
     model = ImplicitModel(PadEmbedding(3, 3), net, Identity())
     x = torch.randn(10, 3, dtype=DT)
-    growth = robustness.perturbation_growth(model, x, 0.01, generator=torch.Generator().manual_seed(0))
+    growth = robustness.growth_per_layer(model, x, 0.01, generator=torch.Generator().manual_seed(0))
     expected = (1 + h * (1 - theta) * c) / (1 - h * theta * c)
     np.testing.assert_allclose(growth, np.full(4, expected), rtol=1e-9)
     iterations, converged = robustness.forward_iterations(model, x)
@@ -133,7 +133,7 @@ def test_perturbation_growth_of_a_linear_network(theta):
 def test_evaluate_reports_every_measurement():
     model = implicit_classifier()
     dataset = data.Dataset(*(t for t in (torch.rand(6, 2, dtype=DT), torch.arange(6) % 3) * 2))
-    curves, growth, summary = robustness.evaluate(
+    curves, growth, summary = robustness.measure(
         model, dataset, sigmas=[0.0, 0.1], epsilons=[0.0, 0.05], pgd_steps=2, repeats=2,
         bounds=(0.0, 1.0), seed=4)
     assert list(curves.columns) == ["perturbation", "size", "accuracy"]
@@ -141,7 +141,7 @@ def test_evaluate_reports_every_measurement():
     at_zero = curves[curves["size"] == 0].accuracy
     assert (at_zero == summary["clean_accuracy"]).all()
     assert growth.shape == (3,) and summary["converged"] and summary["forward_iterations"] > 1
-    again = robustness.evaluate(model, dataset, sigmas=[0.0, 0.1], epsilons=[0.0, 0.05],
+    again = robustness.measure(model, dataset, sigmas=[0.0, 0.1], epsilons=[0.0, 0.05],
                                 pgd_steps=2, repeats=2, bounds=(0.0, 1.0), seed=4)
     assert again[0].equals(curves) and np.array_equal(again[1], growth)
 
@@ -158,7 +158,7 @@ def test_bad_arguments():
         (lambda: robustness.adversarial_accuracy(model, x, y, [0.1], "cw"), "attack"),
         (lambda: robustness.noise_accuracy(model, x, y, [0.1], repeats=0), "repeats"),
         (lambda: robustness.noise_accuracy(model, x, y, [-0.1]), "sigmas"),
-        (lambda: robustness.perturbation_growth(model, x, 0.0), "sigma"),
+        (lambda: robustness.growth_per_layer(model, x, 0.0), "sigma"),
     ]
     for call, name in cases:
         with pytest.raises(ValueError, match=name):
@@ -175,11 +175,11 @@ def test_summarize_means_and_stds_over_seeds():
                                    converged=seed == 0))
         for kind, size in (("gaussian", 0.0), ("gaussian", 0.1), ("fgsm", 0.2), ("pgd", 0.2)):
             rows.append(tags | dict(perturbation=kind, size=size, accuracy=acc - size))
-    table = robustness.summarize(pd.DataFrame(rows), pd.DataFrame(summary), {"d": 0.1}, {"d": 0.2})
+    table = robustness.summary_table(pd.DataFrame(rows), pd.DataFrame(summary), {"d": 0.1}, {"d": 0.2})
     row = table.loc[("d", 0.5, "none")]
     np.testing.assert_allclose([row.clean_accuracy, row.gaussian, row.fgsm, row.pgd],
                                [80.0, 50.0, 40.0, 40.0])
     np.testing.assert_allclose([row.clean_accuracy_std, row.gaussian_std], [10.0, 10.0])
     assert row.forward_iterations == 4.5 and row.converged_seeds == 1
     with pytest.raises(ValueError, match="gaussian"):
-        robustness.summarize(pd.DataFrame(rows), pd.DataFrame(summary), {"d": 0.3}, {"d": 0.2})
+        robustness.summary_table(pd.DataFrame(rows), pd.DataFrame(summary), {"d": 0.3}, {"d": 0.2})
