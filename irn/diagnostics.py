@@ -14,18 +14,33 @@ except ImportError as err:  # the examples' dependencies: pip install 'irn[examp
     raise missing_extra("irn.diagnostics", err) from err
 import torch
 
+from . import solvers as S
 from ._checks import choice, require
 from .models import ImplicitModel
 from .losses import LOSSES
 
-#: the forward solvers of ``irn.solvers`` with their settings, by display name
-FORWARD_CONFIGS = {
-    "fixed_point": dict(solver="fixed_point"),
-    "anderson": dict(solver="anderson"),
-    "nonlinear_cg (PR+)": dict(solver="nonlinear_cg", solver_options={"variant": "polak_ribiere"}),
-    "nonlinear_cg (FR)": dict(solver="nonlinear_cg", solver_options={"variant": "fletcher_reeves"}),
-    "gradient_descent": dict(solver="gradient_descent"),
-}
+#: short names of option values in the display names of :data:`FORWARD_CONFIGS`
+SHORT_NAMES = {"polak_ribiere": "PR+", "fletcher_reeves": "FR"}
+
+
+def solver_configs() -> dict:
+    """Every forward solver of the registry (``irn.solvers.FORWARD_SOLVERS``, in its order)
+    with its default options, and one configuration per value of an option with a fixed set
+    of values (``nonlinear_cg (PR+)``, ``nonlinear_cg (FR)``), by display name."""
+    configs = {}
+    for name in S.FORWARD_SOLVERS:
+        choices = S.option_values(name)
+        if not choices:
+            configs[name] = dict(solver=name)
+        for option, values in choices.items():
+            for value in values:
+                configs[f"{name} ({SHORT_NAMES.get(value, value)})"] = dict(
+                    solver=name, solver_options={option: value})
+    return configs
+
+
+#: the forward solvers compared by default, read from the registry
+FORWARD_CONFIGS = solver_configs()
 
 
 def _median_seconds(run, repeats: int) -> float:

@@ -263,8 +263,22 @@ def _non_negative(label, value):
     number(label, value, lambda v: v >= 0, "a finite number >= 0")
 
 
-def _one_of(*allowed):
-    return lambda label, value: choice(label, value, allowed)
+class _OneOf:
+    """The check of an option with a fixed set of values (``allowed``, readable: a comparison
+    of solvers can try each)."""
+
+    def __init__(self, *allowed):
+        self.allowed = allowed
+
+    def __call__(self, label, value):
+        choice(label, value, self.allowed)
+
+
+def option_values(solver: str) -> dict[str, tuple]:
+    """The options of ``solver`` that take one of a fixed set of values, with those values
+    (``{"variant": ("polak_ribiere", "fletcher_reeves")}`` for ``nonlinear_cg``)."""
+    return {option: check.allowed for option, check in _OPTION_CHECKS[solver].items()
+            if isinstance(check, _OneOf)}
 
 
 def check_options(solver: str, options: dict) -> None:
@@ -302,7 +316,7 @@ def gradient_descent(g, y0, *, tol, max_iters, differentiable=False, record=None
         y = monitor.freeze(y - step_size * grad, y)
 
 
-@forward_solver("nonlinear_cg", variant=_one_of("polak_ribiere", "fletcher_reeves"))
+@forward_solver("nonlinear_cg", variant=_OneOf("polak_ribiere", "fletcher_reeves"))
 def nonlinear_cg(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None,
                  variant="polak_ribiere"):
     """Nonlinear conjugate gradients on ``phi(y) = 1/2 ||R(y)||^2``, per sample.

@@ -75,3 +75,22 @@ def test_backward_solvers_give_the_same_gradient():
     assert table.max_gradient_difference.max() < 1e-8
     assert table.set_index("backward").iterations["neumann"] > 1
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_compared_solvers_are_read_from_the_registry():
+    from irn import solvers
+
+    configs = diagnostics.solver_configs()
+    assert {c["solver"] for c in configs.values()} == set(solvers.FORWARD_SOLVERS)
+    assert configs["nonlinear_cg (FR)"] == dict(solver="nonlinear_cg",
+                                                solver_options={"variant": "fletcher_reeves"})
+
+    @solvers.forward_solver("damped", damping=solvers._positive)
+    def damped(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None,
+               damping=0.5):
+        return solvers.fixed_point(g, y0, tol=tol, max_iters=max_iters, active=active)
+    try:
+        assert diagnostics.solver_configs()["damped"] == dict(solver="damped")  # one decorator
+    finally:
+        for registry in (solvers.FORWARD_SOLVERS, solvers.SOLVER_OPTIONS, solvers._OPTION_CHECKS):
+            registry.pop("damped")
