@@ -121,6 +121,15 @@ def _check_finite(res: float, iteration: int, member: int | None = None) -> None
         raise _failure(f"non-finite value (NaN or inf) at iteration {iteration}", member)
 
 
+def _stops(value: float, threshold: float, iteration: int, cap: float,
+           member: int | None = None) -> bool:
+    """The stopping rule every solver shares, for one network or one member: a non-finite
+    residual is an error naming the iteration (and the member); otherwise stop when the
+    residual is within ``threshold`` or ``iteration`` has reached ``cap``."""
+    _check_finite(value, iteration, member)
+    return value <= threshold or iteration >= cap
+
+
 def _as_column(mask: Tensor, like: Tensor) -> Tensor:
     """A per-member ``(E,)`` tensor shaped ``(E, 1, ..., 1)`` to broadcast against ``like``."""
     return mask.reshape(mask.shape + (1,) * (like.dim() - 1))
@@ -167,21 +176,17 @@ class _Monitor:
             if self.residual.requires_grad:
                 self.residual = self.residual.detach()
             res = float(self.residual)  # the one host transfer of this iteration
-            _check_finite(res, self.iteration)
-            return res <= self.tol or self.iteration >= self.max_iters
+            return _stops(res, self.tol, self.iteration, self.max_iters)
         values = norms.detach().amax(dim=1).tolist()  # the one host transfer of this iteration
         if (self.iteration < self.max_iters and math.isfinite(sum(values))
                 and not any(map(operator.le, values, self.thresholds))):
             self.latest = values  # no member stops (the common case)
             return False
-        capped = self.iteration >= self.max_iters
         for e, running in enumerate(self.running):
-            if running:
-                _check_finite(values[e], self.iteration, e)
-                if values[e] <= self.tols[e] or capped:
-                    self.running[e] = False
-                    self.thresholds[e] = -math.inf
-                    self.counts[e], self.values[e] = self.iteration, values[e]
+            if running and _stops(values[e], self.tols[e], self.iteration, self.max_iters, e):
+                self.running[e] = False
+                self.thresholds[e] = -math.inf
+                self.counts[e], self.values[e] = self.iteration, values[e]
         if not any(self.running):
             return True
         self.mask = torch.tensor(self.running, device=self.device)
@@ -467,8 +472,7 @@ def gmres(vjp, b, *, tol, max_iters, active=None, restart=30):
         for e, res in enumerate(group_max(beta)):
             if running[e]:
                 values[e] = res
-                _check_finite(res, counts[e], member(e))
-                running[e] = not (res <= thresholds[e] or counts[e] >= max_iters)
+                running[e] = not _stops(res, thresholds[e], counts[e], max_iters, member(e))
         if not any(running):
             if active is None:
                 return x.reshape(shape), SolveInfo(counts[0], beta.max(), values[0] <= thresholds[0])
@@ -507,9 +511,9 @@ def gmres(vjp, b, *, tol, max_iters, active=None, restart=30):
             s[:, j] = cs[:, j] * s[:, j]
             for e, estimate in enumerate(group_max(s[:, j + 1].abs())):
                 if going[e]:
-                    steps[e] = j + 1
-                    _check_finite(estimate, counts[e] + j + 1, member(e))
-                    going[e] = not (estimate <= thresholds[e] or j + 1 >= caps[e])
+                    steps[e] = j + 1  # the cycle's cap counts from this member's iterations
+                    going[e] = not _stops(estimate, thresholds[e], counts[e] + j + 1,
+                                          counts[e] + caps[e], member(e))
             if not any(going):
                 break
         k = max(steps)
@@ -548,15 +552,13 @@ def direct(vjp, b, *, tol, max_iters, active=None):
         residual = torch.linalg.vector_norm(b.reshape(samples, n, 1) - (eye - jt) @ v,
                                             dim=(1, 2))
     threshold = _linear_threshold(b, tol, active)
-    if active is None:
-        res = float(residual.max())
-        _check_finite(res, 0)
-        return v.reshape(shape), SolveInfo(0, residual.max(), res <= threshold)
+    if active is None:  # the shared rule, with no iterations to cap
+        converged = _stops(float(residual.max()), threshold, 0, math.inf)
+        return v.reshape(shape), SolveInfo(0, residual.max(), converged)
     values = residual.reshape(shape[0], -1).amax(dim=1).tolist()
-    for e, res in enumerate(values):
-        _check_finite(res, 0, e)
     return v.reshape(shape), SolveInfo([0] * shape[0], values,
-                                       [v <= t for v, t in zip(values, threshold)])
+                                       [_stops(v, t, 0, math.inf, e)
+                                        for e, (v, t) in enumerate(zip(values, threshold))])
 
 
 #: the linear solvers of the implicit backward by name (``irn.backward`` chooses among them)
