@@ -41,7 +41,8 @@ NAMES := $(notdir $(basename $(NOTEBOOKS)))
 IRN_SRC := $(wildcard irn/*.py)
 RUNNER := scripts/run_notebook.py
 # trained models are cached in $(CACHE) (`make figures CACHE=` turns it off); DASK_SCHEDULER
-# (e.g. tcp://host:8786) sends the notebooks' training jobs to a Dask cluster
+# (tcp://127.0.0.1:8786 on one machine, tls://HEAD:8786 across machines: see the README) sends
+# the notebooks' training jobs to a Dask cluster
 CACHE ?= build/cache
 DASK_SCHEDULER ?=
 REFERENCE_RUN := $(BIN)/python $(RUNNER) --timeout 3600

@@ -47,7 +47,9 @@ def _one_thread(fn, task):
 
 @contextmanager
 def executor(address: str | None):
-    """The executor of the Dask scheduler at ``address`` (e.g. ``tcp://host:8786``), through
+    """The executor of the Dask scheduler at ``address`` (``tcp://127.0.0.1:8786`` on one
+    machine, ``tls://head:8786`` across machines, credentials from dask's TLS configuration:
+    see the README), through
     ``distributed.Client(address).get_executor()``; ``None`` or ``""`` yields None (local
     processes). The client is closed on exit."""
     if not address:

@@ -197,7 +197,7 @@ def train_many(jobs: list[dict], workers: int = 1, desc: str = "training", *,
     ``cache_dir``: a folder of trained batches (:mod:`irn.cache`), keyed by the jobs, the
     training sources and the versions; a batch found there is not trained again.
     ``executor``: any ``concurrent.futures.Executor`` to run the batches on (e.g.
-    ``irn.training.executor("tcp://host:8786")``, a Dask cluster); default: local processes.
+    ``irn.experiments.executor("tls://head:8786")``, a Dask cluster); default: local processes.
     Returns ``[(model, history), ...]`` in the order of ``jobs``; progress is shown per
     finished job.
     """
