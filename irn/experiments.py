@@ -51,10 +51,12 @@ DATASETS = {"sine": sine, "two_spirals": two_spirals, "swiss_roll": swiss_roll, 
 
 
 def build_model(model: str, seed: int, dtype=torch.float64, **model_kwargs) -> ImplicitModel:
-    """``MODEL_FACTORIES[model](**model_kwargs)`` initialised from ``torch.manual_seed(seed)``."""
+    """``MODEL_FACTORIES[model](**model_kwargs)`` initialised from ``torch.manual_seed(seed)``,
+    in a forked random state: the caller's global generator is left as it was."""
     choice("model", model, MODEL_FACTORIES)
-    torch.manual_seed(seed)
-    return MODEL_FACTORIES[model](**model_kwargs).to(dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MODEL_FACTORIES[model](**model_kwargs).to(dtype)
 
 
 # settings in which jobs of one ensemble may differ: the rest must be equal
@@ -234,8 +236,7 @@ def train_many(jobs: list[dict], workers: int = 1, desc: str = "training", *,
             results[i] = result
     models = []
     for job, (history, state) in zip(jobs, results):
-        with torch.random.fork_rng(devices=[]):  # rebuilding must not move the caller's RNG
-            model = build_model(job["model"], job["seed"], **job["model_kwargs"])
+        model = build_model(job["model"], job["seed"], **job["model_kwargs"])
         model.load_state_dict(state)
         models.append((model, history))
     return models

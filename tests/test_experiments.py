@@ -70,3 +70,16 @@ def test_select_keeps_the_jobs_with_given_tags_and_drops_those_tags():
     assert len(paper_histories) == 4 * 3 and paper_histories.index.tolist() == list(range(12))
     with pytest.raises(ValueError, match="no job"):
         experiments.select(models, histories, network="theirs")
+
+
+def test_building_a_model_leaves_the_callers_random_state_alone():
+    import torch
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = experiments.build_model("spiral_classifier", 7, num_layers=2)
+    assert torch.equal(torch.rand(3), expected)
+    second = experiments.build_model("spiral_classifier", 7, num_layers=2)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert a.equal(b)  # and the seed still decides the weights
