@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import platform
 import sys
@@ -108,7 +109,17 @@ def build(workload, method, device="cpu", **block_kwargs):
         blocks = [PlainImplicitBlock(f, h, theta, tol) for f in fs]
     elif kind == "torchdeq":
         blocks = [DEQBlock(f, h, theta, tol, arg) for f in fs]
-    net = Chain(blocks)
+    if kind == "compiled":  # the same network, weights copied, on the compiled path
+        solver, backward = arg.split("/")
+        net = irn.ImplicitResNet(dim, layers, h, theta, activation="relu", init="pytorch",
+                                 backend="compiled", solver=solver, backward=backward, tol=tol,
+                                 on_nonconvergence="ignore").to(device)
+        with torch.no_grad():
+            for block, f in zip(net.blocks, fs):
+                block.F.linear.weight.copy_(f.linear.weight)
+                block.F.linear.bias.copy_(f.linear.bias)
+    else:
+        net = Chain(blocks)
     x, target = inputs(workload, device)
 
     def step():
@@ -128,6 +139,8 @@ def methods_for(workload):
                 "irn:gradient_descent/neumann"]
     if torchdeq is not None:
         methods += ["torchdeq:fixed_point_iter", "torchdeq:anderson"]
+    if dim <= irn.compiled.AUTO_MAX_WIDTH:  # wider networks: the generic path is faster
+        methods += ["compiled:fixed_point/neumann", "compiled:fixed_point/direct"]
     return methods
 
 
@@ -168,18 +181,20 @@ ENSEMBLE_WORKLOADS = {  # name: (model factory, dataset, model settings, loss)
                           dict(num_layers=100, theta=0.5, T=10.0), "cross_entropy"),
 }
 ENSEMBLE_SIZES = (1, 10, 50)
+ENSEMBLE_BATCH = {"W1 example 1, L=20": 20, "W2 spirals, L=100": 97}  # training set sizes
 
 
-def ensemble_step(workload, members, device="cpu"):
+def ensemble_step(workload, members, device="cpu", backend="torch"):
     """``(model, step)``: one training step (forward, loss summed over members, backward,
-    Adam) of one network (``members=None``) or of an ensemble of ``members`` networks of
-    seeds ``0..members-1``, float64, on the example's full training set. The learning rate is
+    Adam as the training loop runs it) of one network (``members=None``) or of an ensemble of
+    ``members`` networks of seeds ``0..members-1``, float64, on the example's full training
+    set, on the generic path (``backend="torch"``) or the compiled one. The learning rate is
     small so that the iteration counts hardly drift over the timed calls."""
     from irn import experiments, training
     from irn.models import ImplicitModel
 
     factory, data_name, settings, loss = ENSEMBLE_WORKLOADS[workload]
-    settings = settings | dict(on_nonconvergence="ignore")
+    settings = settings | dict(on_nonconvergence="ignore", backend=backend)
     with torch.random.fork_rng(devices=[]):
         models = [experiments.build_model(factory, seed, **settings).to(device)
                   for seed in range(members or 1)]
@@ -188,7 +203,7 @@ def ensemble_step(workload, members, device="cpu"):
     x, y = data.x_train, data.y_train
     if members is not None:
         x, y = x.expand(members, *x.shape), y.expand(members, *y.shape)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, foreach=True)
+    optimizer = training.optimizer_for(model.parameters(), lr=1e-5)
     loss_fn = training.LOSSES[loss]
 
     def step():
@@ -198,6 +213,7 @@ def ensemble_step(workload, members, device="cpu"):
         value.sum().backward()
         optimizer.step()
 
+    step.optimizer = optimizer  # for the bounds table
     return model, step
 
 
@@ -257,44 +273,135 @@ def jax_step(workload, members):
 
 
 def ensemble_table(min_time, min_cycles, device="cpu", sync=lambda: None):
-    """Time per training step of ensembles of E members against one network, interleaved."""
-    lines = ["", "## Ensembles: time per training step of E stacked networks, float64", "",
+    """Time per training step of one network and of ensembles of E members, on the generic
+    and the compiled path, against JAX, interleaved; then what bounds the compiled step."""
+    lines = ["", "## Ensembles and the compiled path: time per training step, float64", "",
              "Each member is the example's network with its own seed (the members' solves stop "
-             "on their own, so an ensemble iterates as long as its slowest member). One network: "
-             "the plain `ImplicitModel`; E = 1: the same network stacked.", "",
-             "| workload | model | ms / step | vs one network | per member vs one network "
+             "on their own, so an ensemble iterates as long as its slowest member). A step: "
+             "forward, loss, backward and the training loop's Adam. generic: "
+             "`backend=\"torch\"`; compiled: `backend=\"compiled\"` (what `auto` picks here).",
+             "", "| workload | model | ms / step | vs generic one network | per member "
              "| fwd iters / layer (max over members) |", "|---|---|---|---|---|---|"]
+    bounds = []
     for workload in ENSEMBLE_WORKLOADS:
-        built = {"one network": ensemble_step(workload, None, device)}
-        built |= {f"E = {e}": ensemble_step(workload, e, device) for e in ENSEMBLE_SIZES}
-        steps = {name: step for name, (_, step) in built.items()}
+        built = {}
+        for backend, path in (("torch", "generic"), ("compiled", "compiled")):
+            built[f"{path}, one network"] = ensemble_step(workload, None, device, backend)
+            built |= {f"{path}, E = {e}": ensemble_step(workload, e, device, backend)
+                      for e in ENSEMBLE_SIZES if device == "cpu" or backend == "torch"}
+        steps = {name: step for name, (_, step) in built.items() if device == "cpu"
+                 or not name.startswith("compiled")}
         if device == "cpu":
             jax_steps = {"JAX one network": jax_step(workload, None),
                          "JAX vmap, E = 10": jax_step(workload, 10)}
             steps |= {name: step for name, step in jax_steps.items() if step is not None}
         samples = interleaved_times(steps, min_time, min_cycles, sync)
         times = {name: median(r) for name, r in samples.items()}
-        one = times["one network"]
+        one = times["generic, one network"]
         for name, t in times.items():
-            if name.startswith("JAX"):
-                members = 10 if "vmap" in name else 1
-                lines.append(f"| {workload} | {name} | {1e3 * t:.2f} | {t / one:.2f}x "
-                             f"| {t / one / members:.3f}x | |")
-                print(lines[-1], flush=True)
-                continue
-            model = built[name][0]
-            members = model.members or 1
-            stats = [b.last_stats if model.members else [b.last_stats] for b in model.net.blocks]
-            fwd = sum(max(s.iterations for s in layer) for layer in stats) / len(stats)
-            lines.append(f"| {workload} | {name} | {1e3 * t:.2f} | {t / one:.2f}x "
-                         f"| {t / one / members:.3f}x | {fwd:.1f} |")
+            members = 10 if "vmap" in name else int(name.split("= ")[1]) if "E =" in name else 1
+            fwd = "" if name.startswith("JAX") else f"{max_iterations(built[name][0]):.1f}"
+            lines.append(f"| {workload} | {name} | {1e3 * t:.2f} | {t / one:.3f}x "
+                         f"| {1e3 * t / members:.3f} ms | {fwd} |")
             print(lines[-1], flush=True)
-        if "JAX vmap, E = 10" in times:
-            lines.append(f"| {workload} | **irn E = 10 vs JAX vmap E = 10** | "
-                         f"{times['E = 10'] / times['JAX vmap, E = 10']:.2f}x | | | |")
-            lines.append(f"| {workload} | **irn one network vs JAX one network** | "
-                         f"{times['one network'] / times['JAX one network']:.2f}x | | | |")
+        lines += summary_rows(workload, times)
+        if device == "cpu":
+            bounds += compiled_bounds(workload, *built["compiled, one network"])
+    if bounds:
+        lines += ["", "### What bounds the compiled step (one network)", "",
+                  "Medians over 200 steps timed one part at a time: the two kernel calls "
+                  "(`irn.compiled`), the optimizer step alone, and the rest of the step "
+                  "(autograd, the Python around the kernels, embedding, readout, loss). "
+                  "`tanh` evaluations: how many the forward kernel makes, at the measured cost "
+                  "of one compiled `math.tanh`.", "",
+                  "| workload | step | forward kernel | backward kernel | Adam step | rest "
+                  "| tanh in the forward |", "|---|---|---|---|---|---|---|"] + bounds
     return lines
+
+
+def max_iterations(model):
+    """Mean over layers of the largest forward iteration count among the members."""
+    stats = [b.last_stats if model.members else [b.last_stats] for b in model.net.blocks]
+    return sum(max(s.iterations for s in layer) for layer in stats) / len(stats)
+
+
+def summary_rows(workload, times):
+    """The ratios the compiled path is judged by (one run: each ratio within it)."""
+    rows = []
+    pairs = [("compiled one network vs generic one network", "compiled, one network",
+              "generic, one network", 1),
+             ("compiled one network vs JAX one network", "compiled, one network",
+              "JAX one network", 1),
+             ("compiled E = 10 vs JAX vmap E = 10 (per member alike)", "compiled, E = 10",
+              "JAX vmap, E = 10", 1),
+             ("generic E = 10 vs JAX vmap E = 10", "generic, E = 10", "JAX vmap, E = 10", 1)]
+    for label, a, b, _ in pairs:
+        if a in times and b in times:
+            rows.append(f"| {workload} | **{label}** | {times[a] / times[b]:.2f}x | | | |")
+    return rows
+
+
+def compiled_bounds(workload, model, step, repeats=200):
+    """One row of the bounds table: the compiled step's parts, timed (see ensemble_table)."""
+    import irn.compiled as C
+
+    spent = {"forward": [], "backward": []}
+    run = C._run
+
+    def timed(name, members, *arrays):
+        start = time.perf_counter()
+        try:
+            return run(name, members, *arrays)
+        finally:
+            spent[name].append(time.perf_counter() - start)
+
+    whole, adam = [], []
+    C._run = timed
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step()
+            whole.append(time.perf_counter() - start)
+    finally:
+        C._run = run
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step.optimizer.step()
+        adam.append(time.perf_counter() - start)
+    forward, backward, total, adam = (median(v) for v in (spent["forward"], spent["backward"],
+                                                            whole, adam))
+    net = model.net
+    batch = ENSEMBLE_BATCH[workload]
+    # F is evaluated once per iteration of an implicit layer (F(x) first, then F(y^k) for every
+    # iterate but the last, whose F the output reuses), once per explicit layer
+    evaluations = sum(max(b.last_stats.iterations, 1) for b in net.blocks)
+    tanh = evaluations * batch * net.dim if net.blocks[0].F.activation == "tanh" else 0
+    per_tanh = tanh_cost()
+    return [f"| {workload} | {1e3 * total:.3f} ms | {1e3 * forward:.3f} ms | "
+            f"{1e3 * backward:.3f} ms | {1e3 * adam:.3f} ms | "
+            f"{1e3 * (total - forward - backward - adam):.3f} ms | "
+            f"{tanh} x {1e9 * per_tanh:.0f} ns = {1e3 * tanh * per_tanh:.3f} ms |"]
+
+
+def tanh_cost(n=100_000):
+    """Seconds per compiled ``math.tanh`` (the kernels' activation), median of 21 loops."""
+    import numpy as np
+    from numba import njit
+
+    @njit(cache=False)
+    def loop(a, out):
+        for i in range(a.size):
+            out[i] = math.tanh(a[i])
+
+    a = np.random.default_rng(0).standard_normal(n)
+    out = np.empty_like(a)
+    loop(a, out)
+    times = []
+    for _ in range(21):
+        start = time.perf_counter()
+        loop(a, out)
+        times.append(time.perf_counter() - start)
+    return median(times) / n
 
 
 def median(values):
@@ -504,7 +611,8 @@ def main():
               "| fwd iters / layer | bwd iters / layer |", "|---|---|---|---|---|---|---|---|"]
     all_built, all_times = {}, {}
     for workload in workloads:
-        built = {method: build(workload, method, args.device) for method in methods_for(workload)}
+        built = {method: build(workload, method, args.device) for method in methods_for(workload)
+                 if args.device == "cpu" or not method.startswith("compiled")}
         samples = interleaved_times({method: step for method, (_, step) in built.items()},
                                     args.min_time, args.min_cycles, sync)
         times = {method: median(r) for method, r in samples.items()}

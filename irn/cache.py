@@ -32,9 +32,9 @@ import torch
 
 PACKAGE = Path(__file__).parent
 #: library sources whose code determines a training result (not plotting, not measurement)
-TRAINING_SOURCES = ("_checks.py", "backward.py", "data.py", "experiments.py", "layers.py",
-                    "losses.py", "models.py", "records.py", "regularizers.py", "solvers.py",
-                    "training.py")
+TRAINING_SOURCES = ("_checks.py", "_kernels.py", "backward.py", "compiled.py", "data.py",
+                    "experiments.py", "layers.py", "losses.py", "models.py", "records.py",
+                    "regularizers.py", "solvers.py", "training.py")
 #: ... and the sources that determine a robustness measurement of a trained model
 EVALUATION_SOURCES = TRAINING_SOURCES + ("robustness.py",)
 

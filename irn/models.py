@@ -17,6 +17,7 @@ import copy
 import torch
 from torch import nn
 
+from . import compiled
 from ._checks import choice, require
 from .layers import ImplicitResidualBlock
 
@@ -177,11 +178,15 @@ class ImplicitResNet(nn.Module):
     ``init="stationary"`` (the paper's): one N(0,1) matrix divided by its spectral radius,
     ``b = 0``, copied into every layer; ``"random"``: an independent such matrix per layer;
     ``"pytorch"``: ``nn.Linear``'s default. Draws from torch's global generator (seed it).
-    Further keyword arguments (``solver``, ``backward``, ``tol``, ...) go to every block.
+    ``backend``: ``"auto"`` takes the compiled CPU path (:mod:`irn.compiled`) where it
+    applies, ``"torch"`` always the generic one, ``"compiled"`` the compiled one or a
+    ``ValueError`` naming what it lacks. Further keyword arguments (``solver``, ``backward``,
+    ``tol``, ...) go to every block.
     """
 
     def __init__(self, dim: int, num_layers: int, h: float = 1.0, theta: float = 0.0, *,
-                 activation: str = "relu", init: str = "stationary", **block_kwargs):
+                 activation: str = "relu", init: str = "stationary", backend: str = "auto",
+                 **block_kwargs):
         super().__init__()
         require(isinstance(dim, int) and dim >= 1, f"dim must be an int >= 1, got {dim!r}")
         require(isinstance(num_layers, int) and num_layers >= 1,
@@ -194,6 +199,8 @@ class ImplicitResNet(nn.Module):
             for _ in range(num_layers))
         for index, block in enumerate(self.blocks):
             block.name = f"block {index}"
+        self.backend = backend
+        self._check_backend()
         with torch.no_grad():
             shared = normalized_gaussian(dim) if init == "stationary" else None
             for block in self.blocks:
@@ -204,7 +211,8 @@ class ImplicitResNet(nn.Module):
                 block.F.linear.bias.zero_()
 
     @classmethod
-    def _from_blocks(cls, dim: int, blocks: list[ImplicitResidualBlock]) -> "ImplicitResNet":
+    def _from_blocks(cls, dim: int, blocks: list[ImplicitResidualBlock],
+                     backend: str = "auto") -> "ImplicitResNet":
         """A network made of the given blocks (renamed ``block 0``, ``block 1``, ...)."""
         net = cls.__new__(cls)
         nn.Module.__init__(net)
@@ -212,15 +220,41 @@ class ImplicitResNet(nn.Module):
         net.blocks = nn.ModuleList(blocks)
         for index, block in enumerate(net.blocks):
             block.name = f"block {index}"
+        net.backend = backend
+        net._check_backend()
         return net
+
+    def _check_backend(self) -> None:
+        """``backend`` checked once: a name of ``irn.compiled.BACKENDS``, and for
+        ``"compiled"`` a network the compiled path covers (``ValueError`` naming what is
+        missing otherwise)."""
+        choice("backend", self.backend, compiled.BACKENDS)
+        if self.backend == "auto":  # IRN_BACKEND=torch runs a whole program on the generic path
+            self.backend = compiled.default_backend()
+        if self.backend == "compiled":
+            reason = compiled.unsupported(self.blocks)
+            require(reason is None, f"backend='compiled' cannot run this network: {reason}")
+
+    def _compiled_states(self, y0: torch.Tensor) -> torch.Tensor | None:
+        """Every hidden state ``(L + 1, E, B, dim)`` on the compiled path, or None where the
+        generic path runs this call (``backend="compiled"``: a ``ValueError`` instead)."""
+        if self.backend == "torch":
+            return None
+        reason = compiled.reason(self, y0)
+        if reason is None:
+            return compiled.trajectory(self, y0 if self.members else y0.unsqueeze(0))
+        require(self.backend != "compiled", f"backend='compiled' cannot run this call: {reason}")
+        return None
 
     def with_settings(self, **block_kwargs) -> "ImplicitResNet":
         """The same network (the same residual functions ``F_l`` and parameters, shared, not
-        copied) with other block settings, see :meth:`irn.ImplicitResidualBlock.with_settings`:
-        e.g. ``net.with_settings(solver="anderson")`` solves a trained network with another
-        solver."""
+        copied) with other block settings, see :meth:`irn.ImplicitResidualBlock.with_settings`,
+        or another ``backend``: e.g. ``net.with_settings(solver="anderson")`` solves a trained
+        network with another solver, ``net.with_settings(backend="torch")`` runs it on the
+        generic path."""
+        backend = block_kwargs.pop("backend", self.backend)
         return self._from_blocks(self.dim, [block.with_settings(**block_kwargs)
-                                            for block in self.blocks])
+                                            for block in self.blocks], backend)
 
     # -- ensembles ------------------------------------------------------------------------
     @classmethod
@@ -232,6 +266,7 @@ class ImplicitResNet(nn.Module):
         independent)."""
         nets = list(nets)
         require(len(nets) >= 1, "nets must hold at least one network")
+        backends = sorted({getattr(n, "backend", None) for n in nets}, key=str)
         require(all(isinstance(n, ImplicitResNet) and n.members is None for n in nets),
                 "nets must be single ImplicitResNet networks (not ensembles)")
         first = nets[0]
@@ -257,7 +292,8 @@ class ImplicitResNet(nn.Module):
                                           **layer[0].settings)
             block.keep_iterates = any(b.keep_iterates for b in layer)
             blocks.append(block)
-        return cls._from_blocks(first.dim, blocks)
+        require(len(backends) == 1, f"backend differs between the networks: {backends}")
+        return cls._from_blocks(first.dim, blocks, first.backend)
 
     @property
     def members(self) -> int | None:
@@ -276,7 +312,7 @@ class ImplicitResNet(nn.Module):
                                            **block.settings)
             single.keep_iterates = block.keep_iterates
             blocks.append(single)
-        return self._from_blocks(self.dim, blocks)
+        return self._from_blocks(self.dim, blocks, self.backend)
 
     @property
     def keep_iterates(self) -> bool:
@@ -299,6 +335,9 @@ class ImplicitResNet(nn.Module):
 
     def forward(self, y0: torch.Tensor) -> torch.Tensor:
         self._check_input(y0)
+        states = self._compiled_states(y0)
+        if states is not None:
+            return states[-1] if self.members else states[-1, 0]
         y = y0
         for block in self.blocks:
             y = block(y)
@@ -308,6 +347,9 @@ class ImplicitResNet(nn.Module):
         """All hidden states ``(y_0, y_1, ..., y_L)`` stacked: shape ``(L + 1, B, dim)``
         (``(L + 1, E, B, dim)`` for an ensemble)."""
         self._check_input(y0)
+        states = self._compiled_states(y0)
+        if states is not None:
+            return states if self.members else states[:, 0]
         states = [y0]
         for block in self.blocks:
             states.append(block(states[-1]))

@@ -53,6 +53,13 @@ def _mean_abs_gradients(blocks, members: int | None) -> np.ndarray:
     return result / np.maximum(sizes, 1)
 
 
+def optimizer_for(parameters, lr: float) -> torch.optim.Adam:
+    """The training loop's Adam: the fused implementation (one kernel for every parameter
+    tensor; a 20-layer network has 40 of them, and the per-tensor implementations then cost
+    more than its forward and backward together, see benchmarks/results.md)."""
+    return torch.optim.Adam(parameters, lr=lr, fused=True)
+
+
 def _member_losses(loss_fn, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """An ensemble's data loss per member, shape ``(E,)``: ``loss_fn`` (mean reduction) on each
     member's ``(out[e], target[e])``, computed for all members at once."""
@@ -127,7 +134,7 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
     data = data.to(device=device, dtype=dtype)
     model.net.keep_iterates = regularizer.fp_on
     regularizer = regularizer.on(dtype, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
+    optimizer = optimizer_for(model.parameters(), lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
     member_seeds = seeds if members else [seeds]
     generators = [torch.Generator(device=torch.device(device)).manual_seed(s) for s in member_seeds]

@@ -35,8 +35,12 @@ CODE_PATHS = {
                 "ONEDNN_MAX_CPU_ISA": "SSE41",
                 "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"},
     "native": {"ATEN_CPU_CAPABILITY": "avx512"},
+    # the Makefile's pin on irn's generic path instead of the compiled one
+    "torch-backend": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2",
+                      "ONEDNN_MAX_CPU_ISA": "AVX2", "IRN_BACKEND": "torch"},
 }
-PINS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "NPY_DISABLE_CPU_FEATURES")
+PINS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "NPY_DISABLE_CPU_FEATURES",
+        "IRN_BACKEND")
 REFERENCES = ROOT / "tests" / "notebooks"
 
 
@@ -46,7 +50,8 @@ def environment(name: str) -> dict[str, str]:
         raise ValueError(f"code path {name!r}: expected one of {', '.join(CODE_PATHS)}")
     pins = dict(CODE_PATHS[name])
     if os.uname().machine != "x86_64":  # arm64 has PyTorch's default kernels, no x86 pins
-        pins = {"ATEN_CPU_CAPABILITY": "default"} if name == "generic" else {}
+        pins = ({"ATEN_CPU_CAPABILITY": "default"} if name == "generic" else {}) \
+            | {k: v for k, v in pins.items() if k == "IRN_BACKEND"}
     return {k: v for k, v in os.environ.items() if k not in PINS} | pins
 
 

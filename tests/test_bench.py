@@ -54,12 +54,16 @@ def test_implicit_and_plain_steps_agree():
     # the same equation: irn's implicit step and the plain reference loop give the same
     # gradients up to the solver tolerances
     grads = {}
-    for method in ("plain", "irn:fixed_point/neumann", "irn:fixed_point/direct"):
+    for method in ("plain", "irn:fixed_point/neumann", "irn:fixed_point/direct",
+                   "compiled:fixed_point/neumann", "compiled:fixed_point/direct"):
         net, step = bench.build("W1 example 1, L=5", method)
         step()
         grads[method] = torch.cat([p.grad.flatten() for p in net.parameters()])
     for method in ("irn:fixed_point/neumann", "irn:fixed_point/direct"):
         torch.testing.assert_close(grads[method], grads["plain"], rtol=1e-4, atol=1e-5)
+    for method in ("neumann", "direct"):  # the compiled rows time the same computation
+        torch.testing.assert_close(grads[f"compiled:fixed_point/{method}"],
+                                   grads[f"irn:fixed_point/{method}"], rtol=1e-5, atol=1e-6)
 
 
 def test_interleaved_times_calls_every_step_each_cycle():

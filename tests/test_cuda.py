@@ -91,3 +91,16 @@ def test_ensemble_training_on_cuda():
             for s, t in ((0, 0.0), (1, 0.5))]
     for model, history in training.train_many(jobs):
         assert len(history) == 3 and history.train_loss.notna().all()
+
+
+def test_auto_runs_cuda_networks_on_the_generic_path_and_compiled_names_the_device():
+    """The compiled path is CPU only: on CUDA, backend="auto" computes what the CPU's compiled
+    path computes (through the generic path), backend="compiled" is a ValueError."""
+    torch.manual_seed(0)
+    net = irn.ImplicitResNet(3, 4, 0.5, 0.5, activation="tanh", init="random").to(DT)
+    x = torch.randn(6, 3, dtype=DT)
+    cpu = net(x)
+    gpu = net.to("cuda")(x.to("cuda"))
+    torch.testing.assert_close(gpu.cpu(), cpu.detach(), atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="backend='compiled' cannot run this call: the input is on cuda"):
+        net.with_settings(backend="compiled")(x.to("cuda"))

@@ -7,12 +7,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ("pandas", "matplotlib", "seaborn", "tqdm", "sklearn")
+COMPILED = ("numba", "llvmlite")  # the compiled extra
 
 BLOCKER = f"""
 import sys
 class Blocker:  # as if the examples' packages were not installed
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {EXAMPLES!r}:
+        if name.split(".")[0] in {EXAMPLES + COMPILED!r}:
             raise ImportError(f"No module named {{name!r}}", name=name)
 sys.meta_path.insert(0, Blocker())
 """
@@ -28,6 +29,8 @@ def test_the_package_requires_torch_and_numpy_only():
     assert [d.split("==")[0] for d in project["dependencies"]] == ["torch", "numpy"]
     extra = {d.split("==")[0] for d in project["optional-dependencies"]["examples"]}
     assert extra == {"pandas", "matplotlib", "seaborn", "tqdm", "scikit-learn"}
+    compiled = {d.split("==")[0] for d in project["optional-dependencies"]["compiled"]}
+    assert compiled == {"numba", "llvmlite"}
 
 
 def test_layers_solvers_regularizers_and_ensembles_work_without_the_examples_extra():
@@ -41,8 +44,15 @@ y0 = torch.randn(5, 3)
 ens = irn.ImplicitResNet.stack([net, net])
 ens(torch.randn(2, 5, 3)).sum().backward()
 irn.stability.spectral_radius("verlet", 1.0)
+assert "numba is not installed" in irn.compiled.reason(net.with_settings(backward="neumann"))
 assert not any(m.split(".")[0] in {examples!r} for m in sys.modules)
-""".replace("{examples!r}", repr(EXAMPLES)))
+""".replace("{examples!r}", repr(EXAMPLES + COMPILED)))
+    assert result.returncode == 0, result.stderr
+
+
+def test_import_irn_does_not_load_numba():
+    code = "import sys, irn; assert 'numba' not in sys.modules, 'numba imported by import irn'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
 
 

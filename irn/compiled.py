@@ -1,0 +1,333 @@
+"""The compiled CPU path of :class:`irn.ImplicitResNet` (docs/design.md, section 9).
+
+The paper's networks are tiny (width 2 to 32), so on the generic path a training step is
+mostly the cost of calling PyTorch once per solver iteration and layer. Here a network of
+:class:`irn.models.Perceptron` layers (``F_l(y) = act(W_l y + b_l)``) and its stacked
+ensembles run forward in one compiled call (fixed-point iteration, every layer, every member)
+and backward in another (``neumann`` or ``direct``), wrapped in one ``autograd.Function`` that
+returns every hidden state, so ``net(y0)``, ``net.trajectory(y0)`` and the perturbation
+regulariser all use it. It computes what the generic path computes: outputs, gradients, the
+blocks' ``last_stats`` per layer and member, the same warnings and errors (tested to 1e-10
+relative in float64).
+
+``ImplicitResNet(backend=...)``: ``"auto"`` (default) takes this path where it applies and the
+generic one elsewhere, ``"torch"`` always the generic one, ``"compiled"`` this one or a
+``ValueError`` naming what is missing. It applies to networks whose layers are all
+``Perceptron`` (or stacked) with ``solver="fixed_point"`` and ``backward`` ``"neumann"`` or
+``"direct"``, on CPU float32/float64 tensors, when numba is installed (the ``compiled`` extra;
+``import irn`` never needs it). It does not apply (the generic path runs) while the blocks keep
+their iterates (``irn.regularizers.fixed_point``), under ``torch.func`` transforms, on an empty
+batch, and under ``torch.autocast``. A second derivative (``create_graph=True``) through a
+compiled forward is computed by the generic path, which re-solves the forward for it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import torch
+
+from .solvers import SolveInfo, SolverError
+
+K = None  # irn._kernels once loaded: numba is imported at the first network that asks
+
+
+def kernels():
+    """The compiled kernels (:mod:`irn._kernels`), or None when numba is not installed (the
+    ``compiled`` extra); loaded at the first call, so that ``import irn`` needs only torch and
+    numpy."""
+    global K
+    if K is None:
+        try:
+            from . import _kernels
+        except ImportError:
+            return None
+        K = _kernels
+    return K
+
+BACKENDS = ("auto", "torch", "compiled")
+SOLVERS = ("fixed_point",)
+BACKWARDS = ("neumann", "direct")
+DTYPES = (torch.float32, torch.float64)
+#: the widest network ``backend="auto"`` compiles: beyond it the generic path's matrix
+#: products (MKL) are faster (a training step of 10 layers, batch 128, float64, 1 thread:
+#: compiled / generic 0.43 at width 16, 0.71 at 32, 2.1 at 64, 1.7 at 128)
+AUTO_MAX_WIDTH = 32
+_PARALLEL = threading.Lock()  # one parallel kernel at a time per process
+
+
+def default_backend() -> str:
+    """What ``backend="auto"`` means: ``auto``, unless the environment variable
+    ``IRN_BACKEND`` names another backend (``IRN_BACKEND=torch`` runs every network of a
+    program on the generic path, to compare the two)."""
+    value = os.environ.get("IRN_BACKEND", "auto")
+    if value not in BACKENDS:
+        raise ValueError(f"IRN_BACKEND must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def unsupported(blocks) -> str | None:
+    """Why a network of ``blocks`` cannot take the compiled path, whatever its input (None:
+    it can)."""
+    from .models import Perceptron, StackedPerceptron
+
+    if kernels() is None:
+        return "numba is not installed (pip install -e '.[compiled]'; make installs it)"
+    for block in blocks:
+        if not isinstance(block.F, (Perceptron, StackedPerceptron)):
+            return (f"{block.name}: F is a {type(block.F).__name__}, the compiled path covers "
+                    f"irn.models.Perceptron layers")
+        if block.solver not in SOLVERS:
+            return f"{block.name}: solver={block.solver!r}, the compiled path covers {SOLVERS}"
+        if block.backward not in BACKWARDS:
+            return (f"{block.name}: backward={block.backward!r}, the compiled path covers "
+                    f"{BACKWARDS}")
+    activations = {block.F.activation for block in blocks}
+    if len(activations) > 1:
+        return f"the layers' activations differ ({sorted(activations)})"
+    return None
+
+
+def reason(net, y0: torch.Tensor | None = None) -> str | None:
+    """Why ``net`` (called on ``y0``, when given) runs on the generic path; None when it takes
+    the compiled one."""
+    if net.backend == "torch":
+        return "backend='torch'"
+    if net.backend == "auto" and net.dim > AUTO_MAX_WIDTH:
+        return f"width {net.dim} > {AUTO_MAX_WIDTH} (the generic path is faster there)"
+    return plan(net).unsupported or (None if y0 is None else not_applicable(net, y0))
+
+
+def not_applicable(net, y0: torch.Tensor) -> str | None:
+    """Why this call of ``net`` on ``y0`` cannot take the compiled path, whatever the network
+    (None: it can)."""
+    if y0.device.type != "cpu":
+        return f"the input is on {y0.device} (the compiled path is CPU only)"
+    weight = net.blocks[0].F.parameters().__next__()
+    if y0.dtype not in DTYPES or weight.dtype != y0.dtype:
+        return (f"dtypes {y0.dtype} (input) and {weight.dtype} (weights): the compiled path "
+                f"needs both float32 or both float64")
+    if any(block.keep_iterates for block in net.blocks):
+        return "keep_iterates is set (the fixed-point regulariser needs the generic path's iterates)"
+    if torch._C._are_functorch_transforms_active():
+        return "a torch.func transform is active"
+    if y0.numel() == 0:
+        return "the batch is empty"
+    if torch.is_autocast_enabled("cpu"):
+        return "torch.autocast is active"
+    return None
+
+
+class Plan:
+    """What the kernels need of a network that does not change between calls: activation,
+    per-layer stopping rules and backward, per-layer and per-member coefficients; rebuilt only
+    when the blocks change."""
+
+    def __init__(self, blocks):
+        self.blocks = list(blocks)
+        self.key = _key(self.blocks)
+        self.unsupported = unsupported(self.blocks)
+        if self.unsupported is not None:
+            return
+        first = self.blocks[0]
+        self.members = first.members
+        E = self.members or 1
+        self.kind = K.ACTIVATION_CODES[first.F.activation]
+        self.tol = np.array([b.tol for b in blocks], dtype=np.float64)
+        self.max_iters = np.array([b.max_iters for b in blocks], dtype=np.int64)
+        self.lin_tol = np.array([b.lin_tol for b in blocks], dtype=np.float64)
+        self.lin_max_iters = np.array([b.lin_max_iters for b in blocks], dtype=np.int64)
+        self.method = np.array([K.NEUMANN if b.backward == "neumann" else K.DIRECT
+                                for b in blocks], dtype=np.int64)
+        h = np.array([np.broadcast_to(b.h, E) for b in blocks], dtype=np.float64)
+        theta = np.array([np.broadcast_to(b.theta, E) for b in blocks], dtype=np.float64)
+        self.implicit = theta > 0
+        # h(1-theta) and h theta as the generic path rounds them (a double, then the dtype)
+        self._coefficients = {np.dtype(np.float64): (h * (1 - theta), h * theta)}
+        self.coefficients(np.float32)
+        self.solving = self.implicit.any(axis=1)  # layers with a solve (a report)
+        # where each layer's weight and bias live (read there at every call, so a replaced
+        # parameter is seen; nn.Module's attribute lookup would cost more than the kernels)
+        owners = [b.F.linear if self.members is None else b.F for b in self.blocks]
+        self._owners = [owner._parameters for owner in owners]
+
+    def coefficients(self, dtype):
+        dtype = np.dtype(dtype)
+        if dtype not in self._coefficients:
+            c_exp, c_imp = self._coefficients[np.dtype(np.float64)]
+            self._coefficients[dtype] = (c_exp.astype(dtype), c_imp.astype(dtype))
+        return self._coefficients[dtype]
+
+    def parameters(self) -> list[torch.Tensor]:
+        """``[W_0, b_0, W_1, b_1, ...]``, the tensors the gradients go to."""
+        params = []
+        for owned in self._owners:
+            params += (owned["weight"], owned["bias"])
+        return params
+
+
+def _key(blocks):
+    """What a plan depends on: the blocks, their residual functions and settings (read from
+    the instances' dicts: ``nn.Module`` attribute lookup costs more than the kernels)."""
+    return tuple((b, b._modules["F"], b.__dict__["config"]) for b in blocks)
+
+
+def plan(net) -> Plan:
+    """The network's :class:`Plan`, cached on it (rebuilt when a block, its ``F`` or its
+    settings change)."""
+    cached = net.__dict__.get("_compiled_plan")
+    if cached is None or any(a[0] is not b[0] or a[1] is not b[1] or a[2] is not b[2]
+                             for a, b in zip(cached.key, _key(net.blocks))) \
+            or len(cached.key) != len(net.blocks):
+        cached = Plan(net.blocks)
+        net._compiled_plan = cached
+    return cached
+
+
+def trajectory(net, y0: torch.Tensor) -> torch.Tensor:
+    """Every hidden state ``(L + 1, E, B, d)`` of ``net`` (an ensemble, or one network with
+    ``E = 1``) from ``y0`` ``(E, B, d)``, differentiable when grad mode is on."""
+    p = plan(net)
+    params = p.parameters()
+    if torch.is_grad_enabled() and (y0.requires_grad or any(w.requires_grad for w in params)):
+        return _Network.apply(p, y0, *params)
+    with torch.no_grad():
+        return torch.from_numpy(_forward(p, y0, params)[0])
+
+
+def _kernel(name: str, members: int):
+    """The serial or parallel kernel: threads only for several members and when torch may use
+    more than one (a training task runs with one, see irn._parallel)."""
+    parallel = members > 1 and torch.get_num_threads() > 1
+    return getattr(K, f"{name}_{'parallel' if parallel else 'serial'}"), parallel
+
+
+def _run(name, members, *arrays):
+    kernel, parallel = _kernel(name, members)
+    if not parallel:
+        return kernel(*arrays)
+    import numba
+
+    with _PARALLEL:  # numba's thread count is set for this call and restored
+        previous = numba.get_num_threads()
+        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        try:
+            return kernel(*arrays)
+        finally:
+            numba.set_num_threads(previous)
+
+
+def _forward(p: Plan, y0: torch.Tensor, params):
+    """Run the forward kernel and report its statistics to the blocks (warnings, errors);
+    returns ``(Y, saved)``: the states and what the backward needs, as numpy arrays."""
+    L, E = len(p.blocks), p.members or 1
+    dtype = y0.detach().numpy().dtype
+    x = y0.detach().numpy().reshape(E, -1, y0.shape[-1])
+    B, d = x.shape[1:]
+    with torch.no_grad():
+        W = torch.stack(params[0::2]).numpy().reshape(L, E, d, d)
+        bias = torch.stack(params[1::2]).numpy().reshape(L, E, d)
+    Y = np.empty((L + 1, E, B, d), dtype)
+    Y[0] = x
+    Ystar, Fx, Fstar = (np.empty((L, E, B, d), dtype) for _ in range(3))
+    iters = np.zeros((L, E), np.int64)
+    resid = np.zeros((L, E), dtype)
+    fail = np.full((E, 3), -1, np.int64)
+    c_exp, c_imp = p.coefficients(dtype)
+    WT = np.ascontiguousarray(W.transpose(0, 1, 3, 2))
+    _run("forward", E, Y, Ystar, Fx, Fstar, WT, bias, c_exp, c_imp, p.implicit, p.kind, p.tol,
+         p.max_iters, iters, resid, fail)
+    _report(p, "forward", iters, resid, resid <= p.tol[:, None], fail, reversed_order=False)
+    return Y, (Ystar, Fx, Fstar, W)
+
+
+def _report(p: Plan, what: str, iters, resid, converged, fail, reversed_order: bool,
+            stats=None):
+    """Hand each layer's statistics to its block, in the order the generic path solves them
+    (last layer first for the backward), through the block's policy; raise the error the
+    generic path raises first (by layer, iteration, member) when a member failed."""
+    failing = [e for e in range(len(fail)) if fail[e, 0] >= 0]
+    first = None
+    if failing:
+        order = (lambda e: (-fail[e, 0], fail[e, 1], fail[e, 2] != K.SINGULAR, e)) \
+            if reversed_order else (lambda e: (fail[e, 0], fail[e, 1], e))
+        first = min(failing, key=order)
+    layers = range(len(p.blocks) - 1, -1, -1) if reversed_order else range(len(p.blocks))
+    for l in layers:
+        block = p.blocks[l]
+        if first is not None and fail[first, 0] == l:
+            label = block.name if p.members is None else f"{block.name}, member {first}"
+            reason = ("I - J^T is singular (iteration 0)" if fail[first, 2] == K.SINGULAR else
+                      f"non-finite value (NaN or inf) at iteration {fail[first, 1]}")
+            raise SolverError(f"{label}: {what} solve failed: {reason}")
+        record = block._latest
+        if not p.solving[l]:
+            if what == "forward":
+                record.no_solve(False)
+            continue
+        if p.members is None:
+            info = SolveInfo(int(iters[l, 0]), float(resid[l, 0]), bool(converged[l, 0]))
+        else:
+            info = SolveInfo(iters[l].tolist(), resid[l].tolist(), converged[l].tolist())
+        if what == "forward":
+            record.forward(info, None, block.name)
+        else:
+            record.backward(info, stats[l], block.name)
+
+
+class _Network(torch.autograd.Function):
+    """Every hidden state of the network, forward and backward in one compiled call each."""
+
+    @staticmethod
+    def forward(ctx, p: Plan, y0, *params):
+        Y, saved = _forward(p, y0, params)
+        states = torch.from_numpy(Y)
+        ctx.plan, ctx.arrays = p, saved
+        ctx.stats = [block._latest.stats for block in p.blocks]
+        ctx.save_for_backward(states, y0, *params)
+        return states
+
+    @staticmethod
+    def backward(ctx, grad_states):
+        states, y0, *params = ctx.saved_tensors
+        p = ctx.plan
+        if torch.is_grad_enabled():  # a second derivative: the generic path's graph
+            return (None,) + _generic_gradients(p, y0, params, grad_states)
+        Ystar, Fx, Fstar, W = ctx.arrays
+        Y = states.numpy()
+        L, E, B, d = Ystar.shape
+        G = grad_states.detach().contiguous().numpy()
+        dW, db = np.zeros_like(W), np.zeros((L, E, d), Y.dtype)
+        dX = np.empty((E, B, d), Y.dtype)
+        iters = np.zeros((L, E), np.int64)
+        resid = np.zeros((L, E), Y.dtype)
+        converged = np.zeros((L, E), np.bool_)
+        fail = np.full((E, 3), -1, np.int64)
+        c_exp, c_imp = p.coefficients(Y.dtype)
+        _run("backward", E, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, p.implicit, p.kind,
+             p.method, p.lin_tol, p.lin_max_iters, dW, db, dX, iters, resid, converged, fail)
+        _report(p, "backward", iters, resid, converged, fail, reversed_order=True,
+                stats=ctx.stats)
+        shape = (L,) + tuple(params[0].shape)
+        grads = [None] * len(params)  # views, one per layer: [dW_0, db_0, dW_1, ...]
+        grads[0::2] = torch.from_numpy(dW).reshape(shape).unbind(0)
+        grads[1::2] = torch.from_numpy(db).reshape(shape[:-1]).unbind(0)
+        dx = torch.from_numpy(dX).reshape(y0.shape) if ctx.needs_input_grad[1] else None
+        return (None, dx, *grads)
+
+
+def _generic_gradients(p: Plan, y0, params, grad_states):
+    """The gradients of a compiled forward through the generic path, differentiable
+    (``create_graph``): the forward solved again on the generic path."""
+    net_states = [y0 if p.members else y0[0]]
+    for block in p.blocks:
+        net_states.append(block(net_states[-1]))
+    states = torch.stack(net_states)
+    if p.members is None:
+        states = states.unsqueeze(1)
+    wanted = [t for t in (y0, *params) if t.requires_grad]
+    grads = iter(torch.autograd.grad(states, wanted, grad_states, create_graph=True,
+                                     allow_unused=True, materialize_grads=True))
+    return tuple(next(grads) if t.requires_grad else None for t in (y0, *params))
