@@ -24,11 +24,14 @@ except ImportError as err:  # the examples' dependencies: pip install 'irn[examp
     raise missing_extra("irn.claims", err) from err
 
 COLUMNS = ["claim", "setup", "statement", "metric", "estimate", "low", "high", "seeds",
-           "not_converged", "verdict", "figure"]
+           "not_converged", "trained", "runs", "verdict", "figure"]
 VERDICTS = ("holds", "contradicted", "inconclusive")
 #: fewer seeds than this give no verdict (inconclusive), whatever the interval: the percentile
 #: bootstrap of a handful of values is far too narrow (two seeds give two distinct means)
 MIN_SEEDS = 8
+#: a run has finished training when its training loss moved by at most SETTLED (relative)
+#: over its last SETTLED_TAIL share of epochs
+SETTLED, SETTLED_TAIL = 0.01, 0.1
 
 
 @dataclass(frozen=True)
@@ -108,13 +111,14 @@ def verdict(low: float, high: float, side: str, threshold: float) -> str:
     return "inconclusive"
 
 
-def row(claim: str, setup: str, per_seed, *, not_converged: int = 0, figure: str | None = None,
-        seed: int = 0) -> dict:
+def row(claim: str, setup: str, per_seed, *, not_converged: int = 0, trained: int = 0,
+        runs: int = 0, figure: str | None = None, seed: int = 0) -> dict:
     """One row of the claims table: ``claim`` (a key of :data:`CLAIMS`) on ``setup``, from
     the per-seed values ``per_seed`` (NaN seeds, e.g. a loss that overflowed, are left out
-    and so not counted in ``seeds``); ``not_converged`` counts the runs behind the row whose
-    solves did not all converge (kept, and counted); ``figure`` overrides the claim's. With
-    fewer than :data:`MIN_SEEDS` seeds the estimate and interval are given and the verdict is
+    and so not counted in ``seeds``); of the ``runs`` behind the row, ``not_converged`` count
+    those whose solves did not all converge (kept, and counted) and ``trained`` those whose
+    training settled (:func:`settled`); ``figure`` overrides the claim's. With fewer than
+    :data:`MIN_SEEDS` seeds the estimate and interval are given and the verdict is
     ``inconclusive``."""
     choice("claim", claim, CLAIMS)
     spec = CLAIMS[claim]
@@ -128,7 +132,8 @@ def row(claim: str, setup: str, per_seed, *, not_converged: int = 0, figure: str
     return dict(claim=claim, setup=setup, statement=spec.statement,
                 metric=f"{spec.metric} ({spec.side} {spec.threshold:g} claimed)",
                 estimate=estimate, low=low, high=high, seeds=len(values),
-                not_converged=int(not_converged), verdict=result, figure=figure or spec.figure)
+                not_converged=int(not_converged), trained=int(trained), runs=int(runs),
+                verdict=result, figure=figure or spec.figure)
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
@@ -170,14 +175,31 @@ def table(directory) -> pd.DataFrame:
 
 
 def markdown(table: pd.DataFrame, figures_url: str = "figures") -> str:
-    """The claims table in Markdown, each row linking the figure it rests on."""
+    """The claims table in Markdown, each row linking the figure it rests on; a row whose
+    verdict at half the training budget (column ``verdict_half``, when present) differs reads
+    **budget-dependent** instead of a verdict."""
     lines = ["| claim | setup | what is measured (claimed side) | estimate [95% interval] | "
-             "seeds | not converged | verdict |", "|---|---|---|---|---|---|---|"]
+             "seeds | not converged | trained | verdict |", "|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples():
+        half = getattr(r, "verdict_half", r.verdict)
+        shown = (f"**{r.verdict}**" if half == r.verdict
+                 else f"**budget-dependent** ({r.verdict}; {half} at half the budget)")
         lines.append(f"| {r.claim}. [{r.statement}]({figures_url}/{r.figure}.png) | {r.setup} | "
                      f"{r.metric} | {_interval(r)} | {r.seeds} | {r.not_converged} | "
-                     f"**{r.verdict}** |")
+                     f"{r.trained}/{r.runs} | {shown} |")
     return "\n".join(lines) + "\n"
+
+
+def with_half_budget(table: pd.DataFrame, half: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with the verdict of each row at half the training budget (``half``, the
+    table of the same runs trained half as long) as ``verdict_half``; a row missing there
+    keeps its own verdict."""
+    keys = ["claim", "setup"]
+    require(not half.duplicated(keys).any(), "half: (claim, setup) must identify a row")
+    merged = table.merge(half[keys + ["verdict"]].rename(columns={"verdict": "verdict_half"}),
+                         on=keys, how="left")
+    merged["verdict_half"] = merged.verdict_half.fillna(merged.verdict)
+    return merged
 
 
 def compare(first: pd.DataFrame, second: pd.DataFrame, labels=("first", "second")) -> pd.DataFrame:
@@ -212,6 +234,25 @@ def _converged(histories: pd.DataFrame) -> pd.Series:
     return histories.groupby(["depth", "theta", "seed"]).converged.all()
 
 
+def loss_change(history: pd.DataFrame, tail: float = SETTLED_TAIL) -> float:
+    """Relative change of one run's training loss over its last ``tail`` share of epochs:
+    ``|L_last - L_start| / |L_start|``, ``L_start`` the loss ``ceil(tail * epochs)`` epochs
+    before the last (NaN for a non-finite loss)."""
+    losses = history.sort_values("epoch").train_loss.to_numpy()
+    back = min(len(losses) - 1, max(1, int(np.ceil(tail * len(losses)))))
+    start, last = losses[-1 - back], losses[-1]
+    return float(abs(last - start) / abs(start)) if np.isfinite([start, last]).all() and start else float("nan")
+
+
+def settled(histories: pd.DataFrame, by=("depth", "theta", "seed"),
+            tolerance: float = SETTLED) -> pd.Series:
+    """Per run (the groups of ``by``): whether its training loss changed by at most
+    ``tolerance`` (relative) over the last 10% of its epochs (:func:`loss_change`): the
+    budget let it finish training."""
+    changes = histories.groupby(list(by)).apply(loss_change, include_groups=False)
+    return changes <= tolerance
+
+
 def _explicit_minus(values: pd.Series, reduce: str) -> pd.Series:
     """Per seed: the explicit model's value minus ``reduce`` (min, max, median) over the
     implicit ones; ``values`` indexed by (theta, seed)."""
@@ -233,35 +274,38 @@ def function_approximation_rows(histories: pd.DataFrame, setup: str, *, shallow:
     ``figure_suffix`` appended."""
     train = np.log10(_final(histories, "train_loss"))
     val = np.log10(_final(histories, "val_loss"))
-    converged = _converged(histories)
+    converged, trained = _converged(histories), settled(histories)
     rows = []
 
-    def linked(claim, setup, per_seed, not_converged):
-        return row(claim, setup, per_seed, not_converged=not_converged,
-                   figure=CLAIMS[claim].figure + figure_suffix)
+    def linked(claim, setup, per_seed, runs):
+        return row(claim, setup, per_seed, **runs, figure=CLAIMS[claim].figure + figure_suffix)
 
-    def failures(depth, thetas=None):
-        c = converged.loc[depth]
-        return int((~c if thetas is None else ~c.loc[list(thetas)]).sum())
+    def behind(depth, implicit_only=False):
+        """The runs behind a row at ``depth``: how many, unconverged, trained."""
+        c, t = converged.loc[depth], trained.loc[depth]
+        if implicit_only:
+            keep = c.index.get_level_values("theta") > 0
+            c, t = c[keep], t[keep]
+        return dict(not_converged=int((~c).sum()), trained=int(t.sum()), runs=len(c))
 
-    rows.append(linked("1a", setup, _explicit_minus(train.loc[shallow], "min"), failures(shallow)))
-    rows.append(linked("1b", setup, _explicit_minus(val.loc[shallow], "median"), failures(shallow)))
+    rows.append(linked("1a", setup, _explicit_minus(train.loc[shallow], "min"), behind(shallow)))
+    rows.append(linked("1b", setup, _explicit_minus(val.loc[shallow], "median"), behind(shallow)))
     if gains is not None:
-        rows.append(linked("2", setup, _explicit_minus(gains.loc[shallow], "max"), failures(shallow)))
+        rows.append(linked("2", setup, _explicit_minus(gains.loc[shallow], "max"), behind(shallow)))
     if deep in train.index.get_level_values("depth"):
-        rows.append(linked("3a", setup, _explicit_minus(train.loc[deep], "median"), failures(deep)))
+        rows.append(linked("3a", setup, _explicit_minus(train.loc[deep], "median"), behind(deep)))
         grads = histories[[c for c in histories.columns if c.startswith("grad_")]]
         mean_grad = np.log10(histories.assign(g=grads.mean(axis=1))
                              .groupby(["depth", "theta", "seed"]).g.mean())
         rows.append(linked("3b", setup, _explicit_minus(mean_grad.loc[deep], "median"),
-                        failures(deep)))
+                           behind(deep)))
     for depth in (shallow, deep):
         if depth is None or depth not in converged.index.get_level_values("depth"):
             continue
         implicit = converged.loc[depth]
         implicit = implicit[implicit.index.get_level_values("theta") > 0]
         share = implicit.groupby("seed").mean()
-        rows.append(linked("4", f"{setup}, L = {depth}", share, int((~implicit).sum())))
+        rows.append(linked("4", f"{setup}, L = {depth}", share, behind(depth, implicit_only=True)))
     if regularized is not None:
         rows += [r | {"figure": r["figure"] + figure_suffix}
                  for r in _fixed_point_rows(histories, regularized, setup)]
@@ -281,27 +325,31 @@ def _fixed_point_rows(plain: pd.DataFrame, regularized: pd.DataFrame, setup: str
     thetas = sorted({t for _, t, _ in keys})
     label = f"{setup}, R_fp at L = {', '.join(map(str, depths))}, theta in {thetas}"
     both = pd.concat([_converged(plain).loc[keys], _converged(regularized)])
-    not_converged = int((~both).sum())
+    trained = pd.concat([settled(plain).loc[keys], settled(regularized)])
+    runs = dict(not_converged=int((~both).sum()), trained=int(trained.sum()), runs=len(both))
     iteration_change = (iterations(regularized) - iterations(plain).loc[keys]).groupby("seed").mean()
-    loss_change = (np.log10(_final(regularized, "train_loss"))
-                   - np.log10(_final(plain, "train_loss")).loc[keys]).groupby("seed").mean()
-    return [row("5a", label, iteration_change, not_converged=not_converged),
-            row("5b", label, loss_change, not_converged=not_converged)]
+    loss_diff = (np.log10(_final(regularized, "train_loss"))
+                 - np.log10(_final(plain, "train_loss")).loc[keys]).groupby("seed").mean()
+    return [row("5a", label, iteration_change, **runs),
+            row("5b", label, loss_diff, **runs)]
 
 
 def classification_rows(results: pd.DataFrame, setup: str, *, reference="none",
                         figure_suffix: str = "") -> list[dict]:
     """Claim 6 from one row per (variant, seed) with columns ``variant``, ``seed``,
-    ``val_accuracy`` and ``pgd_accuracy`` (fractions) and ``converged``: each variant
-    against ``reference`` (the unregularised ResNet), per seed, in accuracy points. Each row
-    links its claim's figure with ``figure_suffix`` appended."""
+    ``val_accuracy`` and ``pgd_accuracy`` (fractions), ``converged`` and ``trained``
+    (:func:`settled`): each variant against ``reference`` (the unregularised ResNet), per
+    seed, in accuracy points. Each row links its claim's figure with ``figure_suffix``
+    appended."""
     table = results.set_index(["variant", "seed"]).sort_index()
     rows = []
     for variant in [v for v in results.variant.unique() if v != reference]:
-        failures = int((~table.converged.loc[[variant, reference]]).sum())
+        both = table.loc[[variant, reference]]
+        runs = dict(not_converged=int((~both.converged).sum()), trained=int(both.trained.sum()),
+                    runs=len(both))
         for claim, column in (("6a", "val_accuracy"), ("6b", "pgd_accuracy")):
             change = 100 * (table[column].loc[variant] - table[column].loc[reference])
-            rows.append(row(claim, f"{setup}, {variant}", change, not_converged=failures,
+            rows.append(row(claim, f"{setup}, {variant}", change, **runs,
                             figure=CLAIMS[claim].figure + figure_suffix))
     return rows
 
@@ -309,20 +357,20 @@ def classification_rows(results: pd.DataFrame, setup: str, *, reference="none",
 def robustness_rows(summary: pd.DataFrame, setup: str) -> list[dict]:
     """Claim 7 from one row per (theta, regularizer, seed) of one dataset with columns
     ``theta``, ``regularizer`` (``none``/``R_stab``), ``seed``, ``growth`` (mean per-layer
-    growth), ``pgd`` (accuracy, %) and ``converged``."""
+    growth), ``pgd`` (accuracy, %), ``converged`` and ``trained`` (:func:`settled`)."""
     table = summary.set_index(["theta", "regularizer", "seed"]).sort_index()
     low, high = table.index.get_level_values("theta").min(), table.index.get_level_values("theta").max()
 
     def change(column, a, b):
         return table[column].loc[a] - table[column].loc[b]
 
-    def failures(*keys):
-        return int(sum((~table.converged.loc[k]).sum() for k in keys))
+    def behind(*keys):
+        both = pd.concat([table.loc[k] for k in keys])
+        return dict(not_converged=int((~both.converged).sum()), trained=int(both.trained.sum()),
+                    runs=len(both))
 
     plain_low, plain_high = (low, "none"), (high, "none")
-    return [row("7a", setup, change("growth", plain_high, plain_low),
-                not_converged=failures(plain_low, plain_high)),
-            row("7b", setup, change("pgd", plain_high, plain_low),
-                not_converged=failures(plain_low, plain_high)),
+    return [row("7a", setup, change("growth", plain_high, plain_low), **behind(plain_low, plain_high)),
+            row("7b", setup, change("pgd", plain_high, plain_low), **behind(plain_low, plain_high)),
             row("7c", setup, change("pgd", (low, "R_stab"), plain_low),
-                not_converged=failures(plain_low, (low, "R_stab")))]
+                **behind(plain_low, (low, "R_stab")))]

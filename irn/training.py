@@ -30,27 +30,24 @@ MODE_DEPENDENT = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnor
 
 def _mean_abs_gradients(blocks, members: int | None) -> np.ndarray:
     """Mean absolute gradient entry of each block's parameters, shape ``(L,)`` (``(E, L)`` for
-    an ensemble, member by member); one batched reduction and one host transfer."""
-    grads, owner, sizes = [], [], np.zeros(len(blocks))
+    an ensemble, member by member): the gradients joined into one ``(E, N)`` tensor, one
+    reduction per layer's columns on the host (one transfer)."""
+    grads, owner = [], []
+    count = members or 1
     for l, block in enumerate(blocks):
         for p in block.parameters():
             if p.grad is not None:
-                grads.append(p.grad)
-                owner.append(l)
-                sizes[l] += p.grad.numel() // (members or 1)
-    if members is None:
-        if not grads:
-            return np.zeros(len(blocks))
-        with torch.no_grad():
-            l1 = torch.stack(torch._foreach_norm(grads, 1)).cpu().numpy()
-        return np.bincount(owner, weights=l1, minlength=len(blocks)) / np.maximum(sizes, 1)
-    result = np.zeros((members, len(blocks)))
-    if grads:
-        with torch.no_grad():
-            l1 = torch.stack([g.abs().reshape(members, -1).sum(dim=1) for g in grads]).cpu().numpy()
-        for row, l in zip(l1, owner):
-            result[:, l] += row
-    return result / np.maximum(sizes, 1)
+                grads.append(p.grad.reshape(count, -1))
+                owner += [l] * grads[-1].shape[1]
+    if not grads:
+        return np.zeros(len(blocks)) if members is None else np.zeros((members, len(blocks)))
+    with torch.no_grad():
+        flat = torch.cat(grads, dim=1).abs().cpu().numpy()  # (E, N)
+    owner = np.array(owner)
+    sums = np.stack([np.bincount(owner, weights=row, minlength=len(blocks)) for row in flat])
+    sizes = np.bincount(owner, minlength=len(blocks))
+    means = sums / np.maximum(sizes, 1)
+    return means[0] if members is None else means
 
 
 def optimizer_for(parameters, lr: float) -> torch.optim.Adam:
@@ -274,14 +271,15 @@ class _EpochTotals:
         self.reg_loss += reg.detach().cpu().numpy()
         if classify:
             self.correct += (out.detach().argmax(dim=-1) == y).reshape(count, -1).sum(dim=1).cpu().numpy()
-        for l, block in enumerate(blocks):
-            stats = block.last_stats if members else [block.last_stats]
+        stats = [block.last_stats if members else [block.last_stats] for block in blocks]
+        self.fwd += np.array([[s.iterations for s in layer] for layer in stats]).T
+        self.bwd += np.array([[s.backward_iterations or 0 for s in layer] for layer in stats]).T
+        converged = np.array([[s.converged for s in layer] for layer in stats]).all(axis=0)
+        for block in blocks:
             bconv = block.backward_converged  # None until a backward solve ran
-            bconv = [bconv] * count if not isinstance(bconv, list) else bconv
-            for e in range(count):
-                self.fwd[e, l] += stats[e].iterations
-                self.bwd[e, l] += stats[e].backward_iterations or 0
-                self.converged[e] &= stats[e].converged and bconv[e] is not False
+            if bconv is not None:
+                converged &= np.array(bconv if isinstance(bconv, list) else [bconv]) != False  # noqa: E712
+        self.converged &= converged
         self.grad += _mean_abs_gradients(blocks, members)
 
     def row(self, e: int, epoch: int, val: dict, n: int, classify: bool) -> dict:

@@ -1,8 +1,11 @@
 """Collect the claims rows the notebooks saved (FIGURES/claims/*.csv) into FIGURES/claims.csv
 and, if README is given, render them into it between the lines `<!-- claims:begin -->` and
-`<!-- claims:end -->` (`make figures` runs it after the notebooks).
+`<!-- claims:end -->` (`make figures` runs it after the notebooks). With `--half DIR`, the
+rows of the same runs trained half as long (DIR/claims/*.csv, the `half` profile) add each
+row's verdict at half the budget (`verdict_half`); the README then marks rows whose verdict
+differs there as budget-dependent.
 
-    python scripts/claims_table.py figures README.md
+    python scripts/claims_table.py figures README.md --half build/half/figures
 """
 
 import sys
@@ -13,8 +16,12 @@ from irn import claims
 BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
 
 
-def main(figures: str, readme: str | None = None) -> int:
+def main(figures: str, readme: str | None = None, *rest: str) -> int:
     table = claims.table(figures)
+    if rest:
+        if len(rest) != 2 or rest[0] != "--half":
+            sys.exit("usage: claims_table.py FIGURES [README] [--half DIR]")
+        table = claims.with_half_budget(table, claims.table(rest[1]))
     out = Path(figures) / "claims.csv"
     table.to_csv(out, index=False, float_format="%.6g")
     if readme is None:

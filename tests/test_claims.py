@@ -114,19 +114,21 @@ def test_classification_and_robustness_rows():
     rng = np.random.default_rng(0)
     results = pd.DataFrame([dict(variant=v, seed=s, val_accuracy=0.8 + (0.05 if v != "none" else 0)
                                  + 0.01 * rng.standard_normal(), pgd_accuracy=0.5,
-                                 converged=True) for v in ("none", "sigma 0.1") for s in range(10)])
+                                 converged=True, trained=s != 3)
+                            for v in ("none", "sigma 0.1") for s in range(10)])
     a, b = claims.classification_rows(results, "roll")
     assert a["claim"] == "6a" and a["setup"] == "roll, sigma 0.1" and a["verdict"] == "holds"
     assert 3 < a["estimate"] < 7
     assert b["claim"] == "6b" and b["estimate"] == 0 and b["verdict"] == "inconclusive"
+    assert (a["trained"], a["runs"]) == (18, 20)
     summary = pd.DataFrame([dict(theta=t, regularizer=r, seed=s, growth=1.0 - 0.1 * t,
                                  pgd=60.0 + (10 if r == "R_stab" else 0) - 5 * t,
-                                 converged=not (t == 1.0 and s == 0))
+                                 converged=not (t == 1.0 and s == 0), trained=True)
                             for t in (0.0, 1.0) for r in ("none", "R_stab") for s in range(10)])
     growth, pgd, stab = claims.robustness_rows(summary, "spirals")
     assert growth["estimate"] == pytest.approx(-0.1) and growth["verdict"] == "holds"
     assert pgd["estimate"] == pytest.approx(-5.0) and pgd["verdict"] == "contradicted"
-    assert pgd["not_converged"] == 1
+    assert pgd["not_converged"] == 1 and (pgd["trained"], pgd["runs"]) == (20, 20)
     assert stab["estimate"] == pytest.approx(10.0) and stab["verdict"] == "holds"
 
 
@@ -163,3 +165,27 @@ def test_compare_puts_two_tables_side_by_side_and_flags_changed_verdicts():
         claims.compare(short, long, ("a", "a"))
     with pytest.raises(ValueError, match="second: \\(claim, setup\\) must identify a row"):
         claims.compare(short, pd.concat([long, long]), ("first", "second"))
+
+
+def test_loss_change_and_settled_runs():
+    # a loss falling 10% per epoch has not settled; one that is flat over its last 10% has
+    epochs = np.arange(100)
+    falling = pd.DataFrame(dict(epoch=epochs, train_loss=0.9 ** epochs, depth=5, theta=0.0, seed=0))
+    flat = pd.DataFrame(dict(epoch=epochs, train_loss=np.r_[np.linspace(2, 1, 90), np.ones(10)],
+                             depth=5, theta=0.0, seed=1))
+    assert claims.loss_change(falling) == pytest.approx(1 - 0.9 ** 10)
+    assert claims.loss_change(flat) == pytest.approx(abs(1 - np.linspace(2, 1, 90)[-1]) / np.linspace(2, 1, 90)[-1])
+    assert claims.loss_change(flat.assign(train_loss=1.0)) == 0
+    done = claims.settled(pd.concat([falling, flat]))
+    assert list(done) == [False, True]
+
+
+def test_budget_dependent_rows_in_the_markdown():
+    n = claims.MIN_SEEDS
+    full = claims.frame([claims.row("1a", "a", [-1.0, -2.0] * n), claims.row("6a", "b", [1.0, 2.0] * n)])
+    half = claims.frame([claims.row("1a", "a", [-1.0, 1.0] * n), claims.row("6a", "b", [1.0, 3.0] * n)])
+    merged = claims.with_half_budget(full, half)
+    assert list(merged.verdict_half) == ["inconclusive", "holds"]
+    text = claims.markdown(merged)
+    assert "**budget-dependent** (holds; inconclusive at half the budget)" in text
+    assert text.count("budget-dependent") == 1

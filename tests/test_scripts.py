@@ -1,9 +1,11 @@
 """The notebook runner and the profile splitter: bad parameters fail loudly."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,12 +83,21 @@ def test_a_profile_extends_another_parameter_by_parameter(tmp_path):
     assert yaml.safe_load((out / "03_two_spirals.yaml").read_text()) == {"seeds": [0]}
 
 
-def test_the_long_profile_changes_only_the_paper_profiles_budgets():
-    paper, long = (split_params().load(ROOT / "params" / f"{p}.yaml") for p in ("paper", "long"))
-    changed = {(nb, key) for nb in paper for key in paper[nb] if paper[nb][key] != long[nb][key]}
+@pytest.mark.parametrize("profile, factor", [("half", 0.5), ("long", 2.0)])
+def test_the_half_and_long_profiles_scale_only_the_paper_profiles_budgets(profile, factor):
+    paper, other = (split_params().load(ROOT / "params" / f"{p}.yaml") for p in ("paper", profile))
+    changed = {(nb, key) for nb in paper for key in paper[nb] if paper[nb][key] != other[nb][key]}
     assert changed == {("02_function_approximation", "epochs"), ("02_function_approximation", "lr_step"),
                        ("03_two_spirals", "training_settings"), ("04_robustness", "spirals"),
-                       ("04_robustness", "digits")}
+                       ("04_robustness", "digits"), ("04_robustness", "example1")}
+    budgets = [(paper["02_function_approximation"], other["02_function_approximation"])]
+    budgets += [(paper["03_two_spirals"]["training_settings"][d], other["03_two_spirals"]["training_settings"][d])
+                for d in ("swiss_roll", "two_spirals")]
+    budgets += [(paper["04_robustness"][k], other["04_robustness"][k]) for k in ("spirals", "digits", "example1")]
+    for before, after in budgets:  # epochs scaled (rounded up), every other setting kept
+        assert after["epochs"] == math.ceil(factor * before["epochs"])
+        assert {k: v for k, v in after.items() if k not in ("epochs", "lr_step")} == \
+            {k: v for k, v in before.items() if k not in ("epochs", "lr_step")}
 
 
 def test_nbval_references_run_the_current_notebooks():
