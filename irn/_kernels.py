@@ -1,9 +1,13 @@
 """numba kernels of the compiled CPU path (:mod:`irn.compiled`): a whole network of
 ``F_l(y) = act(W_l y + b_l)`` theta-blocks, forward and backward, one call each.
 
-The arrays carry a leading member axis (``E = 1`` for one network): states ``Y[l, e]`` of
-shape ``(B, d)`` for ``l = 0..L``, the solutions ``Ystar[l, e]``, weights ``W[l, e]``
-``(d, d)`` and biases ``bias[l, e]`` ``(d,)``; ``c_exp[l, e] = h(1-theta)``,
+The arrays carry a leading member axis (``E = 1`` for one network) and keep the samples
+last: states ``Y[l, e]`` of shape ``(d, B)`` for ``l = 0..L`` (the transpose of PyTorch's
+``(B, d)``), the solutions ``Ystar[l, e]``, weights ``W[l, e]`` ``(d, d)`` and biases
+``bias[l, e]`` ``(d,)``. With the samples last, the innermost loop of every operation runs
+over the batch, contiguous and long, which the compiler vectorises; each sum keeps the
+order of the ``(B, d)`` loops (over ``j`` for ``W y``, over ``i`` for a norm or ``J^T u``,
+over ``b`` for a parameter gradient), so the layout changes no number. ``c_exp[l, e] = h(1-theta)``,
 ``c_imp[l, e] = h theta`` and ``implicit[l, e]`` (whether the member solves at that layer).
 Members are independent (each stops on its own, as per-member stopping makes them on the
 generic path), so the parallel kernels give each thread whole members. Every loop computes
@@ -30,41 +34,41 @@ NON_FINITE, SINGULAR = 1, 2
 
 
 @njit(cache=True)
-def _affine(WT, bias, y, z):
-    """``z = y W^T + b`` from ``WT = W^T`` (contiguous): the innermost loop runs along a row
-    of ``W^T`` and of ``z``, which the compiler vectorises (a sum over ``j`` in order, for
-    every entry of ``z`` at once)."""
-    B, d = y.shape
-    for b in range(B):
-        for i in range(d):
-            z[b, i] = bias[i]
+def _affine(W, bias, y, z):
+    """``z = W y + b`` for samples in columns: ``z[i] = b_i + sum_j W_ij y[j]`` (the sum over
+    ``j`` in order), a whole row of samples at a time."""
+    d, B = y.shape
+    for i in range(d):
+        bi = bias[i]
+        for b in range(B):
+            z[i, b] = bi
         for j in range(d):
-            yj = y[b, j]
-            for i in range(d):
-                z[b, i] += WT[j, i] * yj
+            w = W[i, j]
+            for b in range(B):
+                z[i, b] += w * y[j, b]
 
 
 @njit(cache=True)
-def _evaluate(WT, bias, y, kind, z, f):
-    """``f = F(y) = act(y W^T + b)`` (``z`` receives the pre-activation). ``relu`` keeps a
+def _evaluate(W, bias, y, kind, z, f):
+    """``f = F(y) = act(W y + b)`` (``z`` receives the pre-activation). ``relu`` keeps a
     NaN, as ``torch.relu`` does."""
-    _affine(WT, bias, y, z)
+    _affine(W, bias, y, z)
     zero, one = z.dtype.type(0), z.dtype.type(1)
-    B, d = y.shape
-    # one loop per activation: no branch inside the loops, which the compiler vectorises
+    d, B = y.shape
+    # one loop per activation: no branch inside the loops
     if kind == RELU:
-        for b in range(B):
-            for i in range(d):
-                v = z[b, i]
-                f[b, i] = v if (v > zero or v != v) else zero
+        for i in range(d):
+            for b in range(B):
+                v = z[i, b]
+                f[i, b] = v if (v > zero or v != v) else zero
     elif kind == TANH:
-        for b in range(B):
-            for i in range(d):
-                f[b, i] = math.tanh(z[b, i])
+        for i in range(d):
+            for b in range(B):
+                f[i, b] = math.tanh(z[i, b])
     elif kind == SIGMOID:
-        for b in range(B):
-            for i in range(d):
-                f[b, i] = one / (one + math.exp(-z[b, i]))
+        for i in range(d):
+            for b in range(B):
+                f[i, b] = one / (one + math.exp(-z[i, b]))
     else:
         f[:, :] = z
 
@@ -75,10 +79,10 @@ def _slope(f, kind, scale, s):
     generic path writes the derivative (``1 - tanh^2``, ``sigma (1 - sigma)``, the indicator
     of ``z > 0``, which is ``f > 0``)."""
     zero, one = f.dtype.type(0), f.dtype.type(1)
-    B, d = f.shape
-    for b in range(B):
-        for i in range(d):
-            v = f[b, i]
+    d, B = f.shape
+    for i in range(d):
+        for b in range(B):
+            v = f[i, b]
             if kind == RELU:
                 slope = one if v > zero else zero
             elif kind == TANH:
@@ -87,20 +91,22 @@ def _slope(f, kind, scale, s):
                 slope = v * (one - v)
             else:
                 slope = one
-            s[b, i] = scale * slope
+            s[i, b] = scale * slope
 
 
 @njit(cache=True)
-def _max_norm(a, b):
-    """``max_b ||a_b - b_b||_2`` (NaN when any entry is not finite)."""
-    B, d = a.shape
+def _max_norm(a, c, acc):
+    """``max_b ||a_b - c_b||_2`` over the sample columns (NaN when any entry is not finite);
+    ``acc`` is a work row of ``B``."""
+    d, B = a.shape
+    acc[:] = 0
+    for i in range(d):
+        for b in range(B):
+            diff = a[i, b] - c[i, b]
+            acc[b] += diff * diff
     largest = a.dtype.type(0)
-    for k in range(B):
-        acc = a.dtype.type(0)
-        for i in range(d):
-            diff = a[k, i] - b[k, i]
-            acc += diff * diff
-        norm = math.sqrt(acc)
+    for b in range(B):
+        norm = math.sqrt(acc[b])
         if not norm <= largest:  # larger, or NaN (which stays)
             largest = norm
             if norm != norm:
@@ -109,79 +115,71 @@ def _max_norm(a, b):
 
 
 @njit(cache=True)
-def _max_row_norm(a):
-    B, d = a.shape
-    largest = a.dtype.type(0)
-    for k in range(B):
-        acc = a.dtype.type(0)
-        for i in range(d):
-            acc += a[k, i] * a[k, i]
-        norm = math.sqrt(acc)
-        if not norm <= largest:
-            largest = norm
-            if norm != norm:
-                return norm
-    return largest
-
-
-@njit(cache=True)
-def _transpose_product(s, u, W, out):
-    """``out = (s * u) W``: ``scale J_F(y)^T u`` per sample for ``s = scale act'(z)``."""
-    B, d = u.shape
-    for b in range(B):
+def _transpose_product(s, u, W, out, su):
+    """``out = W^T (s * u)``: ``scale J_F(y)^T u`` per sample for ``s = scale act'(z)`` (the
+    sum over ``i`` in order); ``su`` is a work row of ``B``."""
+    d, B = u.shape
+    out[:, :] = 0
+    for i in range(d):
+        for b in range(B):
+            su[b] = s[i, b] * u[i, b]
         for j in range(d):
-            out[b, j] = 0
-        for i in range(d):
-            su = s[b, i] * u[b, i]
-            for j in range(d):
-                out[b, j] += su * W[i, j]
+            w = W[i, j]
+            for b in range(B):
+                out[j, b] += su[b] * w
 
 
 @njit(cache=True)
 def _accumulate_parameters(s, v, y, dW, db):
-    """``dW += (s v)^T y``, ``db += sum_b s v``: ``(dF/dW, dF/db)^T (scale v)`` at ``y``."""
-    B, d = y.shape
-    for b in range(B):
-        for i in range(d):
-            sv = s[b, i] * v[b, i]
-            db[i] += sv
-            for j in range(d):
-                dW[i, j] += sv * y[b, j]
+    """``dW += (s v) y^T``, ``db += sum_b s v``: ``(dF/dW, dF/db)^T (scale v)`` at ``y``
+    (each a sum over the samples, in order)."""
+    d, B = y.shape
+    for i in range(d):
+        acc_b = db[i]
+        for b in range(B):
+            acc_b += s[i, b] * v[i, b]
+        db[i] = acc_b
+        for j in range(d):
+            acc = dW[i, j]
+            for b in range(B):
+                acc += (s[i, b] * v[i, b]) * y[j, b]
+            dW[i, j] = acc
 
 
 @njit(cache=True)
-def forward_member(e, Y, Ystar, Fx, Fstar, WT, bias, c_exp, c_imp, implicit, kind, tol,
+def forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
                    max_iters, iters, resid, fail):
     """Member ``e`` through every layer: ``Y[l + 1] = x + h(1-theta)F(x) + h theta F(y*)``,
     ``y*`` by fixed-point iteration from ``x`` (section 2's rule: ``K`` iterations evaluate
     the residuals of ``y^0..y^{K-1}``, ``y* = y^{K-1}``). Keeps ``Fx[l] = F(x)`` and
     ``Fstar[l] = F(y*)`` for the backward (the derivatives of ``act`` follow from them)."""
-    L, B, d = WT.shape[0], Y.shape[2], Y.shape[3]
-    z, y = np.empty((B, d), Y.dtype), np.empty((B, d), Y.dtype)
-    gy, explicit = np.empty((B, d), Y.dtype), np.empty((B, d), Y.dtype)
+    L, d, B = W.shape[0], Y.shape[2], Y.shape[3]
+    z, y = np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype)
+    gy, explicit = np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype)
+    acc = np.empty(B, Y.dtype)
     for l in range(L):
         x, out, fx, fy = Y[l, e], Y[l + 1, e], Fx[l, e], Fstar[l, e]
-        Wl, bl = WT[l, e], bias[l, e]
+        Wl, bl = W[l, e], bias[l, e]
         ce, ci = c_exp[l, e], c_imp[l, e]
         _evaluate(Wl, bl, x, kind, z, fx)
         if not implicit[l, e]:  # the explicit step x + h F(x)
-            for b in range(B):
-                for i in range(d):
-                    out[b, i] = x[b, i] + ce * fx[b, i]
+            for i in range(d):
+                for b in range(B):
+                    out[i, b] = x[i, b] + ce * fx[i, b]
             Ystar[l, e], fy[:, :] = x, fx
             iters[l, e], resid[l, e] = 0, 0
             continue
-        for b in range(B):
-            for i in range(d):
-                explicit[b, i] = x[b, i] + ce * fx[b, i]
-                y[b, i], fy[b, i] = x[b, i], fx[b, i]
+        for i in range(d):
+            for b in range(B):
+                explicit[i, b] = x[i, b] + ce * fx[i, b]
+        y[:, :], fy[:, :] = x, fx
         k = 0
         while True:
-            for b in range(B):
-                for i in range(d):
-                    gy[b, i] = explicit[b, i] + ci * fy[b, i]
+            for i in range(d):
+                for b in range(B):
+                    gy[i, b] = explicit[i, b] + ci * fy[i, b]
             k += 1
-            res = _max_norm(y, gy)
+            res = _max_norm(y, gy, acc)
             if not math.isfinite(res):
                 fail[e, 0], fail[e, 1], fail[e, 2] = l, k, NON_FINITE
                 return
@@ -227,47 +225,71 @@ def _solve_dense(A, rhs, out):
 
 
 @njit(cache=True)
-def _neumann(s, g, W, threshold, cap, v, work):
+def _neumann(s, g, W, threshold, cap, v, work, row):
     """``v`` solving ``(I - J^T) v = g`` by ``v_{k+1} = g + J^T v_k`` from ``v_0 = g``,
     stopping when ``max_b ||v_{k+1} - v_k|| <= threshold`` or at ``cap`` (``v`` keeps the last
     step). Returns ``(iterations, residual)``; a non-finite residual stops it."""
-    B, d = g.shape
+    d, B = g.shape
     v[:, :] = g
     k = 0
     while True:
-        _transpose_product(s, v, W, work)
-        for b in range(B):
-            for i in range(d):
-                work[b, i] += g[b, i]
+        _transpose_product(s, v, W, work, row)
+        for i in range(d):
+            for b in range(B):
+                work[i, b] += g[i, b]
         k += 1
-        res = _max_norm(work, v)
+        res = _max_norm(work, v, row)
         v[:, :] = work
         if not math.isfinite(res) or res <= threshold or k >= cap:
             return k, res
 
 
 @njit(cache=True)
-def _direct(s, g, W, v, work):
+def _direct(s, g, W, v, work, row):
     """``v`` solving ``(I - J^T) v = g`` per sample by a dense solve, and the largest true
     residual ``max_b ||g_b - (I - J^T) v_b||`` (-1 when a system is singular)."""
-    B, d = g.shape
+    d, B = g.shape
     A = np.empty((d, d), g.dtype)
+    rhs, sol = np.empty(d, g.dtype), np.empty(d, g.dtype)
     for b in range(B):
         for j in range(d):  # (I - J^T)[j, i] = delta_ji - W[i, j] s_i
+            rhs[j] = g[j, b]
             for i in range(d):
-                A[j, i] = (1 if i == j else 0) - W[i, j] * s[b, i]
-        if not _solve_dense(A, g[b], v[b]):
+                A[j, i] = (1 if i == j else 0) - W[i, j] * s[i, b]
+        if not _solve_dense(A, rhs, sol):
             return g.dtype.type(-1)
-    _transpose_product(s, v, W, work)  # J^T v
+        for j in range(d):
+            v[j, b] = sol[j]
+    _transpose_product(s, v, W, work, row)  # J^T v
+    for i in range(d):
+        for b in range(B):
+            work[i, b] = g[i, b] - (v[i, b] - work[i, b])
+    row[:] = 0
+    for i in range(d):
+        for b in range(B):
+            row[b] += work[i, b] * work[i, b]
     largest = g.dtype.type(0)
     for b in range(B):
-        acc = g.dtype.type(0)
-        for i in range(d):
-            r = g[b, i] - (v[b, i] - work[b, i])
-            acc += r * r
-        norm = math.sqrt(acc)
+        norm = math.sqrt(row[b])
         if not norm <= largest:
             largest = norm
+    return largest
+
+
+@njit(cache=True)
+def _max_column_norm(a, row):
+    d, B = a.shape
+    row[:] = 0
+    for i in range(d):
+        for b in range(B):
+            row[b] += a[i, b] * a[i, b]
+    largest = a.dtype.type(0)
+    for b in range(B):
+        norm = math.sqrt(row[b])
+        if not norm <= largest:
+            largest = norm
+            if norm != norm:
+                return norm
     return largest
 
 
@@ -278,19 +300,20 @@ def backward_member(e, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, 
     ``l``; per layer ``v`` solves ``(I - h theta J_F(y*)^T) v = g`` (``v = g`` for an explicit
     step), then ``dL/dx = v + h(1-theta) J_F(x)^T v`` and
     ``dL/dw = h [(1-theta) dF(x)/dw + theta dF(y*)/dw]^T v`` (section 3)."""
-    L, B, d = W.shape[0], Y.shape[2], Y.shape[3]
-    s, v, work = np.empty((B, d), Y.dtype), np.empty((B, d), Y.dtype), np.empty((B, d), Y.dtype)
+    L, d, B = W.shape[0], Y.shape[2], Y.shape[3]
+    s, v, work = np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype)
+    row = np.empty(B, Y.dtype)
     g = G[L, e].copy()
     for l in range(L - 1, -1, -1):
         x, Wl = Y[l, e], W[l, e]
         if implicit[l, e]:
-            largest = _max_row_norm(g)
+            largest = _max_column_norm(g, row)
             threshold = lin_tol[l] * (largest if largest > 1 else 1)  # max(1, .), NaN -> 1
             _slope(Fstar[l, e], kind, c_imp[l, e], s)
             if method[l] == NEUMANN:
-                k, res = _neumann(s, g, Wl, threshold, lin_max_iters[l], v, work)
+                k, res = _neumann(s, g, Wl, threshold, lin_max_iters[l], v, work, row)
             else:
-                k, res = 0, _direct(s, g, Wl, v, work)
+                k, res = 0, _direct(s, g, Wl, v, work, row)
                 if res < 0:
                     fail[e, 0], fail[e, 1], fail[e, 2] = l, 0, SINGULAR
                     return
@@ -303,28 +326,28 @@ def backward_member(e, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, 
             v[:, :] = g
         _slope(Fx[l, e], kind, c_exp[l, e], s)
         _accumulate_parameters(s, v, x, dW[l, e], db[l, e])
-        _transpose_product(s, v, Wl, work)
-        for b in range(B):
-            for i in range(d):
-                g[b, i] = v[b, i] + work[b, i] + G[l, e, b, i]
+        _transpose_product(s, v, Wl, work, row)
+        for i in range(d):
+            for b in range(B):
+                g[i, b] = v[i, b] + work[i, b] + G[l, e, i, b]
     dX[e] = g
 
 
 # one call for every member: serially, or one member per thread (members are independent,
 # so both give the same numbers)
 @njit(cache=True)
-def forward_serial(Y, Ystar, Fx, Fstar, WT, bias, c_exp, c_imp, implicit, kind, tol,
+def forward_serial(Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
                    max_iters, iters, resid, fail):
     for e in range(Y.shape[1]):
-        forward_member(e, Y, Ystar, Fx, Fstar, WT, bias, c_exp, c_imp, implicit, kind, tol,
+        forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
                        max_iters, iters, resid, fail)
 
 
 @njit(cache=True, parallel=True)
-def forward_parallel(Y, Ystar, Fx, Fstar, WT, bias, c_exp, c_imp, implicit, kind, tol,
+def forward_parallel(Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
                      max_iters, iters, resid, fail):
     for e in prange(Y.shape[1]):
-        forward_member(e, Y, Ystar, Fx, Fstar, WT, bias, c_exp, c_imp, implicit, kind, tol,
+        forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
                        max_iters, iters, resid, fail)
 
 

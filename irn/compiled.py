@@ -194,7 +194,12 @@ def trajectory(net, y0: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (y0.requires_grad or any(w.requires_grad for w in params)):
         return _Network.apply(p, y0, *params)
     with torch.no_grad():
-        return torch.from_numpy(_forward(p, y0, params)[0])
+        return _states(_forward(p, y0, params)[0])
+
+
+def _states(Y) -> torch.Tensor:
+    """The kernels' states ``(L + 1, E, d, B)`` as PyTorch's ``(L + 1, E, B, d)`` (contiguous)."""
+    return torch.from_numpy(np.ascontiguousarray(Y.transpose(0, 1, 3, 2)))
 
 
 def _kernel(name: str, members: int):
@@ -221,7 +226,8 @@ def _run(name, members, *arrays):
 
 def _forward(p: Plan, y0: torch.Tensor, params):
     """Run the forward kernel and report its statistics to the blocks (warnings, errors);
-    returns ``(Y, saved)``: the states and what the backward needs, as numpy arrays."""
+    returns ``(Y, saved)``: the states and what the backward needs, as numpy arrays with the
+    samples last (``irn._kernels``)."""
     L, E = len(p.blocks), p.members or 1
     dtype = y0.detach().numpy().dtype
     x = y0.detach().numpy().reshape(E, -1, y0.shape[-1])
@@ -229,15 +235,14 @@ def _forward(p: Plan, y0: torch.Tensor, params):
     with torch.no_grad():
         W = torch.stack(params[0::2]).numpy().reshape(L, E, d, d)
         bias = torch.stack(params[1::2]).numpy().reshape(L, E, d)
-    Y = np.empty((L + 1, E, B, d), dtype)
-    Y[0] = x
-    Ystar, Fx, Fstar = (np.empty((L, E, B, d), dtype) for _ in range(3))
+    Y = np.empty((L + 1, E, d, B), dtype)
+    Y[0] = x.transpose(0, 2, 1)
+    Ystar, Fx, Fstar = (np.empty((L, E, d, B), dtype) for _ in range(3))
     iters = np.zeros((L, E), np.int64)
     resid = np.zeros((L, E), dtype)
     fail = np.full((E, 3), -1, np.int64)
     c_exp, c_imp = p.coefficients(dtype)
-    WT = np.ascontiguousarray(W.transpose(0, 1, 3, 2))
-    _run("forward", E, Y, Ystar, Fx, Fstar, WT, bias, c_exp, c_imp, p.implicit, p.kind, p.tol,
+    _run("forward", E, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, p.implicit, p.kind, p.tol,
          p.max_iters, iters, resid, fail)
     _report(p, "forward", iters, resid, resid <= p.tol[:, None], fail, reversed_order=False)
     return Y, (Ystar, Fx, Fstar, W)
@@ -283,8 +288,8 @@ class _Network(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p: Plan, y0, *params):
         Y, saved = _forward(p, y0, params)
-        states = torch.from_numpy(Y)
-        ctx.plan, ctx.arrays = p, saved
+        states = _states(Y)
+        ctx.plan, ctx.arrays = p, (Y,) + saved
         ctx.stats = [block._latest.stats for block in p.blocks]
         ctx.save_for_backward(states, y0, *params)
         return states
@@ -295,12 +300,11 @@ class _Network(torch.autograd.Function):
         p = ctx.plan
         if torch.is_grad_enabled():  # a second derivative: the generic path's graph
             return (None,) + _generic_gradients(p, y0, params, grad_states)
-        Ystar, Fx, Fstar, W = ctx.arrays
-        Y = states.numpy()
-        L, E, B, d = Ystar.shape
-        G = grad_states.detach().contiguous().numpy()
+        Y, Ystar, Fx, Fstar, W = ctx.arrays  # (states is saved for autograd's in-place check)
+        L, E, d, B = Ystar.shape
+        G = np.ascontiguousarray(grad_states.detach().numpy().transpose(0, 1, 3, 2))
         dW, db = np.zeros_like(W), np.zeros((L, E, d), Y.dtype)
-        dX = np.empty((E, B, d), Y.dtype)
+        dX = np.empty((E, d, B), Y.dtype)
         iters = np.zeros((L, E), np.int64)
         resid = np.zeros((L, E), Y.dtype)
         converged = np.zeros((L, E), np.bool_)
@@ -314,7 +318,8 @@ class _Network(torch.autograd.Function):
         grads = [None] * len(params)  # views, one per layer: [dW_0, db_0, dW_1, ...]
         grads[0::2] = torch.from_numpy(dW).reshape(shape).unbind(0)
         grads[1::2] = torch.from_numpy(db).reshape(shape[:-1]).unbind(0)
-        dx = torch.from_numpy(dX).reshape(y0.shape) if ctx.needs_input_grad[1] else None
+        dx = (torch.from_numpy(np.ascontiguousarray(dX.transpose(0, 2, 1))).reshape(y0.shape)
+              if ctx.needs_input_grad[1] else None)
         return (None, dx, *grads)
 
 
