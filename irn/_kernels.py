@@ -245,6 +245,24 @@ def _neumann(s, g, W, threshold, cap, v, work, row):
 
 
 @njit(cache=True)
+def _max_column_norm(a, row):
+    """``max_b ||a_b||_2`` over the sample columns (NaN when any is); ``row``: work of ``B``."""
+    d, B = a.shape
+    row[:] = 0
+    for i in range(d):
+        for b in range(B):
+            row[b] += a[i, b] * a[i, b]
+    largest = a.dtype.type(0)
+    for b in range(B):
+        norm = math.sqrt(row[b])
+        if not norm <= largest:
+            largest = norm
+            if norm != norm:
+                return norm
+    return largest
+
+
+@njit(cache=True)
 def _direct(s, g, W, v, work, row):
     """``v`` solving ``(I - J^T) v = g`` per sample by a dense solve, and the largest true
     residual ``max_b ||g_b - (I - J^T) v_b||`` (-1 when a system is singular)."""
@@ -264,33 +282,7 @@ def _direct(s, g, W, v, work, row):
     for i in range(d):
         for b in range(B):
             work[i, b] = g[i, b] - (v[i, b] - work[i, b])
-    row[:] = 0
-    for i in range(d):
-        for b in range(B):
-            row[b] += work[i, b] * work[i, b]
-    largest = g.dtype.type(0)
-    for b in range(B):
-        norm = math.sqrt(row[b])
-        if not norm <= largest:
-            largest = norm
-    return largest
-
-
-@njit(cache=True)
-def _max_column_norm(a, row):
-    d, B = a.shape
-    row[:] = 0
-    for i in range(d):
-        for b in range(B):
-            row[b] += a[i, b] * a[i, b]
-    largest = a.dtype.type(0)
-    for b in range(B):
-        norm = math.sqrt(row[b])
-        if not norm <= largest:
-            largest = norm
-            if norm != norm:
-                return norm
-    return largest
+    return _max_column_norm(work, row)
 
 
 @njit(cache=True)
