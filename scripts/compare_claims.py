@@ -2,7 +2,7 @@
 the `paper` profile's table with the `long` profile's (the same runs, longer training).
 
     python scripts/compare_claims.py figures/claims.csv build/long/figures/claims.csv \
-        "300/600/300/150/15 epochs" "600/1000/500/300/30 epochs" build/long/compare.md
+        "paper profile" "long profile" figures/claims_long.md
 """
 
 import sys
