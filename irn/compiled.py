@@ -105,7 +105,7 @@ def not_applicable(net, y0: torch.Tensor) -> str | None:
     (None: it can)."""
     if y0.device.type != "cpu":
         return f"the input is on {y0.device} (the compiled path is CPU only)"
-    weight = net.blocks[0].F.parameters().__next__()
+    weight = next(net.blocks[0].F.parameters())
     if y0.dtype not in DTYPES or weight.dtype != y0.dtype:
         return (f"dtypes {y0.dtype} (input) and {weight.dtype} (weights): the compiled path "
                 f"needs both float32 or both float64")

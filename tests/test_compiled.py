@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import irn
-from irn import compiled, experiments, models, regularizers, training
+from irn import compiled, experiments, regularizers, training
 
 pytestmark = pytest.mark.skipif(compiled.kernels() is None, reason="numba (the compiled extra) is not installed")
 DT = torch.float64
