@@ -276,9 +276,9 @@ class _EpochTotals:
         self.bwd += np.array([[s.backward_iterations or 0 for s in layer] for layer in stats]).T
         converged = np.array([[s.converged for s in layer] for layer in stats]).all(axis=0)
         for block in blocks:
-            bconv = block.backward_converged  # None until a backward solve ran
+            bconv = block.backward_converged  # None until a backward solve ran (per member)
             if bconv is not None:
-                converged &= np.array(bconv if isinstance(bconv, list) else [bconv]) != False  # noqa: E712
+                converged &= [ok is not False for ok in (bconv if isinstance(bconv, list) else [bconv])]
         self.converged &= converged
         self.grad += _mean_abs_gradients(blocks, members)
 
