@@ -146,7 +146,6 @@ class Plan:
         self.implicit = theta > 0
         # h(1-theta) and h theta as the generic path rounds them (a double, then the dtype)
         self._coefficients = {np.dtype(np.float64): (h * (1 - theta), h * theta)}
-        self.coefficients(np.float32)
         self.solving = self.implicit.any(axis=1)  # layers with a solve (a report)
         # where each layer's weight and bias live (read there at every call, so a replaced
         # parameter is seen; nn.Module's attribute lookup would cost more than the kernels)
