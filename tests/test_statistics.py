@@ -1,0 +1,134 @@
+"""The claims table's statistics: coverage at ten seeds, exact tests against brute force."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from irn import statistics
+
+N_SEEDS = 10
+
+
+def _pseudo_median(draw, size=2_000_000, seed=7):
+    """The centre the signed-rank interval estimates: the median of (X1 + X2) / 2."""
+    rng = np.random.default_rng(seed)
+    return float(np.median((draw(rng, size) + draw(rng, size)) / 2))
+
+
+DISTRIBUTIONS = {
+    "normal": (lambda rng, size: rng.normal(size=size), 0.0),
+    "t3": (lambda rng, size: rng.standard_t(3, size=size), 0.0),
+    "lognormal": (lambda rng, size: rng.lognormal(size=size), None),  # skewed: computed
+}
+
+
+@pytest.mark.parametrize("name", DISTRIBUTIONS)
+def test_signed_rank_interval_covers_its_centre_at_ten_seeds(name):
+    draw, centre = DISTRIBUTIONS[name]
+    centre = _pseudo_median(draw) if centre is None else centre
+    rng = np.random.default_rng(2026)
+    trials = 3000
+    hits = sum(low <= centre <= high for _, low, high in
+               (statistics.signed_rank_interval(draw(rng, N_SEEDS)) for _ in range(trials)))
+    assert hits / trials >= 0.94, f"{name}: coverage {hits / trials:.3f}"
+
+
+def test_the_percentile_bootstrap_it_replaces_undercovers_at_ten_seeds():
+    # the reason for the change, measured the same way: resampled means of 10 normal values
+    rng = np.random.default_rng(3)
+    hits = 0
+    for _ in range(1000):
+        x = rng.normal(size=N_SEEDS)
+        means = rng.choice(x, (2000, N_SEEDS)).mean(axis=1)
+        low, high = np.quantile(means, [0.025, 0.975])
+        hits += low <= 0 <= high
+    assert hits / 1000 < 0.93
+
+
+def _brute_force_p(d):
+    """Two-sided signed-rank p-value by enumerating every sign pattern (zeros dropped,
+    mid-ranks): the independent reference."""
+    d = np.asarray(d, float)
+    d = d[d != 0]
+    ranks = stats.rankdata(np.abs(d))
+    observed = ranks[d > 0].sum()
+    mean = ranks.sum() / 2
+    sums = np.array([np.dot(ranks, signs) for signs in itertools.product((0, 1), repeat=len(d))])
+    return np.mean(np.abs(sums - mean) >= abs(observed - mean) - 1e-9)
+
+
+@pytest.mark.parametrize("values", [
+    [0.3, -0.1, 0.7, 0.2, 1.1, 0.5, -0.4, 0.9, 0.15, 0.6],
+    [1, 1, 2, -1, 3, 3, 0, 2, 1, -2],                       # ties and a zero: accuracy points
+    [2.0] * 8 + [-2.0, 0.0],
+])
+def test_signed_rank_p_matches_enumeration_of_sign_patterns(values):
+    assert statistics.signed_rank_p(values) == pytest.approx(_brute_force_p(values), abs=1e-12)
+
+
+def test_signed_rank_p_matches_scipy_without_ties_and_against_a_centre():
+    x = np.random.default_rng(5).normal(0.4, 1.0, 12)
+    assert statistics.signed_rank_p(x) == pytest.approx(stats.wilcoxon(x, method="exact").pvalue)
+    assert statistics.signed_rank_p(x, 0.4) == pytest.approx(statistics.signed_rank_p(x - 0.4))
+    assert statistics.signed_rank_p([0.0] * 10) == 1.0
+
+
+def test_interval_and_test_agree_on_untied_data():
+    # the interval is the set of centres the 5% test does not reject
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        x = rng.normal(0.5, 1.0, N_SEEDS)
+        _, low, high = statistics.signed_rank_interval(x)
+        for c in np.linspace(low - 0.5, high + 0.5, 41):
+            if not (np.isclose(c, low) or np.isclose(c, high)):
+                assert (statistics.signed_rank_p(x, c) <= 0.05) == (not low < c < high)
+
+
+def test_hodges_lehmann_estimate_and_small_samples():
+    estimate, low, high = statistics.signed_rank_interval([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    # n = 7: P(T+ <= 2) = 3/128 <= 0.025 < P(T+ <= 3), so k = 3: the 3rd smallest and largest
+    # of the 28 Walsh averages (1, 1.5, 2, 2, ...), by hand
+    assert estimate == 4.0 and low == 2.0 and high == 6.0
+    assert statistics.signed_rank_interval([1.0, 2.0, 3.0]) == (2.0, -math.inf, math.inf)
+    with pytest.raises(ValueError, match="values"):
+        statistics.signed_rank_interval([1.0, np.nan])
+    with pytest.raises(ValueError, match="level"):
+        statistics.signed_rank_interval([1.0, 2.0], level=1.5)
+
+
+def test_clopper_pearson_covers_every_share_exactly():
+    # exact coverage: the probability of the counts whose interval holds the true share
+    n = 40
+    bounds = [statistics.clopper_pearson(k, n) for k in range(n + 1)]
+    for share in np.linspace(0.01, 0.99, 99):
+        coverage = sum(stats.binom.pmf(k, n, share) for k, (_, low, high) in enumerate(bounds)
+                       if low <= share <= high)
+        assert coverage >= 0.95 - 1e-12
+    assert statistics.clopper_pearson(n, n)[1] == pytest.approx(0.025 ** (1 / n))   # closed form
+    assert statistics.clopper_pearson(0, n)[2] == pytest.approx(1 - 0.025 ** (1 / n))
+    with pytest.raises(ValueError, match="successes"):
+        statistics.clopper_pearson(5, 4)
+    assert statistics.binomial_p(40, 40, 0.9) == pytest.approx(stats.binomtest(40, 40, 0.9).pvalue)
+
+
+def test_holm_adjustment_by_hand():
+    adjusted = statistics.holm([0.01, 0.04, 0.03, 0.2])
+    # sorted 0.01, 0.03, 0.04, 0.2 times 4, 3, 2, 1 -> 0.04, 0.09, 0.08 -> 0.09 (monotone), 0.2
+    assert adjusted == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert statistics.holm([0.5]) == pytest.approx([0.5])
+
+
+def test_seeds_needed_gives_the_power_it_promises():
+    rng = np.random.default_rng(1)
+    spread_sample = rng.normal(0.0, 1.0, 200)
+    spread_sample /= spread_sample.std(ddof=1)   # spread 1, as the data simulated below
+    n = statistics.seeds_needed(spread_sample, effect=1.0)
+    assert n == 11     # ((2.26 + 0.88) * 1 / 1)^2 / 0.955 = 10.4 at n = 11
+    power = np.mean([statistics.signed_rank_p(rng.normal(1.0, 1.0, n)) <= 0.05 for _ in range(2000)])
+    assert power >= 0.8
+    assert statistics.seeds_needed([1.0, 1.0, 1.0], effect=1.0) == 6   # 2/2^6 <= 0.05 < 2/2^5
+    with pytest.raises(ValueError, match="effect"):
+        statistics.seeds_needed([1.0, 2.0], effect=0.0)
