@@ -193,35 +193,48 @@ def _by_model(histories: pd.DataFrame):
     return histories.groupby(["depth", "theta"], sort=True)
 
 
-def _per_epoch_grid(histories: pd.DataFrame, quantities: dict, ylabel: str, log: bool):
+def _per_epoch_grid(histories: pd.DataFrame, quantities: dict, ylabel: str, log: bool,
+                    notes: dict | None = None):
     """One row per depth, one column per quantity (``{title: history -> values per epoch}``);
-    one curve per theta, median over seeds with the interquartile band."""
+    one curve per theta, median over seeds with the interquartile band. ``notes``
+    (``{(depth, theta): text}``) are added to the curves' labels, with one legend per row."""
     depths = sorted(histories.depth.unique())
     colors = theta_colors(sorted(histories.theta.unique()))
     fig, axes = plt.subplots(len(depths), len(quantities), figsize=(8, 2.7 * len(depths)),
                              sharex=True, squeeze=False)
     for (depth, theta), group in _by_model(histories):
         seeds = [g for _, g in group.groupby("seed")]
+        label = rf"$\theta = {theta}$" + (f" ({notes[depth, theta]})" if notes else "")
         for col, value in enumerate(quantities.values()):
             _band(axes[depths.index(depth), col], seeds[0].epoch.to_numpy(),
-                  [value(g) for g in seeds], colors[theta], rf"$\theta = {theta}$", log=log)
+                  [value(g) for g in seeds], colors[theta], label, log=log)
     for row, depth in enumerate(depths):
         for col, title in enumerate(quantities):
             axes[row, col].set_title(f"{title}, $L = {depth}$")
         axes[row, 0].set_ylabel(ylabel)
+        if notes:
+            axes[row, -1].legend(frameon=False, loc="upper right", fontsize="small")
     for ax in axes[-1]:
         ax.set_xlabel("epoch")
-    axes[0, -1].legend(frameon=False, loc="upper right")
+    if not notes:
+        axes[0, -1].legend(frameon=False, loc="upper right")
     return fig
 
 
 @_styled
 def losses(histories: pd.DataFrame):
     """Figure 4: training and validation loss per epoch, one panel per depth and loss,
-    median over seeds with the interquartile band."""
+    median over seeds with the interquartile band; each curve's label counts the seeds whose
+    training settled (:func:`irn.claims.settled`: loss within 1% over the last 10% of
+    epochs), so curves still falling at the end are marked."""
+    from .claims import settled
+
+    done = settled(histories)
+    notes = {key: f"{int(runs.sum())}/{len(runs)} settled"
+             for key, runs in done.groupby(["depth", "theta"])}
     return _per_epoch_grid(histories, {"training loss": lambda h: h.train_loss.to_numpy(),
                                        "validation loss": lambda h: h.val_loss.to_numpy()},
-                           "MSE", log=True)
+                           "MSE", log=True, notes=notes)
 
 
 @_styled

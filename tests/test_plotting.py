@@ -126,3 +126,15 @@ def test_losses_draw_the_validation_curve_through_the_measured_epochs_only():
     assert len(train.lines[0].get_xdata()) == 7
     assert list(val.lines[0].get_xdata()) == [3, 6, 7]
     assert list(val.lines[0].get_ydata()) == [2 / 3, 2 / 6, 2 / 7]
+
+
+def test_losses_mark_the_curves_whose_training_has_not_settled():
+    import pandas as pd
+
+    # theta = 0 flat over its last epochs in seeds 0 and 1, still falling in seed 2
+    frame = pd.DataFrame([dict(epoch=e, depth=5, theta=t, seed=s, val_loss=1.0,
+                               train_loss=(1.0 / e if (t == 1.0 or s == 2) else 1.0))
+                          for t in (0.0, 1.0) for s in range(3) for e in range(1, 21)])
+    fig = plotting.losses(frame)
+    labels = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
+    assert labels == [r"$\theta = 0.0$ (2/3 settled)", r"$\theta = 1.0$ (0/3 settled)"]
