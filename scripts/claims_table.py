@@ -1,5 +1,6 @@
 """Collect the claims rows the notebooks saved (FIGURES/claims/*.csv) into FIGURES/claims.csv,
-the values behind them into FIGURES/claims_per_seed.csv and, if README is given, render them into it between the lines `<!-- claims:begin -->` and
+the values behind them (with their row's estimate, interval and verdict) into
+FIGURES/claims_per_seed.csv and, if README is given, render them into it between the lines `<!-- claims:begin -->` and
 `<!-- claims:end -->` (`make figures` runs it after the notebooks). With `--half DIR`, the
 rows of the same runs trained half as long (DIR/claims/*.csv, the `half` profile) add each
 row's verdict at half the budget (`verdict_half`); the README then marks rows whose verdict
@@ -24,8 +25,9 @@ def main(figures: str, readme: str | None = None, *rest: str) -> int:
         table = claims.with_half_budget(table, claims.table(rest[1]))
     out = Path(figures) / "claims.csv"
     table.to_csv(out, index=False, float_format="%.6g")
-    claims.table(figures, per_seed_values=True).to_csv(Path(figures) / "claims_per_seed.csv",
-                                                       index=False, float_format="%.6g")
+    keys, columns = ["claim", "setup"], ["estimate", "low", "high", "p", "p_holm", "seeds", "verdict"]
+    claims.table(figures, per_seed_values=True).merge(table[keys + columns], on=keys).to_csv(
+        Path(figures) / "claims_per_seed.csv", index=False, float_format="%.6g")
     if readme is None:
         print(f"[claims] {len(table)} rows: {out}")
         return 0

@@ -110,7 +110,7 @@ def test_example_1_rows_on_a_case_with_known_answers():
     assert rows["2toy, theta = 1"]["not_converged"] == 4
     assert rows["3atoy"]["estimate"] == pytest.approx(2.0) and rows["3atoy"]["verdict"] == "holds"
     assert rows["3btoy"]["estimate"] == pytest.approx(-2.0) and rows["3btoy"]["verdict"] == "holds"
-    assert rows["3ctoy"]["estimate"] == pytest.approx(0.0) and rows["3ctoy"]["verdict"] == "holds"
+    assert rows["3ctoy"]["estimate"] == pytest.approx(0.0) and rows["3ctoy"]["verdict"] == "equivalent"
     # convergence: at L = 5, 16 of 20 implicit runs; exact bounds cannot put 20 of 20 above 0.9
     r = rows["4toy, L = 5"]
     assert r["estimate"] == pytest.approx(0.8) and r["verdict"] == "inconclusive"
@@ -179,7 +179,7 @@ def test_saved_rows_make_the_table_its_per_seed_values_and_its_markdown(tmp_path
     assert list(table.columns) == claims.COLUMNS and list(table.claim) == ["1a", "5b", "6a"]
     assert list(table.verdict) == ["holds", "equivalent", "holds"]
     values = claims.table(tmp_path, per_seed_values=True)
-    assert len(values) == 30 and values.unit.iloc[0] == "seed 0"
+    assert len(values) == 30 and values.seed.iloc[0] == 0
     assert values[values.claim == "1a"].value.tolist() == (-seeds).tolist()
     text = claims.markdown(table)
     assert "(figures/figure4_losses.png)" in text and "**holds**" in text

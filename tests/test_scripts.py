@@ -237,7 +237,7 @@ def test_claims_table_collects_the_rows_into_the_csv_and_the_readme(tmp_path):
     csv = (figures / "claims.csv").read_text().splitlines()
     assert len(csv) == 3 and csv[0].startswith("claim,setup,")
     values = (figures / "claims_per_seed.csv").read_text().splitlines()
-    assert len(values) == 21 and values[0] == "claim,setup,unit,value"
+    assert len(values) == 21 and values[0].startswith("claim,setup,seed,unit,value,estimate,")
     readme.write_text("no markers\n")
     result = run("scripts/claims_table.py", str(figures), str(readme))
     assert result.returncode != 0 and "claims:begin" in result.stderr
