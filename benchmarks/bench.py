@@ -135,10 +135,10 @@ def methods_for(workload):
     methods = ["explicit", "plain", "irn:fixed_point/neumann", "irn:fixed_point/gmres"]
     if dim <= 16:
         methods.append("irn:fixed_point/direct")
-    methods += ["irn:fixed_point/unrolled", "irn:anderson/neumann", "irn:nonlinear_cg/neumann",
-                "irn:gradient_descent/neumann"]
+    methods += ["irn:fixed_point/unrolled", "irn:anderson/neumann", "irn:broyden/neumann",
+                "irn:nonlinear_cg/neumann", "irn:gradient_descent/neumann"]
     if torchdeq is not None:
-        methods += ["torchdeq:fixed_point_iter", "torchdeq:anderson"]
+        methods += ["torchdeq:fixed_point_iter", "torchdeq:anderson", "torchdeq:broyden"]
     if dim <= irn.compiled.AUTO_MAX_WIDTH:  # wider networks: the generic path is faster
         methods += ["compiled:fixed_point/neumann", "compiled:fixed_point/direct"]
     return methods

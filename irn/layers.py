@@ -46,14 +46,16 @@ POLICIES = ("warn", "raise", "ignore")
 
 @dataclass(frozen=True)
 class SolveConfig:
-    """How a block solves: the forward ``solver`` with its ``solver_options``, the ``backward``
+    """How a block solves: the forward ``solver`` (a name, or a tuple of names tried in order
+    where the previous one did not converge, ``irn.solvers.fallback``) with its
+    ``solver_options`` (for a tuple: ``{name: options}``), the ``backward``
     (``neumann``, ``gmres``, ``direct``, ``unrolled``, ``jacobian_free``), the stopping rules
     ``max_b ||R_b|| <= tol`` within ``max_iters`` (forward) and ``lin_tol``,
     ``lin_max_iters`` (backward; None: the forward's), and the ``on_nonconvergence`` policy.
     Every field is checked here, once, option values included; a block holds one
     (``block.config``), and ``dataclasses.replace`` changes some fields of it."""
 
-    solver: str = "fixed_point"
+    solver: str | tuple = "fixed_point"
     backward: str = "neumann"
     tol: float = 1e-6
     max_iters: int = 50
@@ -63,7 +65,12 @@ class SolveConfig:
     on_nonconvergence: str = "warn"
 
     def __post_init__(self):
-        choice("solver", self.solver, S.FORWARD_SOLVERS)
+        names = (self.solver,) if isinstance(self.solver, str) else self.solver
+        require(isinstance(names, (tuple, list)) and len(names) >= 1
+                and len(set(map(str, names))) == len(names),
+                f"solver must be a solver's name or a tuple of distinct names, got {self.solver!r}")
+        for name in names:
+            choice("solver", name, S.FORWARD_SOLVERS)
         choice("backward", self.backward, BACKWARDS)
         number("tol", self.tol, lambda v: v > 0, "a finite number > 0")
         integer("max_iters", self.max_iters)
@@ -74,10 +81,18 @@ class SolveConfig:
         require(self.solver_options is None or isinstance(self.solver_options, dict),
                 f"solver_options must be a dict or None, got {self.solver_options!r}")
         options = dict(self.solver_options or {})
-        S.check_options(self.solver, options)
+        if isinstance(self.solver, str):
+            S.check_options(self.solver, options)
+        else:
+            require(set(options) <= set(names) and all(isinstance(o, dict) for o in options.values()),
+                    f"solver_options for the solvers {tuple(names)} must map some of their "
+                    f"names to their options, got {self.solver_options!r}")
+            for name, own in options.items():
+                S.check_options(name, own)
         choice("on_nonconvergence", self.on_nonconvergence, POLICIES)
         for name, value in (("tol", float(self.tol)), ("lin_tol", float(lin_tol)),
-                            ("lin_max_iters", lin_max_iters), ("solver_options", options)):
+                            ("lin_max_iters", lin_max_iters), ("solver_options", options),
+                            ("solver", self.solver if isinstance(self.solver, str) else tuple(names))):
             object.__setattr__(self, name, value)  # resolved once, here
 
 
@@ -90,7 +105,8 @@ class ImplicitResidualBlock(nn.Module):
         theta: implicitness in [0, 1]; 0 is the explicit ResNet step (no solve).
         (A sequence of ``E`` values for ``h`` or ``theta`` makes an ensemble block of ``E``
         members: inputs ``(E, B, *)``, per-member stopping and statistics; see the module doc.)
-        solver: forward solver, one of ``irn.solvers.FORWARD_SOLVERS``.
+        solver: forward solver, one of ``irn.solvers.FORWARD_SOLVERS``, or a tuple of them
+            tried in order per layer and member where the previous did not converge.
         backward: one of ``irn.backward.BACKWARDS``: ``neumann``, ``gmres``, ``direct``
             (implicit differentiation), ``unrolled`` (autograd through the iterations),
             ``jacobian_free`` (``v = g``).
@@ -260,10 +276,10 @@ class ImplicitResidualBlock(nn.Module):
         step, evaluate_F = self._fixed_point_map(x, fx, explicit, h_implicit, differentiable)
         record = [] if self.keep_iterates else None
         with torch.set_grad_enabled(differentiable):
+            solve, options = S.resolve(self.solver, self.solver_options)
             y_star, info = S.labelled(
-                self.name, "forward", S.FORWARD_SOLVERS[self.solver], step, x, tol=self.tol,
-                max_iters=self.max_iters, differentiable=differentiable, record=record,
-                active=implicit, **self.solver_options)
+                self.name, "forward", solve, step, x, tol=self.tol, max_iters=self.max_iters,
+                differentiable=differentiable, record=record, active=implicit, **options)
         self._latest.forward(info, record, self.name)
         if not grad_on:
             return step(y_star)

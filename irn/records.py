@@ -52,13 +52,15 @@ class SolveRecord:
         self.iterate_residuals = None if record is None else self._means(record, info)
         self.backward_converged = None
         if self.members is None:
-            self.stats = SolveStats(info.iterations, float(info.residual), info.converged)
+            self.stats = SolveStats(info.iterations, float(info.residual), info.converged,
+                                    solver=info.solver)
             if not info.converged:
                 self._nonconvergence(name, "forward", info.iterations, self.stats.residual)
         else:
             self.stats = self._new_stats()  # explicit members: those of an explicit block
             for e in self.solving:
-                self.stats[e] = SolveStats(info.iterations[e], info.residual[e], info.converged[e])
+                self.stats[e] = SolveStats(info.iterations[e], info.residual[e], info.converged[e],
+                                           solver=None if info.solver is None else info.solver[e])
                 if not info.converged[e]:
                     self._nonconvergence(name, "forward", info.iterations[e], info.residual[e], e)
 

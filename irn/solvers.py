@@ -69,6 +69,7 @@ class SolveStats:
     converged: bool
     backward_iterations: int | None = None
     backward_residual: float | None = None
+    solver: str | None = None  # with a fallback (a tuple of solvers): the one that finished
 
 
 @dataclass
@@ -80,6 +81,7 @@ class SolveInfo:
     iterations: int | list[int]
     residual: Tensor | list[float]
     converged: bool | list[bool]
+    solver: str | list[str] | None = None  # set by a fallback: the solver that finished
 
 
 def per_sample_norm(t: Tensor, lead: int = 1) -> Tensor:
@@ -399,6 +401,127 @@ def anderson(g, y0, *, tol, max_iters, differentiable=False, record=None, active
         plain = ((monitor.norms <= tol).reshape(-1) | (failed != 0)).reshape(monitor.norms.shape)
         plain = plain.reshape(plain.shape + (1,) * (y.dim() - plain.dim()))
         y = monitor.freeze(torch.where(plain, gy, mixed), y)
+
+
+@forward_solver("broyden", memory=integer)
+def broyden(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None, memory=30):
+    """Limited-memory ("good") Broyden method for ``r(y) = g(y) - y = 0``, per sample.
+
+    An approximate inverse Jacobian ``H ~ (dr/dy)^{-1}``, starting at ``H_0 = -I`` (exact
+    when ``h theta F = 0``, so the first step is the fixed-point step), gives the step
+    ``y^{k+1} = y^k - H r(y^k)``; after it ``H`` takes the rank-one update
+    ``H += (dy - H dr) (dy^T H) / (dy^T H dr)`` (Sherman-Morrison form of Broyden's first
+    method; ``dy``, ``dr`` the changes of ``y`` and ``r``), skipped where ``dy^T H dr`` vanishes.
+    ``H = -I + sum_i u_i v_i^T`` keeps its last ``memory`` updates. On a linear ``g`` it
+    converges in at most ``2 n`` steps for ``n`` unknowns per sample, where fixed-point
+    iteration needs ``h theta J_F`` to contract."""
+    monitor, y = _Monitor(tol, max_iters, record, active, y0.device), y0
+    batch = y0.shape[:monitor.lead].numel()
+    us = vs = None  # (B, m, D): the updates u_i and v_i, per sample
+
+    def times_h(x, transpose=False):  # H x (or H^T x) for x of shape (B, D)
+        if us is None:
+            return -x
+        left, right = (vs, us) if transpose else (us, vs)
+        return -x + (left.transpose(1, 2) @ (right @ x.unsqueeze(-1))).squeeze(-1)
+
+    r = g(y) - y
+    while True:
+        if monitor.done(r):
+            return y, monitor.info()
+        flat = r.reshape(batch, -1)
+        y_next = monitor.freeze(y - times_h(flat).reshape(y.shape), y)
+        r_next = g(y_next) - y_next
+        dy, dr = (y_next - y).reshape(batch, -1), (r_next - r).reshape(batch, -1)
+        h_dr, v = times_h(dr), times_h(dy, transpose=True)
+        denom = (v * dr).sum(dim=-1, keepdim=True)  # dy^T H dr
+        usable = denom.abs() > torch.finfo(y.dtype).eps * (dy.norm(dim=-1, keepdim=True)
+                                                            * h_dr.norm(dim=-1, keepdim=True))
+        u = torch.where(usable, (dy - h_dr) / torch.where(usable, denom, 1), 0)
+        v = torch.where(usable, v, 0)  # a frozen member (dy = 0) or a degenerate step: no update
+        us = u.unsqueeze(1) if us is None else torch.cat([us, u.unsqueeze(1)], dim=1)[:, -memory:]
+        vs = v.unsqueeze(1) if vs is None else torch.cat([vs, v.unsqueeze(1)], dim=1)[:, -memory:]
+        y, r = y_next, r_next
+
+
+class _Lowest:
+    """Wraps the map ``g`` of a solve to remember, per member (one network: one), the
+    evaluated point with the lowest residual ``max_b ||y - g(y)||`` and that residual, on the
+    device (no host transfer)."""
+
+    def __init__(self, g: Callable, lead: int):
+        self.g, self.lead = g, lead
+        self.y = self.value = None
+
+    def __call__(self, y: Tensor) -> Tensor:
+        gy = self.g(y)
+        norms = per_sample_norm((y - gy).detach(), self.lead)
+        value = norms.amax(dim=-1)  # () or (E,)
+        if self.value is None:
+            self.y, self.value = y, value
+        else:
+            better = value < self.value
+            self.y = torch.where(_as_column(better, y) if self.lead == 2 else better, y, self.y)
+            self.value = torch.where(better, value, self.value)
+        return gy
+
+
+def fallback(names: tuple[str, ...], options: dict) -> Callable:
+    """A forward solver that tries the solvers ``names`` in order (a block's
+    ``solver=("fixed_point", "anderson")``): each gets ``max_iters`` iterations, per layer and
+    per member, and starts where the previous one did not meet ``tol`` from the lowest-residual
+    point evaluated so far; a member stops with the first solver that converges. If none
+    does, the lowest-residual point is returned with its residual. ``SolveInfo.solver`` names
+    the solver that finished (the last one tried where none converged), per member;
+    iterations add up over the solvers tried. ``options`` maps a solver's name to its
+    options."""
+    def solve(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None):
+        ensemble = active is not None
+        lowest = _Lowest(g, 2 if ensemble else 1)
+        if not ensemble:
+            iterations = 0
+            for name in names:
+                y, info = FORWARD_SOLVERS[name](lowest, y0, tol=tol, max_iters=max_iters,
+                                                differentiable=differentiable, record=record,
+                                                **options.get(name, {}))
+                iterations += info.iterations
+                if info.converged:
+                    return y, SolveInfo(iterations, info.residual, True, name)
+                y0 = lowest.y
+            return lowest.y, SolveInfo(iterations, lowest.value, False, names[-1])
+        members = len(active)
+        running = [bool(a) for a in active]
+        counts, residuals = [0] * members, [0.0] * members
+        converged, finished = [not r for r in running], [names[0]] * members
+        done = None  # the converged members' iterates
+        for name in names:
+            y, info = FORWARD_SOLVERS[name](lowest, y0, tol=tol, max_iters=max_iters,
+                                            differentiable=differentiable, record=record,
+                                            active=running, **options.get(name, {}))
+            for e in range(members):
+                if running[e]:
+                    counts[e] += info.iterations[e]
+                    residuals[e], converged[e], finished[e] = info.residual[e], info.converged[e], name
+            newly = torch.tensor([r and c for r, c in zip(running, converged)], device=y.device)
+            done = y if done is None else torch.where(_as_column(newly, y), y, done)
+            running = [r and not c for r, c in zip(running, converged)]
+            if not any(running):
+                return done, SolveInfo(counts, residuals, converged, finished)
+            y0 = torch.where(_as_column(torch.tensor(running, device=y.device), y), lowest.y, done)
+        best = lowest.value.tolist()
+        for e in range(members):
+            if running[e]:
+                residuals[e] = best[e]
+        return y0, SolveInfo(counts, residuals, converged, finished)
+    return solve
+
+
+def resolve(solver, options: dict) -> tuple[Callable, dict]:
+    """The forward solver a block calls for its ``solver`` setting (a name, or a tuple of
+    names tried in order: :func:`fallback`) and the options to call it with."""
+    if isinstance(solver, str):
+        return FORWARD_SOLVERS[solver], options
+    return fallback(tuple(solver), options), {}
 
 
 # ------------------------------------------------------------------------------ linear solvers

@@ -12,7 +12,8 @@ import irn
 
 SOLVER_CASES = [("fixed_point", None), ("gradient_descent", None), ("anderson", None),
                 ("nonlinear_cg", {"variant": "polak_ribiere"}),
-                ("nonlinear_cg", {"variant": "fletcher_reeves"})]
+                ("nonlinear_cg", {"variant": "fletcher_reeves"}), ("broyden", {}),
+                ("broyden", {"memory": 2})]
 IMPLICIT_BACKWARDS = ["neumann", "gmres", "direct"]
 
 
@@ -630,7 +631,8 @@ def test_solver_options_are_read_from_each_solvers_signature():
 
     assert solvers.SOLVER_OPTIONS == {"fixed_point": (), "gradient_descent": ("step_size",),
                                       "nonlinear_cg": ("variant",),
-                                      "anderson": ("memory", "regularization")}
+                                      "anderson": ("memory", "regularization"),
+                                      "broyden": ("memory",)}
     for name, solver in solvers.FORWARD_SOLVERS.items():  # the block passes the rest itself
         parameters = list(inspect.signature(solver).parameters)
         assert parameters[:len(solvers.SOLVER_ARGUMENTS)] == list(solvers.SOLVER_ARGUMENTS), name

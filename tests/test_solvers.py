@@ -71,7 +71,7 @@ def test_direct_on_a_singular_system_raises_solver_error_naming_the_block():
 
 def test_registries_are_consistent():
     assert set(S.FORWARD_SOLVERS) == set(S.SOLVER_OPTIONS) == {
-        "fixed_point", "gradient_descent", "nonlinear_cg", "anderson"}
+        "fixed_point", "gradient_descent", "nonlinear_cg", "anderson", "broyden"}
     from irn.backward import BACKWARDS
 
     assert set(S.LINEAR_SOLVERS) < set(BACKWARDS)
@@ -179,3 +179,109 @@ def test_determinism_bitwise(solver):
     (a, ga), (b, gb) = run(), run()
     assert torch.equal(a, b)
     assert all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+# ------------------------------------------------------------------ Broyden and fallback
+
+def _expanding_block(solver, dim=4, scale=-1.5, **kwargs):
+    """A linear block (h = theta = 1, F(y) = W y + b) whose fixed-point map expands:
+    W = scale I + small noise, so fixed-point iteration diverges for |scale| > 1 while
+    y* = (I - W)^{-1} (x + b) exists."""
+    F = torch.nn.Linear(dim, dim, dtype=torch.float64)
+    noise = torch.randn(dim + 1, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        F.weight.copy_(scale * torch.eye(dim, dtype=torch.float64) + 0.05 * noise[:dim])
+        F.bias.copy_(noise[dim])
+    return irn.ImplicitResidualBlock(F, 1.0, 1.0, solver=solver, tol=1e-10, max_iters=30,
+                                     on_nonconvergence="ignore", **kwargs), F
+
+
+def _exact(F, x):
+    eye = torch.eye(F.weight.shape[0], dtype=x.dtype)
+    return torch.linalg.solve(eye - F.weight, (x + F.bias).T).T
+
+
+def test_broyden_converges_where_fixed_point_diverges():
+    x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    plain, _ = _expanding_block("fixed_point")
+    plain(x)
+    assert not plain.last_stats.converged and plain.last_stats.residual > 1e3
+    block, F = _expanding_block("broyden")
+    with torch.no_grad():
+        y = block(x)
+    stats = block.last_stats
+    assert stats.converged and stats.iterations <= 2 * 4 + 1   # linear: at most 2n steps
+    assert torch.allclose(y, _exact(F, x), atol=1e-9)
+    with pytest.raises(ValueError, match="solver_options\\['memory'\\]"):
+        irn.ImplicitResidualBlock(F, 1.0, 1.0, solver="broyden", solver_options={"memory": 0})
+
+
+def test_fallback_tries_the_next_solver_from_the_lowest_residual_point():
+    x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    block, F = _expanding_block(("fixed_point", "broyden"))
+    with torch.no_grad():
+        y = block(x)
+    stats = block.last_stats
+    assert stats.converged and stats.solver == "broyden"
+    assert 30 < stats.iterations <= 30 + 9     # the first solver's 30, then Broyden's
+    assert torch.allclose(y, _exact(F, x), atol=1e-9)
+    # where the first converges, it finishes
+    easy, _ = _expanding_block(("fixed_point", "broyden"), scale=0.3)
+    easy(x)
+    assert easy.last_stats.converged and easy.last_stats.solver == "fixed_point"
+
+
+def test_fallback_returns_the_lowest_residual_point_when_every_solver_fails():
+    x = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    # both diverge from x: the lowest residual evaluated is that of the start, y = x
+    block, F = _expanding_block(("fixed_point", "gradient_descent"), scale=-3.0)
+    with torch.no_grad():
+        y = block(x)
+    stats = block.last_stats
+    assert not stats.converged and stats.solver == "gradient_descent" and stats.iterations == 60
+    # the output is g(y*) = x + F(y*) (h = theta = 1), here with y* = x
+    assert torch.equal(y, x + F(x))
+    assert stats.residual == pytest.approx(float(F(x).norm(dim=1).max()), rel=1e-12)
+    # on_nonconvergence applies once, after the last solver
+    strict, _ = _expanding_block(("fixed_point", "gradient_descent"), scale=-3.0)
+    strict = strict.with_settings(on_nonconvergence="raise")
+    with pytest.raises(irn.SolverError, match="forward solve did not converge in 60 iterations"):
+        strict(x)
+    rescued = _expanding_block(("fixed_point", "broyden"))[0].with_settings(on_nonconvergence="raise")
+    rescued(x)   # the first fails, the second converges: no error
+
+
+def test_fallback_per_member_of_an_ensemble():
+    from irn.models import StackedLinear
+
+    x = torch.randn(2, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    solos = [_expanding_block(("fixed_point", "broyden"), scale=s)[0] for s in (0.3, -1.5)]
+    ensemble = irn.ImplicitResidualBlock(
+        StackedLinear([b.F for b in solos]), (1.0, 1.0), (1.0, 1.0), solver=("fixed_point", "broyden"),
+        tol=1e-10, max_iters=30, on_nonconvergence="ignore")
+    with torch.no_grad():
+        out = ensemble(x)
+    first, second = ensemble.last_stats
+    assert (first.solver, second.solver) == ("fixed_point", "broyden")
+    assert first.converged and second.converged and first.iterations < 30 < second.iterations
+    for e, block in enumerate(solos):
+        with torch.no_grad():
+            assert torch.allclose(out[e], block(x[e]), atol=1e-9)
+        assert (block.last_stats.iterations, block.last_stats.solver) == \
+            (ensemble.last_stats[e].iterations, ensemble.last_stats[e].solver)
+
+
+def test_fallback_settings_are_checked_at_construction():
+    F = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        irn.ImplicitResidualBlock(F, solver=("fixed_point", "newton"))
+    with pytest.raises(ValueError, match="tuple of distinct names"):
+        irn.ImplicitResidualBlock(F, solver=("anderson", "anderson"))
+    with pytest.raises(ValueError, match="must map some of their names"):
+        irn.ImplicitResidualBlock(F, solver=("fixed_point", "anderson"), solver_options={"memory": 3})
+    with pytest.raises(ValueError, match="solver_options\\['memory'\\]"):
+        irn.ImplicitResidualBlock(F, solver=("fixed_point", "anderson"),
+                                  solver_options={"anderson": {"memory": -1}})
+    block = irn.ImplicitResidualBlock(F, solver=["fixed_point", "anderson"],
+                                      solver_options={"anderson": {"memory": 3}})
+    assert block.solver == ("fixed_point", "anderson")
