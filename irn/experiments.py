@@ -61,7 +61,8 @@ def build_model(model: str, seed: int, dtype=torch.float64, **model_kwargs) -> I
 
 # settings in which jobs of one ensemble may differ: the rest must be equal
 MEMBER_MODEL_SETTINGS = ("theta",)
-MEMBER_TRAIN_SETTINGS = ("stab_weight", "stab_sigma", "stab_beta", "fp_weight", "fp_alpha")
+MEMBER_TRAIN_SETTINGS = ("stab_weight", "stab_sigma", "stab_beta", "fp_weight", "fp_alpha",
+                         "jac_weight")
 
 
 def _check_job(job: dict) -> None:

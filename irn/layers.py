@@ -118,7 +118,8 @@ class ImplicitResidualBlock(nn.Module):
     After a forward, ``last_stats`` holds the solve's :class:`irn.SolveStats`; the backward
     fills in its backward fields. With ``keep_iterates = True`` the forward also records the
     differentiable residual norms of the iterates (``iterate_residuals``) for
-    :func:`irn.regularizers.fixed_point`.
+    :func:`irn.regularizers.fixed_point`; with ``keep_solution = True`` it keeps its output
+    (``solution``) for :func:`irn.regularizers.jacobian`.
     """
 
     def __init__(self, F: nn.Module, h: float = 1.0, theta: float = 0.5, *,
@@ -145,6 +146,7 @@ class ImplicitResidualBlock(nn.Module):
         self.h, self.theta = h, theta
         self.name = "block"  # ImplicitResNet renames its blocks "block 0", "block 1", ...
         self.keep_iterates = False
+        self.keep_solution = False
         self._latest = SolveRecord(members, theta if members else (theta,), on_nonconvergence)
         self._checked_shape = False
         self._columns = None  # an ensemble's per-member coefficients, built at the first call
@@ -172,6 +174,7 @@ class ImplicitResidualBlock(nn.Module):
                                       block_kwargs.get("theta", self.theta),
                                       **dataclasses.asdict(config))
         block.name, block.keep_iterates = self.name, self.keep_iterates
+        block.keep_solution = self.keep_solution
         return block
 
     # the solver settings, read from the block's SolveConfig
@@ -255,8 +258,20 @@ class ImplicitResidualBlock(nn.Module):
                 self.name, functools.partial(self._latest.backward, name=self.name)))
         return self._adjoint_of[1]
 
+    @property
+    def solution(self) -> torch.Tensor | None:
+        """The output of the latest forward (``y*`` of an implicit block, within ``tol``; on
+        the autograd graph), for :func:`irn.regularizers.jacobian`; None unless
+        ``keep_solution`` was set."""
+        return self._latest.solution
+
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._solve(x)
+        self._latest.solution = out if self.keep_solution else None
+        return out
+
+    def _solve(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         h_explicit, h_implicit, implicit = self._coefficients(x)
         if x.numel() == 0:  # an empty batch: nothing to solve, an empty output

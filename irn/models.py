@@ -242,7 +242,11 @@ class ImplicitResNet(nn.Module):
             return None
         reason = compiled.reason(self, y0)
         if reason is None:
-            return compiled.trajectory(self, y0 if self.members else y0.unsqueeze(0))
+            states = compiled.trajectory(self, y0 if self.members else y0.unsqueeze(0))
+            for l, block in enumerate(self.blocks):  # what each block keeps on the generic path
+                block._latest.solution = ((states[l + 1] if self.members else states[l + 1, 0])
+                                          if block.keep_solution else None)
+            return states
         require(self.backend != "compiled", f"backend='compiled' cannot run this call: {reason}")
         return None
 
@@ -291,6 +295,7 @@ class ImplicitResNet(nn.Module):
                                           h=[b.h for b in layer], theta=[b.theta for b in layer],
                                           **layer[0].settings)
             block.keep_iterates = any(b.keep_iterates for b in layer)
+            block.keep_solution = any(b.keep_solution for b in layer)
             blocks.append(block)
         require(len(backends) == 1, f"backend differs between the networks: {backends}")
         return cls._from_blocks(first.dim, blocks, first.backend)
@@ -310,7 +315,7 @@ class ImplicitResNet(nn.Module):
         for block in self.blocks:
             single = ImplicitResidualBlock(block.F.member(e), block.h[e], block.theta[e],
                                            **block.settings)
-            single.keep_iterates = block.keep_iterates
+            single.keep_iterates, single.keep_solution = block.keep_iterates, block.keep_solution
             blocks.append(single)
         return self._from_blocks(self.dim, blocks, self.backend)
 
@@ -323,6 +328,16 @@ class ImplicitResNet(nn.Module):
     def keep_iterates(self, value: bool) -> None:
         for block in self.blocks:
             block.keep_iterates = bool(value)
+
+    @property
+    def keep_solutions(self) -> bool:
+        """Whether the blocks keep their latest outputs (for ``irn.regularizers.jacobian``)."""
+        return all(block.keep_solution for block in self.blocks)
+
+    @keep_solutions.setter
+    def keep_solutions(self, value: bool) -> None:
+        for block in self.blocks:
+            block.keep_solution = bool(value)
 
     def _check_input(self, y0):
         members = self.blocks[0].members

@@ -24,12 +24,12 @@ class SolveRecord:
     # a plain object with slots: nn.Module's own __setattr__ is slow enough to show in a
     # 100-layer network's training step
     __slots__ = ("members", "solving", "policy", "stats", "iterate_residuals",
-                 "backward_converged", "_unsolved")
+                 "backward_converged", "solution", "_unsolved")
 
     def __init__(self, members: int | None, theta, policy: str):
         self.members, self.policy = members, policy
         self.solving = [None] if members is None else [e for e, t in enumerate(theta) if t > 0]
-        self.stats = self.iterate_residuals = self.backward_converged = None
+        self.stats = self.iterate_residuals = self.backward_converged = self.solution = None
         self._unsolved = None  # the statistics of a forward without a solve, made once
 
     def _new_stats(self):

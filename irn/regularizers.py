@@ -1,4 +1,5 @@
-"""The two regularisers of the paper (section 2.2; reconstructed in docs/design.md, section 4).
+"""The two regularisers of the paper (section 2.2; reconstructed in docs/design.md, section 4)
+and the Jacobian regulariser of the equilibrium-model literature.
 
 On an ensemble (``irn.ImplicitResNet.stack``) each returns one value per member, shape
 ``(E,)``, and its settings (``alpha``, ``sigma``, ``beta``) may be a float or one float per
@@ -128,3 +129,52 @@ def perturbation(net, y0: torch.Tensor, sigma: float, beta: float, streams: int,
     if return_output:
         return value, output
     return value
+
+
+def jacobian(model, probes: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Jacobian regulariser, Hutchinson's estimate of the mean squared Frobenius norm of the
+    residual functions' Jacobians at the latest forward's solutions::
+
+        R_J = (1/L) sum_l mean_b (1/K) sum_k ||eps_k^T J_{F_l}(y*_l,b)||^2
+            ~ (1/L) sum_l mean_b ||J_{F_l}(y*_l,b)||_F^2
+
+    with ``K = probes`` Rademacher vectors ``eps_k`` (entries +-1, so ``E[eps eps^T] = I`` and
+    each term's expectation is exactly ``||J||_F^2``) drawn from ``generator`` (on an
+    ensemble, one generator per member draws that member's vectors as its solo run would). Small
+    ``||J_F||`` keeps ``h theta J_F`` a contraction, so fixed-point solves keep converging.
+    ``y*_l`` is block ``l``'s output (its fixed point within ``tol``), kept when
+    ``net.keep_solutions = True`` was set before the forward (``ValueError`` otherwise);
+    ``model`` is an ``ImplicitResNet`` or a model with one as ``.net``. Differentiable in the
+    parameters, directly and through ``y*_l`` (the implicit backward). On an ensemble:
+    shape ``(E,)``, each member's own value.
+    """
+    net = getattr(model, "net", model)
+    require(isinstance(probes, int) and not isinstance(probes, bool) and probes >= 1,
+            f"probes must be an int >= 1, got {probes!r}")
+    blocks = list(net.blocks)
+    require(all(block.solution is not None for block in blocks),
+            "no solutions kept: set net.keep_solutions = True and run a forward pass before "
+            "calling irn.regularizers.jacobian")
+    total = 0
+    for block in blocks:
+        y = block.solution
+        lead = 1 if block.members is None else 2
+        with torch.enable_grad():
+            y_in = y if y.requires_grad else y.detach().requires_grad_()
+            fy = block.F(y_in)
+            for _ in range(probes):
+                eps = _rademacher(y, generator)
+                row = torch.autograd.grad(fy, y_in, eps, create_graph=True)[0]  # eps^T J
+                total = total + per_sample_norm(row, lead).pow(2).mean(dim=-1)
+    return total / (probes * len(blocks))
+
+
+def _rademacher(like: torch.Tensor, generator) -> torch.Tensor:
+    """Entries +-1 with equal probability, shaped like ``like``; ``generator`` may be one per
+    member of an ensemble (``like`` of shape ``(E, B, dim)``)."""
+    if isinstance(generator, Sequence):
+        require(len(generator) == like.shape[0],
+                f"generator must be one generator or one per member ({like.shape[0]}), "
+                f"got {len(generator)}")
+        return torch.stack([_rademacher(member, g) for member, g in zip(like, generator)])
+    return 2 * (noise(like.shape, like, generator, uniform=True) < 0.5).to(like.dtype) - 1

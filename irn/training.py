@@ -92,11 +92,14 @@ def evaluate(model: ImplicitModel, x: torch.Tensor, y: torch.Tensor, loss: str =
 def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step: int = 300,
           lr_gamma: float = 0.5, loss: str = "mse", batch_size: int | None = None,
           stab_weight=0.0, stab_sigma=0.05, stab_beta=1.0, stab_streams: int = 2,
-          fp_weight=0.0, fp_alpha=0.5, seed=0, val_every: int = 1, device="cpu",
+          fp_weight=0.0, fp_alpha=0.5, jac_weight=0.0, jac_probes: int = 1, seed=0,
+          val_every: int = 1, device="cpu",
           progress: bool = True, desc: str | None = None):
     """Train ``model`` (an :class:`irn.models.ImplicitModel`) with Adam on ``data``.
 
-    Loss: ``data_loss + fp_weight R_fp(alpha) + stab_weight R_stab(sigma, beta, streams)``.
+    Loss: ``data_loss + fp_weight R_fp(alpha) + stab_weight R_stab(sigma, beta, streams)
+    + jac_weight R_J(jac_probes)`` (:func:`irn.regularizers.jacobian`, its probe vectors drawn
+    from the generator that draws R_stab's perturbations).
     The learning rate is multiplied by ``lr_gamma`` every ``lr_step`` epochs. ``batch_size``
     None is full batch (the paper's setting). ``seed`` seeds minibatch order and the
     perturbations of ``R_stab``. ``val_every`` evaluates the validation split after every
@@ -112,7 +115,7 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
     An ensemble (``ImplicitModel.stack``) trains every member as it would train alone: the
     loss is the sum of the members' losses, so each member's gradients and Adam state are its
     own. ``seed`` and the regulariser settings (``stab_weight``, ``stab_sigma``,
-    ``stab_beta``, ``fp_weight``, ``fp_alpha``) may then be one value per member; each member
+    ``stab_beta``, ``fp_weight``, ``fp_alpha``, ``jac_weight``) may then be one value per member; each member
     draws its minibatch order and perturbations from its own seed. Returns one history per
     member.
     """
@@ -125,11 +128,13 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
     seeds = per_member("seed", seed, members)
     regularizer = _Regularizer.of(members, stab_weight=stab_weight, stab_sigma=stab_sigma,
                                   stab_beta=stab_beta, stab_streams=stab_streams,
-                                  fp_weight=fp_weight, fp_alpha=fp_alpha)
+                                  fp_weight=fp_weight, fp_alpha=fp_alpha, jac_weight=jac_weight,
+                                  jac_probes=jac_probes)
     dtype = next(model.parameters()).dtype
     model.to(device)
     data = data.to(device=device, dtype=dtype)
     model.net.keep_iterates = regularizer.fp_on
+    model.net.keep_solutions = regularizer.jac_on
     regularizer = regularizer.on(dtype, device)
     optimizer = optimizer_for(model.parameters(), lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
@@ -170,8 +175,9 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
 @dataclass(frozen=True)
 class _Regularizer:
     """The regularisers of a training run: ``stab_weight * R_stab(stab_sigma, stab_beta,
-    stab_streams) + fp_weight * R_fp(fp_alpha)``, each setting one value or (an ensemble) one
-    per member; the weights as ``(E,)`` tensors once :meth:`on` a dtype and device."""
+    stab_streams) + fp_weight * R_fp(fp_alpha) + jac_weight * R_J(jac_probes)``, each setting
+    one value or (an ensemble) one per member; the weights as ``(E,)`` tensors once :meth:`on`
+    a dtype and device."""
 
     members: int | None
     stab_weight: object
@@ -180,15 +186,18 @@ class _Regularizer:
     stab_streams: int
     fp_weight: object
     fp_alpha: object
+    jac_weight: object
+    jac_probes: int
 
     @classmethod
     def of(cls, members, **settings) -> "_Regularizer":
-        streams = settings.pop("stab_streams")
+        streams, probes = settings.pop("stab_streams"), settings.pop("jac_probes")
+        require(isinstance(probes, int) and probes >= 1, f"jac_probes must be an int >= 1, got {probes!r}")
         values = {name: per_member(name, value, members) for name, value in settings.items()}
-        for name in ("stab_weight", "fp_weight"):
+        for name in ("stab_weight", "fp_weight", "jac_weight"):
             weights = values[name] if members else [values[name]]
             require(all(v >= 0 for v in weights), f"{name} must be >= 0, got {values[name]!r}")
-        return cls(members, stab_streams=streams, **values)
+        return cls(members, stab_streams=streams, jac_probes=probes, **values)
 
     def _weights(self, name):
         return getattr(self, name) if self.members else [getattr(self, name)]
@@ -201,12 +210,16 @@ class _Regularizer:
     def fp_on(self) -> bool:
         return any(w > 0 for w in self._weights("fp_weight"))
 
+    @property
+    def jac_on(self) -> bool:
+        return any(w > 0 for w in self._weights("jac_weight"))
+
     def on(self, dtype, device) -> "_Regularizer":
         if self.members is None:
             return self
         return dataclasses.replace(self, **{name: torch.tensor(getattr(self, name), dtype=dtype,
                                                                device=device)
-                                            for name in ("stab_weight", "fp_weight")})
+                                            for name in ("stab_weight", "fp_weight", "jac_weight")})
 
 
 def _order(n: int, batch_size: int, generators) -> torch.Tensor:
@@ -249,6 +262,9 @@ def _losses(model, x, y, loss_fn, regularizer: _Regularizer, generator):
         y_last = model.net(y0)
     if regularizer.fp_on:
         reg = reg + regularizer.fp_weight * regularizers.fixed_point(model.net, regularizer.fp_alpha)
+    if regularizer.jac_on:
+        reg = reg + regularizer.jac_weight * regularizers.jacobian(
+            model.net, regularizer.jac_probes, generator=generator)
     out = model.readout(y_last)
     data_loss = loss_fn(out, y) if members is None else _member_losses(loss_fn, out, y)
     return data_loss, reg, out
