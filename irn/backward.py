@@ -16,6 +16,8 @@ settings, who solves, and where the statistics go), not the block.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -132,9 +134,13 @@ class ImplicitDifferentiation(Backward):
 
     def adjoint(self, adjoint, y_star, grad, scale, create_graph):
         input_vjp, parameter_vjp = linearize(adjoint.F, y_star, scale, create_graph)
-        v, info = S.labelled(adjoint.name, "backward", S.LINEAR_SOLVERS[self.name], input_vjp,
-                             grad, tol=adjoint.lin_tol, max_iters=adjoint.lin_max_iters,
-                             active=adjoint.implicit)
+        # a backward called under autocast: the linear solver's own arithmetic in full precision
+        device_type = grad.device.type
+        with (torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type)
+              else contextlib.nullcontext()):
+            v, info = S.labelled(adjoint.name, "backward", S.LINEAR_SOLVERS[self.name], input_vjp,
+                                 grad, tol=adjoint.lin_tol, max_iters=adjoint.lin_max_iters,
+                                 active=adjoint.implicit)
         if adjoint.implicit is None:
             return v, parameter_vjp(v), SolveInfo(info.iterations, float(info.residual),
                                                   info.converged)

@@ -290,8 +290,10 @@ class ImplicitResidualBlock(nn.Module):
         explicit = axpy(x, h_explicit, fx)  # x + h(1-theta)F(x), on the graph when wanted
         step, evaluate_F = self._fixed_point_map(x, fx, explicit, h_implicit, differentiable)
         record = [] if self.keep_iterates else None
+        solve, options = S.resolve(self.solver, self.solver_options)
+        if torch.is_autocast_enabled(x.device.type):  # mixed precision: see _under_autocast
+            solve, step = self._under_autocast(solve, step, x.device.type)
         with torch.set_grad_enabled(differentiable):
-            solve, options = S.resolve(self.solver, self.solver_options)
             y_star, info = S.labelled(
                 self.name, "forward", solve, step, x, tol=self.tol, max_iters=self.max_iters,
                 differentiable=differentiable, record=record, active=implicit, **options)
@@ -301,6 +303,28 @@ class ImplicitResidualBlock(nn.Module):
         # one more application of the map at y*, with the backward strategy attached
         return strategy.output(self._adjoint(), explicit, y_star, h_implicit, self._latest.stats,
                                evaluate_F)
+
+    def _under_autocast(self, solve, step, device_type: str):
+        """Mixed precision (``torch.autocast``): ``F`` runs in the low precision the caller
+        asked for, while the solver's own arithmetic (residual norms, Anderson's Gram system,
+        Broyden's updates, the stopping rule) runs with autocast off, in the iterates' dtype
+        (float32 for float32 inputs). A tolerance below the low precision's machine epsilon
+        cannot be met: ``ValueError``."""
+        low = torch.get_autocast_dtype(device_type)
+        eps = torch.finfo(low).eps
+        for name, value in (("tol", self.tol), ("lin_tol", self.lin_tol)):
+            require(value >= eps, f"{self.name}: {name}={value:g} is below what {low} resolves "
+                                  f"under autocast (machine epsilon {eps:.1e}), so the solve "
+                                  f"cannot converge: use {name} >= {eps:.1e}")
+
+        def step_in_low_precision(y):
+            with torch.autocast(device_type, dtype=low):
+                return step(y)
+
+        def solve_in_full_precision(*args, **kwargs):
+            with torch.autocast(device_type, enabled=False):
+                return solve(*args, **kwargs)
+        return solve_in_full_precision, step_in_low_precision
 
     def _fixed_point_map(self, x, fx, explicit, h_implicit, differentiable: bool):
         """``step(y) = x + h(1-theta)F(x) + h theta F(y)`` (``explicit`` holds the first two

@@ -10,7 +10,8 @@ from irn import data, models, training
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 SOLVERS = [("fixed_point", None), ("gradient_descent", None), ("anderson", None),
-           ("nonlinear_cg", {"variant": "fletcher_reeves"}), ("nonlinear_cg", None)]
+           ("nonlinear_cg", {"variant": "fletcher_reeves"}), ("nonlinear_cg", None),
+           ("broyden", None)]
 
 
 @pytest.mark.parametrize("solver,options", SOLVERS)
@@ -104,3 +105,20 @@ def test_auto_runs_cuda_networks_on_the_generic_path_and_compiled_names_the_devi
     torch.testing.assert_close(gpu.cpu(), cpu.detach(), atol=1e-10, rtol=1e-10)
     with pytest.raises(ValueError, match="backend='compiled' cannot run this call: the input is on cuda"):
         net.with_settings(backend="compiled")(x.to("cuda"))
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden"])
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+def test_autocast_on_cuda_keeps_the_solver_in_float32(solver, low):
+    torch.manual_seed(0)
+    net = irn.ImplicitResNet(8, 3, h=0.5, theta=0.5, activation="tanh", solver=solver,
+                             tol=3e-2, max_iters=60).cuda()
+    x = torch.randn(16, 8, device="cuda")
+    with torch.autocast("cuda", dtype=low):
+        out = net(x)
+        out.float().pow(2).sum().backward()
+    reference = irn.ImplicitResNet(8, 3, h=0.5, theta=0.5, activation="tanh", solver=solver,
+                                   tol=1e-6, max_iters=60).cuda()
+    reference.load_state_dict(net.state_dict())
+    assert all(b.last_stats.converged for b in net.blocks)
+    assert torch.allclose(out.float(), reference(x), atol=0.05 * float(out.float().abs().max()))
