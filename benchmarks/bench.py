@@ -641,6 +641,8 @@ def main():
                          f"| | | | |")
 
     lines += ensemble_table(args.min_time, args.min_cycles, args.device, sync)
+    if not args.only_ensembles and args.device == "cpu":
+        lines += regularizer_table(args.min_time, args.min_cycles)
 
     if not (args.quick or args.only_ensembles) and args.device == "cpu":
         explicit, rows = memory_table()
@@ -673,6 +675,42 @@ def main():
     args.output.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwritten to {args.output}")
+
+
+def regularizer_table(min_time, min_cycles, workloads=("W1 example 1, L=20", "W2 spirals")):
+    """Time per training step with the Jacobian regulariser (1 and 4 probes) against the same
+    step without it, on the generic and the compiled path, interleaved."""
+    lines = ["", "## The Jacobian regulariser's cost per training step, float32", "",
+             "`loss + 0.1 * irn.regularizers.jacobian(net, probes)` at the kept solutions; "
+             "ratios to the step without it, measured in the same interleaved calls.", "",
+             "| workload | path | no regulariser | probes = 1 | probes = 4 |",
+             "|---|---|---|---|---|"]
+    for workload in workloads:
+        dim, batch, layers, h, theta, tol = WORKLOADS[workload]
+        x, target = inputs(workload)
+        steps = {}
+        for backend in ("torch", "compiled"):
+            net = irn.ImplicitResNet(dim, layers, h, theta, activation="relu", init="pytorch",
+                                     backend=backend, tol=tol, on_nonconvergence="ignore")
+            net.keep_solutions = True
+            for probes in (0, 1, 4):
+                def step(net=net, probes=probes):
+                    net.zero_grad(set_to_none=True)
+                    loss = torch.nn.functional.mse_loss(net(x), target)
+                    if probes:
+                        loss = loss + 0.1 * irn.regularizers.jacobian(net, probes)
+                    loss.backward()
+                steps[backend, probes] = step
+        samples = interleaved_times(steps, min_time, min_cycles)
+        for backend in ("torch", "compiled"):
+            base = median(samples[backend, 0])
+            cells = [f"{1e3 * base:.2f} ms"] + [
+                f"{1e3 * median(samples[backend, k]):.2f} ms ({median(samples[backend, k]) / base:.2f}x)"
+                for k in (1, 4)]
+            lines.append(f"| {workload} | {'generic' if backend == 'torch' else 'compiled'} | "
+                         + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    return lines
 
 
 def _cpu_name():
