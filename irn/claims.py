@@ -285,7 +285,22 @@ def markdown(table: pd.DataFrame, figures_url: str = "figures") -> str:
                      f"{r.setup} | {r.metric} | {_interval(r)} | {r.p_holm:.2g} | "
                      f"{r.seeds} ({_count(r.seeds_needed)}) | {r.not_converged} | "
                      f"{r.trained}/{r.runs} | {shown} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", seeds_summary(table)]) + "\n"
+
+
+def seeds_summary(table: pd.DataFrame) -> str:
+    """One sentence per claim: how many seeds its rows would need (see :func:`frame`) against
+    the ten they have, so the reader sees which claims more seeds could decide."""
+    parts = []
+    for claim, family in table.groupby("claim", sort=False):
+        needed = family.seeds_needed.dropna()
+        if needed.empty:
+            continue
+        more = int((needed > family.seeds.loc[needed.index]).sum())
+        parts.append(f"{claim}: {int(needed.min())} to {int(needed.max())} "
+                     f"({more} of {len(needed)} rows need more than they have)")
+    return ("Seeds needed for 80% power at each claim's Holm level, per claim (the rows' range): "
+            + "; ".join(parts) + ".")
 
 
 def with_half_budget(table: pd.DataFrame, half: pd.DataFrame) -> pd.DataFrame:

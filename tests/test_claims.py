@@ -185,7 +185,8 @@ def test_saved_rows_make_the_table_its_per_seed_values_and_its_markdown(tmp_path
     assert "(figures/figure4_losses.png)" in text and "**holds**" in text
     assert '["explicit ResNet has the best' in text       # the paper's words, quoted
     assert "[R_fp costs no training loss]" in text        # our reading, not quoted
-    assert text.count("\n") == 5
+    assert text.count("\n") == 7   # header, rule, three rows, a blank line, the seeds needed
+    assert "Seeds needed for 80% power" in text and "1a: 6 to 6 (0 of 1 rows" in text
     assert "-5.5 [" in claims.show(table)
     with pytest.raises(ValueError, match="claims"):
         claims.table(tmp_path / "empty")
