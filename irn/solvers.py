@@ -300,7 +300,8 @@ def check_options(solver: str, options: dict) -> None:
 
 @forward_solver("fixed_point")
 def fixed_point(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None):
-    """Picard iteration ``y^{k+1} = g(y^k)`` (paper eq. 8), i.e.
+    """Picard iteration ``y^{k+1} = g(y^k)`` (paper section 2.1; its eq. 8 is the equivalent
+    minimisation problem that ``gradient_descent`` and ``nonlinear_cg`` solve), i.e.
     ``y^{k+1} = x + h(1-theta) F(x) + h theta F(y^k)`` for the theta-block."""
     monitor, y = _Monitor(tol, max_iters, record, active, y0.device), y0
     while True:
