@@ -198,7 +198,7 @@ def frame(rows: list[dict]) -> pd.DataFrame:
             table.loc[i, "verdict"] = (verdict(r.estimate, r.low, r.high, r.p_holm, claim)
                                        if tested[i] else "inconclusive")
             values = rows[i].get("values") if isinstance(rows, list) else None
-            if values is not None and np.isnan(r.seeds_needed) and claim != "4" and len(values) >= 2:
+            if values is not None and np.isnan(r.seeds_needed) and claim != "4" and tested[i]:
                 spec = CLAIMS[claim]
                 effect = max(abs(r.estimate - spec.threshold), spec.margin)
                 table.loc[i, "seeds_needed"] = (statistics.seeds_needed(
@@ -240,7 +240,7 @@ def _interval(r) -> str:
 
 
 def _count(n) -> str:
-    return "-" if pd.isna(n) else f"{int(n)}"
+    return "-" if pd.isna(n) else f"{int(n)}" if n <= 1000 else ">1000"
 
 
 def save(rows: list[dict], name: str, directory) -> Path:
@@ -393,12 +393,13 @@ def _gradient_ratio(histories: pd.DataFrame, depth: int) -> pd.Series:
 def function_approximation_rows(histories: pd.DataFrame, setup: str, *, shallow: int,
                                 deep: int | None = None, gains: pd.Series | None = None,
                                 regularized: pd.DataFrame | None = None,
-                                figure_suffix: str = "") -> list[dict]:
+                                figure_suffix: str = "", gain_thetas=None) -> list[dict]:
     """Claims 1-5 on Example 1 from the histories of :func:`irn.training.train` (with
     ``depth``, ``theta``, ``seed`` columns; ``theta = 0`` and some ``theta > 0`` at the
     depths ``shallow`` and ``deep``). ``gains``: the log10 gain of a perturbation through
     each trained network (:func:`irn.robustness.perturbation_gain`), indexed by (depth,
-    theta, seed) (claim 2, one row per implicit theta). ``regularized``: histories of models
+    theta, seed) (claim 2, one row per implicit theta, or per theta in ``gain_thetas``).
+    ``regularized``: histories of models
     retrained with R_fp (same keys, a subset of the implicit ones; claim 5). Each row links
     its claim's figure with ``figure_suffix`` appended."""
     train = np.log10(_final(histories, "train_loss"))
@@ -423,7 +424,7 @@ def function_approximation_rows(histories: pd.DataFrame, setup: str, *, shallow:
                        behind(shallow)))
     if gains is not None:
         table = gains.loc[shallow].unstack("theta")
-        for theta in implicit:
+        for theta in implicit if gain_thetas is None else sorted(gain_thetas):
             rows.append(linked("2", f"{setup}, theta = {theta:g}", table[0.0] - table[theta],
                                behind(shallow, (0.0, theta))))
     if deep in train.index.get_level_values("depth"):
@@ -473,7 +474,7 @@ def _fixed_point_rows(plain: pd.DataFrame, regularized: pd.DataFrame, setup: str
         label = f"{setup}, R_fp at L = {depth}, theta = {theta:g}"
         rows.append(row("5a", label, group.droplevel(["depth", "theta"]), **runs))
         ok = both_converged.loc[seeds]
-        if not ok.all():
+        if 0 < ok.sum() < len(ok):
             rows.append(row("5a", f"{label}, converged pairs ({int(ok.sum())})",
                             group[ok.to_numpy()].droplevel(["depth", "theta"]),
                             not_converged=0, trained=int(trained_both.loc[seeds][ok].sum()) * 2,
