@@ -31,9 +31,14 @@ def _outputs(nb) -> str:
     return "\n".join(parts)
 
 
+#: a formula in LaTeX (math holding a letter or a command): a definition, not a result
+FORMULA = re.compile(r"\$\$.*?\$\$|\$[^$]*[A-Za-z\\][^$]*\$", re.S)
+
+
 def quoted_numbers(markdown: str) -> list[str]:
-    """The numbers a markdown text quotes (see :data:`NUMBER`)."""
-    return NUMBER.findall(re.sub(r"arXiv:\s*\d+\.\d+", "", markdown))
+    """The numbers a markdown text quotes (see :data:`NUMBER`), outside formulas and arXiv
+    identifiers."""
+    return NUMBER.findall(FORMULA.sub(" ", re.sub(r"arXiv:\s*\d+\.\d+", "", markdown)))
 
 
 def printed(number: str, text: str) -> bool:
@@ -44,6 +49,8 @@ def printed(number: str, text: str) -> bool:
 def test_quoted_numbers_are_found_as_printed():
     assert quoted_numbers("$+0.27$ decades, 99.5% and 1e-6; seeds 2 and 6; v2.13 (arXiv:1905.10479)") == \
         ["0.27", "99.5", "1e-6"]
+    assert quoted_numbers(r"class 1 is $(r_i + 0.2)$, $[-0.05, +0.67]$, $\sigma = 0.1$") == \
+        ["0.05", "0.67"]
     assert printed("0.27", "estimate +0.27 [") and not printed("0.27", "0.272")
     assert not printed("2.1", "12.1") and printed("2.1", "(2.1,")
 
