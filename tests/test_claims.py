@@ -108,6 +108,7 @@ def test_example_1_rows_on_a_case_with_known_answers():
         r = rows[f"2toy, theta = {theta:g}"]
         assert r["estimate"] == pytest.approx(gap) and r["verdict"] == "holds"
     assert rows["2toy, theta = 1"]["not_converged"] == 4
+    assert "2-maxtoy" not in rows    # the earlier measure agrees: not kept
     assert rows["3atoy"]["estimate"] == pytest.approx(2.0) and rows["3atoy"]["verdict"] == "holds"
     assert rows["3btoy"]["estimate"] == pytest.approx(-2.0) and rows["3btoy"]["verdict"] == "holds"
     assert rows["3ctoy"]["estimate"] == pytest.approx(0.0) and rows["3ctoy"]["verdict"] == "equivalent"
@@ -121,6 +122,22 @@ def test_example_1_rows_on_a_case_with_known_answers():
     r = rows["5btoy, R_fp at L = 5, theta = 0.5"]  # odd seeds 0.05 decades worse: within 0.1
     assert r["estimate"] == pytest.approx(0.025) and r["verdict"] == "equivalent"
     assert not any("converged pairs" in key for key in rows)   # the plain theta = 0.5 runs converged
+
+
+def test_an_earlier_measure_is_kept_only_where_it_alters_the_verdict():
+    seeds, thetas = range(10), (0.0, 0.5, 1.0)
+    train = {(5, t, s): 1e-2 for t in thetas for s in seeds}
+    # explicit minus theta = 0.5: -0.5 in every seed (contradicted); minus theta = 1: +-0.3
+    # alternating (inconclusive); minus the largest: -0.5 everywhere (contradicted)
+    gains = pd.Series({(5, t, s): {0.0: 0.0, 0.5: 0.5, 1.0: 0.3 * (-1) ** s}[t]
+                       for t in thetas for s in seeds})
+    gains.index.names = ["depth", "theta", "seed"]
+    rows = _decided(claims.function_approximation_rows(_histories(train), "toy", shallow=5,
+                                                       gains=gains))
+    assert rows["2toy, theta = 0.5"]["verdict"] == "contradicted"
+    assert rows["2toy, theta = 1"]["verdict"] == "inconclusive"
+    kept = rows["2-maxtoy"]
+    assert kept["estimate"] == pytest.approx(-0.5) and kept["verdict"] == "contradicted"
 
 
 def test_fixed_point_rows_separate_unconverged_pairs():
