@@ -143,7 +143,7 @@ def row(claim: str, setup: str, per_seed, *, not_converged: int = 0, trained: in
     if len(values):
         estimate, low, high = statistics.signed_rank_interval(values.to_numpy(), 1 - ALPHA)
         p = statistics.signed_rank_p(values.to_numpy(), spec.threshold)
-    return _row(claim, setup, spec, estimate, low, high, p, len(values), float("nan"), values,
+    return _row(claim, setup, spec, estimate, low, high, p, len(values), values,
                 not_converged, trained, runs, figure)
 
 
@@ -162,16 +162,16 @@ def share_row(claim: str, setup: str, outcomes, *, not_converged: int = 0, train
     seeds = (outcomes.index.get_level_values("seed").nunique()
              if "seed" in (outcomes.index.names or []) else n)
     return _row(claim, setup, spec, estimate, low, high, statistics.binomial_p(k, n, spec.threshold),
-                seeds, float("nan"), outcomes.astype(float), not_converged, trained, runs, figure)
+                seeds, outcomes.astype(float), not_converged, trained, runs, figure)
 
 
-def _row(claim, setup, spec, estimate, low, high, p, seeds, needed, values, not_converged,
+def _row(claim, setup, spec, estimate, low, high, p, seeds, values, not_converged,
          trained, runs, figure) -> dict:
     return dict(claim=claim, setup=setup, statement=spec.statement, source=spec.source,
                 metric=f"{spec.metric} ({spec.side} {spec.threshold:.3g} claimed"
                        + (f", margin {spec.margin:g})" if spec.margin else ")"),
                 estimate=estimate, low=low, high=high, p=p, p_holm=float("nan"), seeds=seeds,
-                seeds_needed=needed, not_converged=int(not_converged), trained=int(trained),
+                seeds_needed=float("nan"), not_converged=int(not_converged), trained=int(trained),
                 runs=int(runs), verdict="inconclusive", figure=figure or spec.figure,
                 values=values)
 
@@ -486,34 +486,34 @@ def _fixed_point_rows(plain: pd.DataFrame, regularized: pd.DataFrame, setup: str
         return tail.assign(i=tail[columns].mean(axis=1)).groupby(["depth", "theta", "seed"]).i.mean()
 
     keys = regularized.groupby(["depth", "theta", "seed"]).size().index
-    both_converged = _converged(plain).loc[keys] & _converged(regularized).loc[keys]
-    trained_both = settled(plain).loc[keys] & settled(regularized).loc[keys]
+    # per run, once: whether its solves all converged and its training settled, both models
+    converged = [_converged(h).loc[keys] for h in (plain, regularized)]
+    done = [settled(h).loc[keys] for h in (plain, regularized)]
+
+    def behind(runs):
+        """The runs (with and without R_fp) behind a row over the keys ``runs``."""
+        return dict(not_converged=int(sum((~c.loc[runs]).sum() for c in converged)),
+                    trained=int(sum(t.loc[runs].sum() for t in done)), runs=2 * len(runs))
+
     iteration_change = iterations(regularized) - iterations(plain).loc[keys]
     loss_change_ = (np.log10(_final(regularized, "train_loss"))
                     - np.log10(_final(plain, "train_loss")).loc[keys])
     rows = []
     for (depth, theta), group in iteration_change.groupby(["depth", "theta"]):
-        seeds = group.index
-        runs = dict(not_converged=int((~_converged(plain).loc[seeds]).sum()
-                                      + (~_converged(regularized).loc[seeds]).sum()),
-                    trained=int(settled(plain).loc[seeds].sum() + settled(regularized).loc[seeds].sum()),
-                    runs=2 * len(seeds))
+        runs = group.index
         label = f"{setup}, R_fp at L = {depth}, theta = {theta:g}"
-        rows.append(row("5a", label, group.droplevel(["depth", "theta"]), **runs))
-        ok = both_converged.loc[seeds]
+        rows.append(row("5a", label, group.droplevel(["depth", "theta"]), **behind(runs)))
+        ok = (converged[0].loc[runs] & converged[1].loc[runs]).to_numpy()
         if 0 < ok.sum() < len(ok):
             rows.append(row("5a", f"{label}, converged pairs ({int(ok.sum())})",
-                            group[ok.to_numpy()].droplevel(["depth", "theta"]),
-                            not_converged=0, trained=int(trained_both.loc[seeds][ok].sum()) * 2,
-                            runs=2 * int(ok.sum())))
-        rows.append(row("5b", label, loss_change_.loc[seeds].droplevel(["depth", "theta"]), **runs))
+                            group[ok].droplevel(["depth", "theta"]), **behind(runs[ok])))
+        rows.append(row("5b", label, loss_change_.loc[runs].droplevel(["depth", "theta"]),
+                        **behind(runs)))
     pooled = [r for r in rows if r["claim"] == "5b"]
     if len(pooled) > 1:  # the earlier measure: the mean over the retrained (depth, theta)
-        both = pd.concat([_converged(plain).loc[keys], _converged(regularized).loc[keys]])
-        earlier = row("5b-pooled", f"{setup}, R_fp at L = {', '.join(map(str, sorted({d for d, _, _ in keys})))}",
-                      loss_change_.groupby("seed").mean(), not_converged=int((~both).sum()),
-                      trained=int(settled(plain).loc[keys].sum() + settled(regularized).loc[keys].sum()),
-                      runs=len(both))
+        depths = ", ".join(map(str, sorted({d for d, _, _ in keys})))
+        earlier = row("5b-pooled", f"{setup}, R_fp at L = {depths}",
+                      loss_change_.groupby("seed").mean(), **behind(keys))
         rows.append(earlier | {"replaced_by": [r["setup"] for r in pooled]})
     return rows
 
