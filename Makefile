@@ -38,7 +38,7 @@ venv: $(STAMP) ## create .venv with the pinned dependencies
 # depends on its source, its parameters, the irn/ sources and the runner.
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 NAMES := $(notdir $(basename $(NOTEBOOKS)))
-IRN_SRC := $(wildcard irn/*.py)
+IRN_SRC := $(wildcard irn/*.py irn/paper/*.py)
 RUNNER := scripts/run_notebook.py
 # trained models are cached in $(CACHE) (`make figures CACHE=` turns it off); DASK_SCHEDULER
 # (tcp://127.0.0.1:8786 on one machine, tls://HEAD:8786 across machines: see the README) sends

@@ -49,7 +49,7 @@ def residual_functions(dim, layers, seed=0):
     torch.manual_seed(seed)
     fs = []
     for _ in range(layers):
-        f = irn.models.Perceptron(dim, "relu")
+        f = irn.functions.Perceptron(dim, "relu")
         with torch.no_grad():
             f.linear.weight.mul_(0.9 / torch.linalg.matrix_norm(f.linear.weight, ord=2))
         fs.append(f)
@@ -190,7 +190,7 @@ def ensemble_step(workload, members, device="cpu", backend="torch"):
     ``members`` networks of seeds ``0..members-1``, float64, on the example's full training
     set, on the generic path (``backend="torch"``) or the compiled one. The learning rate is
     small so that the iteration counts hardly drift over the timed calls."""
-    from irn import experiments, training
+    from irn.paper import experiments, training
     from irn.models import ImplicitModel
 
     factory, data_name, settings, loss = ENSEMBLE_WORKLOADS[workload]
@@ -225,7 +225,7 @@ def jax_problem(workload, members):
 
     model, _ = ensemble_step(workload, members)
     factory, data_name, settings, loss = ENSEMBLE_WORKLOADS[workload]
-    from irn import experiments
+    from irn.paper import experiments
     data = experiments.DATASETS[data_name]()
     block = model.net.blocks[0]
     net = model.net

@@ -41,7 +41,7 @@ def linearize(F: nn.Module, y: torch.Tensor, scale: float = 1.0, create_graph: b
                            (None for a parameter that does not require grad)
 
     A residual function may provide its own, as a method ``F.linearize(y, scale)`` (the
-    library's :class:`irn.models.Perceptron` does: a few tensor operations per product instead
+    library's :class:`irn.functions.Perceptron` does: a few tensor operations per product instead
     of autograd calls); otherwise one graph of ``F(y)`` is built and serves both. With
     ``create_graph`` the products are themselves differentiable, in ``y`` (which then keeps its
     own graph), ``u`` and the parameters: second derivatives (an own ``linearize`` is when it is

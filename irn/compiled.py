@@ -2,7 +2,7 @@
 
 The paper's networks are tiny (width 2 to 32), so on the generic path a training step is
 mostly the cost of calling PyTorch once per solver iteration and layer. Here a network of
-:class:`irn.models.Perceptron` layers (``F_l(y) = act(W_l y + b_l)``) and its stacked
+:class:`irn.functions.Perceptron` layers (``F_l(y) = act(W_l y + b_l)``) and its stacked
 ensembles run forward in one compiled call (fixed-point iteration, every layer, every member)
 and backward in another (``neumann`` or ``direct``), wrapped in one ``autograd.Function`` that
 returns every hidden state, so ``net(y0)``, ``net.trajectory(y0)`` and the perturbation
@@ -29,6 +29,7 @@ import threading
 import numpy as np
 import torch
 
+from .functions import Perceptron, StackedPerceptron
 from .solvers import SolveInfo, SolverError
 
 K = None  # irn._kernels once loaded: numba is imported at the first network that asks
@@ -71,14 +72,12 @@ def default_backend() -> str:
 def unsupported(blocks) -> str | None:
     """Why a network of ``blocks`` cannot take the compiled path, whatever its input (None:
     it can)."""
-    from .models import Perceptron, StackedPerceptron
-
     if kernels() is None:
         return "numba is not installed (pip install -e '.[compiled]'; make installs it)"
     for block in blocks:
         if not isinstance(block.F, (Perceptron, StackedPerceptron)):
             return (f"{block.name}: F is a {type(block.F).__name__}, the compiled path covers "
-                    f"irn.models.Perceptron layers")
+                    f"irn.functions.Perceptron layers")
         if block.solver not in SOLVERS:
             return f"{block.name}: solver={block.solver!r}, the compiled path covers {SOLVERS}"
         if block.backward not in BACKWARDS:
@@ -203,7 +202,7 @@ def _states(Y) -> torch.Tensor:
 
 def _kernel(name: str, members: int):
     """The serial or parallel kernel: threads only for several members and when torch may use
-    more than one (a training task runs with one, see irn._parallel)."""
+    more than one (a training task runs with one, see irn.paper.parallel)."""
     parallel = members > 1 and torch.get_num_threads() > 1
     return getattr(K, f"{name}_{'parallel' if parallel else 'serial'}"), parallel
 

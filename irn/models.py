@@ -19,104 +19,10 @@ from torch import nn
 
 from . import compiled
 from ._checks import choice, require
+from .functions import ACTIVATIONS, Perceptron, StackedPerceptron
 from .layers import ImplicitResidualBlock
 
-ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-               "identity": lambda t: t}
-# derivative of each activation, as a function of its input z
-DERIVATIVES = {
-    "relu": lambda z: (z > 0).to(z.dtype),
-    "tanh": lambda z: 1 - torch.tanh(z) ** 2,
-    "sigmoid": lambda z: torch.sigmoid(z) * (1 - torch.sigmoid(z)),
-    "identity": lambda z: torch.ones_like(z),
-}
 INITS = ("stationary", "random", "pytorch")
-
-
-class Perceptron(nn.Module):
-    """The residual function of one layer: ``F(y) = act(W y + b)``; ``linear`` holds ``W, b``."""
-
-    def __init__(self, dim: int, activation: str = "relu"):
-        super().__init__()
-        choice("activation", activation, ACTIVATIONS)
-        self.linear = nn.Linear(dim, dim)
-        self.activation = activation
-
-    def forward(self, y):
-        # functional call: this runs once per solver iteration, a module call costs as much
-        return ACTIVATIONS[self.activation](
-            nn.functional.linear(y, self.linear.weight, self.linear.bias))
-
-    def linearize(self, y, scale: float = 1.0):
-        """The products of the backward (see :func:`irn.layers.linearize`), with
-        ``s(u) = scale * act'(W y + b) * u``: ``u -> scale J_F(y)^T u = s(u) W`` and
-        ``u -> (dF/dW^T, dF/db^T) scale u = (s(u)^T y, sum_batch s(u))``. Plain tensor
-        operations: differentiable in ``y``, ``W``, ``b`` and ``u`` when called in grad mode
-        (second derivatives; the first-order backward runs without it)."""
-        weight, bias = self.linear.weight, self.linear.bias
-        slope = scale * DERIVATIVES[self.activation](self.linear(y))
-
-        def parameter_vjp(u):
-            s = (slope * u).reshape(-1, slope.shape[-1])
-            grads = {"weight": s.T @ y.reshape(-1, y.shape[-1]), "bias": s.sum(dim=0)}
-            return [grads[name] if p.requires_grad else None
-                    for name, p in (("weight", weight), ("bias", bias))]
-
-        return (lambda u: (slope * u) @ weight), parameter_vjp
-
-    def extra_repr(self) -> str:
-        return f"activation={self.activation!r}"
-
-
-class StackedPerceptron(nn.Module):
-    """``E`` perceptrons at once: ``F(y)[e] = act(W_e y[e] + b_e)`` for ``y`` of shape
-    ``(E, B, dim)``; ``weight`` is ``(E, dim, dim)``, ``bias`` ``(E, dim)``."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, activation: str):
-        super().__init__()
-        choice("activation", activation, ACTIVATIONS)
-        self.weight, self.bias = nn.Parameter(weight), nn.Parameter(bias)
-        self.activation = activation
-
-    @classmethod
-    def stack(cls, perceptrons: list[Perceptron]) -> "StackedPerceptron":
-        """The perceptrons' weights copied into one module (member order kept)."""
-        with torch.no_grad():
-            weight = torch.stack([p.linear.weight for p in perceptrons]).clone()
-            bias = torch.stack([p.linear.bias for p in perceptrons]).clone()
-        return cls(weight, bias, perceptrons[0].activation)
-
-    def member(self, e: int) -> Perceptron:
-        """A standalone copy of member ``e``."""
-        dim = self.weight.shape[-1]
-        with torch.random.fork_rng(devices=[]):  # nn.Linear's init must not move the caller's RNG
-            perceptron = Perceptron(dim, self.activation).to(self.weight.device, self.weight.dtype)
-        with torch.no_grad():
-            perceptron.linear.weight.copy_(self.weight[e])
-            perceptron.linear.bias.copy_(self.bias[e])
-        return perceptron
-
-    def _affine(self, y):
-        return torch.baddbmm(self.bias.unsqueeze(1), y, self.weight.transpose(1, 2))
-
-    def forward(self, y):
-        return ACTIVATIONS[self.activation](self._affine(y))
-
-    def linearize(self, y, scale=1.0):
-        """:meth:`Perceptron.linearize` per member (``scale`` a float or an ``(E, 1, 1)``
-        column): ``u -> s(u) W_e`` and ``u -> (s(u)^T y, sum_batch s(u))`` member by member."""
-        slope = scale * DERIVATIVES[self.activation](self._affine(y))
-
-        def parameter_vjp(u):
-            s = slope * u
-            return [torch.bmm(s.transpose(1, 2), y) if self.weight.requires_grad else None,
-                    s.sum(dim=1) if self.bias.requires_grad else None]
-
-        return (lambda u: torch.bmm(slope * u, self.weight)), parameter_vjp
-
-    def extra_repr(self) -> str:
-        return f"members={self.weight.shape[0]}, activation={self.activation!r}"
-
 
 class StackedLinear(nn.Module):
     """``E`` affine maps at once, ``x[e] -> W_e x[e] + b_e`` on ``(E, B, in)``: the stacked
@@ -283,7 +189,7 @@ class ImplicitResNet(nn.Module):
         blocks = []
         for layer in zip(*(n.blocks for n in nets)):
             require(all(isinstance(b.F, Perceptron) for b in layer),
-                    "only networks of irn.models.Perceptron layers stack")
+                    "only networks of irn.functions.Perceptron layers stack")
             activations = sorted({b.F.activation for b in layer})
             require(len(activations) == 1, f"activation differs between the networks: {activations}")
             for key, value in layer[0].settings.items():
@@ -428,47 +334,3 @@ class ImplicitModel(nn.Module):
         """A standalone copy of member ``e`` of an ensemble."""
         net = self.net.member(e)
         return ImplicitModel(member_module(self.embed, e), net, member_module(self.readout, e))
-
-
-LAYOUTS = ("state", "embedded")
-
-
-def function_approximator(num_layers: int, theta: float, *, T: float = 5.0,
-                          activation: str | None = None, layout: str = "state", width: int = 5,
-                          **block_kwargs) -> ImplicitModel:
-    """Example 1, in one of two layouts (docs/design.md, section 6); ``L`` blocks of step ``h = T / L``.
-
-    ``layout="state"``: ``y0 = (x, 0)`` in R^2, output ``y_L[1]``, tanh by default.
-    ``layout="embedded"`` (the authors' code of May 2019): a learned affine embedding
-    ``R -> R^width``, ``y_L`` read out by a learned affine map ``R^width -> R``, the paper's
-    ReLU by default; the residual layers keep the stationary initialisation, the embedding and
-    readout ``nn.Linear``'s default one.
-    """
-    choice("layout", layout, LAYOUTS)
-    if layout == "state":
-        net = ImplicitResNet(2, num_layers, T / num_layers, theta, activation=activation or "tanh",
-                             **block_kwargs)
-        return ImplicitModel(PadEmbedding(1, 2), net, SelectComponent(1))
-    require(isinstance(width, int) and width >= 1, f"width must be an int >= 1, got {width!r}")
-    net = ImplicitResNet(width, num_layers, T / num_layers, theta,
-                         activation=activation or "relu", **block_kwargs)
-    return ImplicitModel(nn.Linear(1, width), net, nn.Linear(width, 1))
-
-
-def spiral_classifier(num_layers: int = 100, theta: float = 0.0, *, T: float = 10.0,
-                      dim: int = 4, activation: str = "relu", **block_kwargs) -> ImplicitModel:
-    """Example 2: ``y0 = (x1, x2, 0, 0)``, ``L`` blocks of step ``T / L``, linear readout to
-    two logits."""
-    net = ImplicitResNet(dim, num_layers, T / num_layers, theta, activation=activation,
-                         **block_kwargs)
-    return ImplicitModel(PadEmbedding(2, dim), net, nn.Linear(dim, 2))
-
-
-def digits_classifier(num_layers: int = 10, theta: float = 0.0, *, T: float = 5.0,
-                      dim: int = 32, activation: str = "relu", in_features: int = 64,
-                      classes: int = 10, **block_kwargs) -> ImplicitModel:
-    """8x8 digits: a linear embedding ``R^64 -> R^dim``, ``L`` blocks of step ``T / L``, a
-    linear readout to ``classes`` logits."""
-    net = ImplicitResNet(dim, num_layers, T / num_layers, theta, activation=activation,
-                         **block_kwargs)
-    return ImplicitModel(nn.Linear(in_features, dim), net, nn.Linear(dim, classes))

@@ -12,7 +12,7 @@ differs there as budget-dependent.
 import sys
 from pathlib import Path
 
-from irn import claims
+from irn.paper import claims
 
 BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
 

@@ -1,4 +1,4 @@
-"""Two claims tables side by side (`irn.claims.compare`), as Markdown: `make long` compares
+"""Two claims tables side by side (`irn.paper.claims.compare`), as Markdown: `make long` compares
 the `paper` profile's table with the `long` profile's (the same runs, longer training).
 
     python scripts/compare_claims.py figures/claims.csv build/long/figures/claims.csv \
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from irn import claims
+from irn.paper import claims
 
 
 def main(first: str, second: str, first_label: str, second_label: str, out: str) -> int:

@@ -107,7 +107,7 @@ def test_jax_reference_computes_irn_loss_and_gradients(workload):
 
     spec, params, model = bench.jax_problem(workload, None)
     loss, grads = jax.value_and_grad(jax_reference.loss_function(spec))(params)
-    from irn import experiments, training
+    from irn.paper import experiments, training
     factory, data_name, _, loss_name = bench.ENSEMBLE_WORKLOADS[workload]
     data = experiments.DATASETS[data_name]()
     value = training.LOSSES[loss_name](model(data.x_train), data.y_train)

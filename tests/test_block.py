@@ -496,7 +496,7 @@ def residual_functions():
     """A generic module (autograd products) and the library's Perceptron (its own ones)."""
     torch.manual_seed(0)
     return {"sequential": nn.Sequential(nn.Linear(3, 3), nn.Tanh()).double(),
-            "perceptron": irn.models.Perceptron(3, "tanh").double()}
+            "perceptron": irn.functions.Perceptron(3, "tanh").double()}
 
 
 def second_order(block, x):

@@ -1,4 +1,4 @@
-"""The cache of trained models (irn.cache, train_many's cache_dir) and sweeps on any executor
+"""The cache of trained models (irn.paper.cache, train_many's cache_dir) and sweeps on any executor
 (a real Dask LocalCluster): hits return identical results without training, misses are exact,
 damaged entries are retrained, and where a job runs does not change its numbers."""
 
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from irn import cache, experiments, robustness, training
+from irn.paper import cache, experiments, robustness, training
 
 
 def jobs(epochs=3, **extra):
@@ -42,24 +42,24 @@ def same(result_a, result_b):
 
 
 def test_a_hit_returns_identical_results_without_training(tmp_path, count_training):
-    first = training.train_many(jobs(), cache_dir=tmp_path)
+    first = experiments.train_many(jobs(), cache_dir=tmp_path)
     assert count_training == [3]  # one ensemble trained
-    second = training.train_many(jobs(), cache_dir=tmp_path)
+    second = experiments.train_many(jobs(), cache_dir=tmp_path)
     assert count_training == [3]  # nothing trained again
     same(first, second)
-    same(first, training.train_many(jobs()))  # and the same as without a cache
+    same(first, experiments.train_many(jobs()))  # and the same as without a cache
 
 
 def test_an_ensemble_of_more_than_ten_members_hits(tmp_path, count_training):
     many = [job | dict(seed=seed) for seed in range(4) for job in jobs()]  # one batch of 12
-    first = training.train_many(many, cache_dir=tmp_path)
-    same(first, training.train_many(many, cache_dir=tmp_path))
+    first = experiments.train_many(many, cache_dir=tmp_path)
+    same(first, experiments.train_many(many, cache_dir=tmp_path))
     assert count_training == [12]
 
 
 def test_a_changed_setting_misses(tmp_path, count_training):
-    training.train_many(jobs(), cache_dir=tmp_path)
-    training.train_many(jobs(epochs=4), cache_dir=tmp_path)
+    experiments.train_many(jobs(), cache_dir=tmp_path)
+    experiments.train_many(jobs(epochs=4), cache_dir=tmp_path)
     assert count_training == [3, 3]
 
 
@@ -67,20 +67,36 @@ def test_a_changed_training_source_misses_a_plotting_change_hits(tmp_path, monke
     payload = {"train_many": jobs()}
     reference = cache.key(payload)
     sources = tmp_path / "irn"
-    sources.mkdir()
-    for path in cache.PACKAGE.glob("*.py"):
-        (sources / path.name).write_bytes(path.read_bytes())
+    (sources / "paper").mkdir(parents=True)
+    for path in [*cache.PACKAGE.glob("*.py"), *cache.PACKAGE.glob("paper/*.py")]:
+        (sources / path.relative_to(cache.PACKAGE)).write_bytes(path.read_bytes())
     monkeypatch.setattr(cache, "PACKAGE", sources)
     assert cache.key(payload) == reference
-    (sources / "plotting.py").write_text((sources / "plotting.py").read_text() + "\n# a colour\n")
+    plotting = sources / "paper" / "plotting.py"
+    plotting.write_text(plotting.read_text() + "\n# a colour\n")
     assert cache.key(payload) == reference
-    (sources / "solvers.py").write_text((sources / "solvers.py").read_text() + "\n# a change\n")
+    for changed in ("solvers.py", "paper/training.py"):
+        (sources / changed).write_text((sources / changed).read_text() + "\n# a change\n")
+        assert cache.key(payload) != reference
+
+
+def test_the_key_holds_the_backend_and_numba_version(monkeypatch):
+    """A warm cache must not hand models trained on the compiled path to a run on the generic
+    one (IRN_BACKEND=torch), nor those of another numba (LLVM rounds differently)."""
+    payload = {"train_many": jobs()}
+    monkeypatch.delenv("IRN_BACKEND", raising=False)
+    reference = cache.key(payload)
+    monkeypatch.setenv("IRN_BACKEND", "torch")
+    assert cache.key(payload) != reference
+    monkeypatch.delenv("IRN_BACKEND")
+    assert cache.key(payload) == reference
+    monkeypatch.setattr(cache, "_numba_version", lambda: "0.0.1")
     assert cache.key(payload) != reference
 
 
 @pytest.mark.parametrize("damage", ["truncate", "corrupt", "remove"])
 def test_a_damaged_entry_is_reported_and_retrained(tmp_path, count_training, damage):
-    first = training.train_many(jobs(), cache_dir=tmp_path)
+    first = experiments.train_many(jobs(), cache_dir=tmp_path)
     (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     victim = sorted(entry.glob("*.pt"))[1]
     if damage == "truncate":
@@ -92,12 +108,12 @@ def test_a_damaged_entry_is_reported_and_retrained(tmp_path, count_training, dam
     else:
         victim.unlink()
     with pytest.warns(cache.CacheWarning, match="unreadable"):
-        second = training.train_many(jobs(), cache_dir=tmp_path)
+        second = experiments.train_many(jobs(), cache_dir=tmp_path)
     assert count_training == [3, 3]
     same(first, second)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the rewritten entry reads cleanly
-        training.train_many(jobs(), cache_dir=tmp_path)
+        experiments.train_many(jobs(), cache_dir=tmp_path)
     assert count_training == [3, 3]
 
 
@@ -128,7 +144,7 @@ def test_loading_never_unpickles_objects(tmp_path):
 
 
 def test_robustness_measurements_are_cached(tmp_path):
-    (model, _), = training.train_many(jobs()[:1])
+    (model, _), = experiments.train_many(jobs()[:1])
     task = (model, experiments.DATASETS["two_spirals"](),
             dict(sigmas=[0.0, 0.1], epsilons=[0.0, 0.05], pgd_steps=2, repeats=2, seed=3))
     first = robustness.measure_many([task], cache_dir=tmp_path)
@@ -153,13 +169,13 @@ def dask_client():
 
 def test_a_sweep_on_a_dask_cluster_equals_the_local_one_bit_for_bit(dask_client):
     sweep = jobs(stab_weight=1.0, batch_size=32) + jobs(fp_weight=0.5)
-    local = training.train_many(sweep, workers=2)
-    remote = training.train_many(sweep, workers=2, executor=dask_client.get_executor())
+    local = experiments.train_many(sweep, workers=2)
+    remote = experiments.train_many(sweep, workers=2, executor=dask_client.get_executor())
     same(local, remote)
 
 
 def test_executor_context_connects_to_a_scheduler(dask_client):
-    with training.executor(dask_client.scheduler.address) as executor:
+    with experiments.executor(dask_client.scheduler.address) as executor:
         assert executor.submit(sum, [1, 2]).result() == 3
-    with training.executor(None) as executor:
+    with experiments.executor(None) as executor:
         assert executor is None

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from irn import claims
+from irn.paper import claims
 
 
 def _decided(rows):

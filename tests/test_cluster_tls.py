@@ -29,7 +29,7 @@ def test_a_sweep_runs_on_a_tls_scheduler_and_a_plain_client_is_refused(certifica
     from distributed import Client, LocalCluster
     from distributed.security import Security
 
-    from irn import experiments
+    from irn.paper import experiments
 
     cert, key = certificate
     security = Security(tls_ca_file=cert, tls_scheduler_cert=cert, tls_scheduler_key=key,

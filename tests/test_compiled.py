@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import irn
-from irn import compiled, experiments, regularizers, training
+from irn import compiled, regularizers
+from irn.paper import experiments, training
 
 pytestmark = pytest.mark.skipif(compiled.kernels() is None, reason="numba (the compiled extra) is not installed")
 DT = torch.float64

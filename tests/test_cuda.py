@@ -5,7 +5,9 @@ import torch
 from conftest import DT, random_tanh
 
 import irn
-from irn import data, models, training
+from irn.paper import examples
+from irn import models
+from irn.paper import data, training
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -55,7 +57,7 @@ def test_second_derivatives_match_cpu(rng, backward):
 
 def test_regularizers_and_training_on_cuda():
     torch.manual_seed(0)
-    model = models.spiral_classifier(10, 0.5, on_nonconvergence="ignore").double()
+    model = examples.spiral_classifier(10, 0.5, on_nonconvergence="ignore").double()
     history = training.train(model, data.two_spirals(), epochs=3, loss="cross_entropy",
                              stab_weight=1.0, fp_weight=0.1, device="cuda", progress=False)
     assert next(model.parameters()).is_cuda
@@ -90,7 +92,7 @@ def test_ensemble_training_on_cuda():
                  model_kwargs=dict(num_layers=4, theta=t, on_nonconvergence="ignore"),
                  train_kwargs=dict(epochs=3, loss="cross_entropy", stab_weight=1.0, device="cuda"))
             for s, t in ((0, 0.0), (1, 0.5))]
-    for model, history in training.train_many(jobs):
+    for model, history in experiments.train_many(jobs):
         assert len(history) == 3 and history.train_loss.notna().all()
 
 

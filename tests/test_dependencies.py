@@ -58,19 +58,19 @@ def test_import_irn_does_not_load_numba():
 
 def test_the_examples_modules_say_what_is_missing():
     for module in ("training", "plotting", "robustness", "diagnostics", "cache", "claims", "history"):
-        result = run(f"import irn.{module}")
+        result = run(f"import irn.paper.{module}")
         assert result.returncode != 0
-        assert "irn[examples]" in result.stderr and f"irn.{module} needs" in result.stderr, \
+        assert "irn[examples]" in result.stderr and f"irn.paper.{module} needs" in result.stderr, \
             result.stderr
 
 
 def test_plotting_robustness_and_diagnostics_do_not_import_the_training_loop():
     code = """
 import sys
-import irn.plotting, irn.diagnostics, irn.claims
-assert "irn.training" not in sys.modules and "irn._parallel" not in sys.modules
-import irn.robustness  # it runs measurements in parallel processes, not the training loop
-assert "irn.training" not in sys.modules
+import irn.paper.plotting, irn.paper.diagnostics, irn.paper.claims
+assert "irn.paper.training" not in sys.modules and "irn.paper.parallel" not in sys.modules
+import irn.paper.robustness  # it runs measurements in parallel processes, not the training loop
+assert "irn.paper.training" not in sys.modules
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                             env={"MPLBACKEND": "Agg", "PATH": ""})

@@ -1,5 +1,5 @@
 """Solving a trained network again with other settings (ImplicitResNet.with_settings) and the
-solver comparison of irn.diagnostics."""
+solver comparison of irn.paper.diagnostics."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,8 @@ import torch
 from conftest import DT
 
 import irn
-from irn import diagnostics
-from irn.models import function_approximator
+from irn.paper import diagnostics
+from irn.paper.examples import function_approximator
 
 
 def tanh_model(theta=0.5):

@@ -23,7 +23,7 @@ def _free_port() -> int:
 
 
 def _model(backward: str, backend: str):
-    from irn import experiments
+    from irn.paper import experiments
 
     # the embedded layout: the state layout's bias gradients vanish by symmetry, and Adam
     # would turn their rounding noise, which differs between the two runs, into full steps
@@ -45,7 +45,7 @@ def _train(model, x, y, steps=STEPS):
 
 
 def _worker(rank, world, port, backward, backend, out):
-    from irn import data
+    from irn.paper import data
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -65,7 +65,7 @@ def _worker(rank, world, port, backward, backend, out):
 @pytest.mark.parametrize("backward,backend", [("neumann", "torch"), ("direct", "torch"),
                                               ("neumann", "compiled"), ("direct", "compiled")])
 def test_ddp_on_two_processes_matches_one_process_on_the_whole_batch(tmp_path, backward, backend):
-    from irn import data
+    from irn.paper import data
 
     out = tmp_path / "grads.pt"
     mp.spawn(_worker, args=(2, _free_port(), backward, backend, str(out)), nprocs=2, join=True)

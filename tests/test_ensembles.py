@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import irn
-import irn.data
-from irn import experiments, models, regularizers, training
+import irn.paper.data
+from irn import models, regularizers
+from irn.paper import experiments, training
 from irn.solvers import FORWARD_SOLVERS
 
 DT = torch.float64
@@ -266,7 +267,7 @@ def test_train_ensemble_matches_solo_histories():
     The grid is not symmetric: on Example 1's symmetric grid the bias gradients of an odd
     network with zero biases are zero up to rounding, and Adam's normalisation turns that
     rounding into steps of size lr, so no reordering of sums could agree there."""
-    data = irn.data.sine(low=-4.0)
+    data = irn.paper.data.sine(low=-4.0)
     # tol far below 1e-8: with tol = 1e-6 a rounding-level difference can flip an
     # iteration count at the threshold and move the result by about tol
     solo = [experiments.build_model("function_approximator", s, num_layers=3, theta=t, T=2.0,
@@ -302,8 +303,8 @@ def test_train_many_with_and_without_ensembles_agree_over_100_epochs():
                              dict(epochs=100, lr=0.01, lr_step=30, batch_size=8,
                                   fp_weight=weight, fp_alpha=alpha)))
     assert len(experiments._batches(jobs, True, 1, 64)) == 2  # two ensembles, not ten runs
-    stacked = training.train_many(jobs, ensemble=True)
-    alone = training.train_many(jobs, ensemble=False)
+    stacked = experiments.train_many(jobs, ensemble=True)
+    alone = experiments.train_many(jobs, ensemble=False)
     for (model_a, history_a), (model_b, history_b) in zip(stacked, alone):
         assert (history_a.converged == history_b.converged).all()
         columns = [c for c in history_b.columns if c != "converged"]
@@ -356,8 +357,8 @@ def test_train_an_explicit_ensemble_with_the_perturbation_regularizer():
     """theta = 0 everywhere (notebook 3's ResNet): no solve, no backward statistics."""
     jobs = [_job("spiral_classifier", "two_spirals", seed, 0.0, dict(num_layers=3),
                  dict(epochs=2, loss="cross_entropy", stab_weight=1.0)) for seed in (0, 1)]
-    stacked = training.train_many(jobs)
-    alone = training.train_many(jobs, ensemble=False)
+    stacked = experiments.train_many(jobs)
+    alone = experiments.train_many(jobs, ensemble=False)
     for (_, a), (_, b) in zip(stacked, alone):
         assert a.converged.all()
         np.testing.assert_allclose(a.drop(columns="converged").to_numpy(float),

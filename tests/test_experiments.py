@@ -4,8 +4,8 @@ dicts, returned keyed by their tags."""
 import pandas as pd
 import pytest
 
-from irn import experiments, training
-from irn.experiments import Job
+from irn.paper import experiments, training
+from irn.paper.experiments import Job
 
 
 def spiral_job(seed, theta, **training_settings):
@@ -35,7 +35,7 @@ def test_run_returns_models_and_histories_keyed_by_tags_as_train_many_trains_the
     assert list(models) == [(0.0, 0), (0.5, 0), (0.0, 1), (0.5, 1)]
     assert list(histories.columns[-2:]) == ["theta", "seed"]
     assert len(histories) == 4 * 3
-    reference = training.train_many([job.as_dict() for job in jobs], desc="test")
+    reference = experiments.train_many([job.as_dict() for job in jobs], desc="test")
     for job, (model, history) in zip(jobs, reference):
         mine = histories[(histories.theta == job.tags["theta"]) & (histories.seed == job.seed)]
         pd.testing.assert_frame_equal(mine.drop(columns=["theta", "seed"]).reset_index(drop=True),

@@ -7,8 +7,19 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY = sorted((ROOT / "irn").glob("*.py"))
+LIBRARY = sorted((ROOT / "irn").glob("**/*.py"))
+CORE = sorted((ROOT / "irn").glob("*.py"))
 MAX_LINES = 60
+MAX_LONG_FUNCTIONS = 2
+MAX_BLOCK_LINES = 180
+#: imports made inside a function, each for a reason other than breaking a cycle
+DEFERRED_IMPORTS = {
+    ("irn.compiled", "irn._kernels"): "numba is an optional extra: import irn must not need it",
+    ("irn.compiled", "numba"): "the same extra, for its thread count",
+    ("irn.paper.plotting", "seaborn"): "seaborn (slow to import) only for the robustness figures",
+    ("irn.paper.parallel", "distributed"): "Dask only where a scheduler is given",
+    ("irn.paper.data", "sklearn.datasets"): "scikit-learn only for the digits",
+}
 WINDOW = 6  # consecutive code lines that count as a repeated block
 
 
@@ -36,6 +47,90 @@ def test_no_long_function_without_a_reason():
             if (lines := length(node)) > MAX_LINES
             and "Length:" not in (ast.get_docstring(node) or "")]
     assert not long, "functions over 60 lines without a 'Length:' reason:\n" + "\n".join(long)
+
+
+def test_at_most_two_long_functions_and_a_short_block():
+    long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name}" for path in LIBRARY
+            for node in functions(path) if length(node) > MAX_LINES]
+    assert len(long) <= MAX_LONG_FUNCTIONS, long
+    (block,) = [node for node in ast.walk(ast.parse((ROOT / "irn" / "layers.py").read_text()))
+                if isinstance(node, ast.ClassDef) and node.name == "ImplicitResidualBlock"]
+    assert block.end_lineno - block.lineno + 1 <= MAX_BLOCK_LINES
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path):
+    """``(imported module, inside a function)`` for every import of ``path``, relative ones
+    resolved; ``from package import name`` counts as an import of ``package.name`` where that
+    is a module of the package."""
+    here = module_name(path)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for n in ast.walk(f)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, id(node) in nested
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                module = candidate if (ROOT / Path(*candidate.split("."))).with_suffix(".py").exists() \
+                    or (ROOT / Path(*candidate.split(".")) / "__init__.py").exists() else base
+                yield module, id(node) in nested
+
+
+def import_graph():
+    return {module_name(path): {m for m, _ in imports(path) if m.split(".")[0] == "irn"}
+            for path in LIBRARY}
+
+
+def test_the_core_imports_nothing_of_the_paper_harness():
+    core = {module_name(path) for path in CORE}
+    wrong = sorted(f"{m} imports {d}" for m, deps in import_graph().items() if m in core
+                   for d in deps if d.startswith("irn.paper"))
+    assert not wrong, wrong
+
+
+def cycles(graph: dict) -> list:
+    """The import cycles of ``graph`` (module -> imported modules), each as a path."""
+    found, state = [], {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for dep in sorted(graph.get(node, ())):
+            if dep == node or dep not in graph:
+                continue
+            if state.get(dep) == "open":
+                found.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_no_import_cycle():
+    graph = {m: {d for d in deps if d != "irn"} for m, deps in import_graph().items()}
+    graph.pop("irn", None)  # the front door imports the core, never the other way round
+    assert not cycles(graph), cycles(graph)
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_no_import_inside_a_function_but_for_optional_dependencies():
+    deferred = {(module_name(path), m) for path in LIBRARY for m, inside in imports(path) if inside}
+    assert deferred <= set(DEFERRED_IMPORTS), sorted(deferred - set(DEFERRED_IMPORTS))
 
 
 def code_lines(path: Path) -> list[tuple[int, str]]:

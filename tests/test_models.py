@@ -7,7 +7,10 @@ import torch
 from conftest import DT
 
 import irn
-from irn import data, models, training
+from irn import functions
+from irn.paper import examples
+from irn import models
+from irn.paper import data, training
 
 
 def test_stationary_initialisation():
@@ -96,10 +99,10 @@ def test_swiss_roll_is_haber_and_ruthotto_s():
 
 
 def test_example_1_layouts():
-    state = models.function_approximator(5, 0.5).double()
+    state = examples.function_approximator(5, 0.5).double()
     assert state.net.dim == 2 and state.net.blocks[0].F.activation == "tanh"
     torch.manual_seed(0)
-    embedded = models.function_approximator(4, 0.5, layout="embedded").double()
+    embedded = examples.function_approximator(4, 0.5, layout="embedded").double()
     x = torch.linspace(-1, 1, 7, dtype=DT).unsqueeze(1)
     assert embedded(x).shape == (7, 1)
     assert embedded.net.dim == 5 and embedded.net.blocks[0].F.activation == "relu"
@@ -111,28 +114,28 @@ def test_example_1_layouts():
     assert all(torch.equal(b.F.linear.weight, w0) for b in embedded.net.blocks)
     torch.testing.assert_close(embedded(x), embedded.readout(embedded.net(embedded.embed(x))))
     # the default activation follows the layout; an explicit one wins
-    assert models.function_approximator(2, 0.0, layout="embedded", activation="tanh"
+    assert examples.function_approximator(2, 0.0, layout="embedded", activation="tanh"
                                         ).net.blocks[0].F.activation == "tanh"
     with pytest.raises(ValueError, match="layout must be one of"):
-        models.function_approximator(2, 0.0, layout="wide")
+        examples.function_approximator(2, 0.0, layout="wide")
     with pytest.raises(ValueError, match="width"):
-        models.function_approximator(2, 0.0, layout="embedded", width=0)
+        examples.function_approximator(2, 0.0, layout="embedded", width=0)
 
 
 def test_example_models():
-    m = models.function_approximator(5, 0.5).double()
+    m = examples.function_approximator(5, 0.5).double()
     x = torch.linspace(-1, 1, 7, dtype=DT).unsqueeze(1)
     assert m(x).shape == (7, 1)
     torch.testing.assert_close(m.embed(x), torch.cat([x, torch.zeros_like(x)], 1))
     assert m.net.blocks[0].h == 1.0 and m.net.blocks[0].F.activation == "tanh"
-    c = models.spiral_classifier(10, 0.0).double()
+    c = examples.spiral_classifier(10, 0.0).double()
     assert c(torch.ones(3, 2, dtype=DT)).shape == (3, 2)
     assert c.trajectory(torch.ones(3, 2, dtype=DT)).shape == (11, 3, 4)
 
 
 def test_training_records_history_and_reduces_loss():
     torch.manual_seed(0)
-    model = models.function_approximator(8, 0.5, T=2.0).double()  # h theta ||W|| small: converges
+    model = examples.function_approximator(8, 0.5, T=2.0).double()  # h theta ||W|| small: converges
     history = training.train(model, data.sine(), epochs=40, lr=1e-2, progress=False)
     assert len(history) == 40 and list(history.epoch) == list(range(1, 41))
     assert history.train_loss.iloc[-1] < 0.5 * history.train_loss.iloc[0]
@@ -148,7 +151,7 @@ def test_training_records_history_and_reduces_loss():
 def test_validation_every_k_epochs_leaves_training_unchanged():
     def run(val_every):
         torch.manual_seed(0)
-        model = models.spiral_classifier(3, 0.5, T=1.0).double()
+        model = examples.spiral_classifier(3, 0.5, T=1.0).double()
         return training.train(model, data.two_spirals(), epochs=7, loss="cross_entropy",
                               val_every=val_every, progress=False)
 
@@ -161,14 +164,14 @@ def test_validation_every_k_epochs_leaves_training_unchanged():
                                   every.drop(columns=["val_loss", "val_accuracy"]))
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="val_every"):
-            training.train(models.spiral_classifier(2, 0.0).double(), data.two_spirals(),
+            training.train(examples.spiral_classifier(2, 0.0).double(), data.two_spirals(),
                            epochs=1, val_every=bad, progress=False)
 
 
 def test_training_with_regularizers_and_classification_is_deterministic():
     def run():
         torch.manual_seed(1)
-        model = models.spiral_classifier(6, 0.5, on_nonconvergence="ignore").double()
+        model = examples.spiral_classifier(6, 0.5, on_nonconvergence="ignore").double()
         return training.train(model, data.two_spirals(), epochs=5, loss="cross_entropy",
                               stab_weight=1.0, stab_sigma=0.05, fp_weight=0.1,
                               progress=False, seed=3)
@@ -179,7 +182,7 @@ def test_training_with_regularizers_and_classification_is_deterministic():
 
 
 def test_training_bad_arguments():
-    model = models.function_approximator(2, 0.5)
+    model = examples.function_approximator(2, 0.5)
     with pytest.raises(ValueError, match="loss"):
         training.train(model, data.sine(), epochs=1, loss="hinge")
     with pytest.raises(ValueError, match="epochs"):
@@ -190,7 +193,7 @@ def test_training_bad_arguments():
 def test_perceptron_linearization_matches_autograd(activation):
     """The analytic products of Perceptron's backward (J_F^T u for the linear solve, dF/dw^T u
     for the parameters) against autograd, and against the generic linearisation of irn.layers."""
-    F = models.Perceptron(3, activation).double()
+    F = functions.Perceptron(3, activation).double()
     y = torch.randn(5, 3, dtype=DT)
     u = torch.randn(5, 3, dtype=DT)
     _, vjp = torch.func.vjp(lambda params, y: torch.func.functional_call(F, params, (y,)),
@@ -232,6 +235,6 @@ def test_digits_dataset_and_classifier():
     assert set(dataset.y_val.tolist()) == set(range(10))
     assert torch.equal(data.digits().x_val, dataset.x_val)  # no randomness in the split
     torch.manual_seed(0)
-    model = models.digits_classifier(num_layers=2, theta=0.5, T=1.0, dim=8).double()
+    model = examples.digits_classifier(num_layers=2, theta=0.5, T=1.0, dim=8).double()
     assert model(dataset.x_val[:5]).shape == (5, 10)
     assert model.embed.in_features == 64 and model.net.dim == 8

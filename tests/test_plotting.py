@@ -1,6 +1,7 @@
 """Figures are written as PDF and PNG, byte-identical when regenerated."""
 
-from irn import plotting
+from irn.paper import plotting
+from irn.paper import examples
 
 
 def test_save_is_deterministic_and_leaves_no_temporary_files(tmp_path):
@@ -45,7 +46,7 @@ def test_save_table_creates_the_directory_and_rounds(tmp_path):
 
 
 def test_importing_and_plotting_leave_the_callers_style_alone():
-    """irn.plotting applies its style only while it draws (issue: it used to restyle the
+    """irn.paper.plotting applies its style only while it draws (issue: it used to restyle the
     user's matplotlib at import)."""
     import subprocess
     import sys
@@ -62,11 +63,12 @@ def test_importing_and_plotting_leave_the_callers_style_alone():
 def test_dynamics_leaves_the_models_where_they_are_and_draws_the_given_target():
     import torch
 
-    from irn import data, models
+    from irn import models
+    from irn.paper import data
 
     torch.manual_seed(0)
-    float32 = models.function_approximator(3, 0.5, on_nonconvergence="ignore").float()
-    float64 = models.function_approximator(3, 0.0).double()
+    float32 = examples.function_approximator(3, 0.5, on_nonconvergence="ignore").float()
+    float64 = examples.function_approximator(3, 0.0).double()
     before = {id(p): (p.device, p.dtype) for m in (float32, float64) for p in m.parameters()}
     fig = plotting.dynamics({0.5: float32, 0.0: float64}, data.sine())
     assert {id(p): (p.device, p.dtype) for m in (float32, float64)
@@ -83,10 +85,11 @@ def test_dynamics_of_a_wide_state_draws_trajectories_without_a_field():
     import torch
     from matplotlib.quiver import Quiver
 
-    from irn import data, models
+    from irn import models
+    from irn.paper import data
 
     torch.manual_seed(0)
-    wide = models.function_approximator(3, 0.5, layout="embedded", on_nonconvergence="ignore").double()
+    wide = examples.function_approximator(3, 0.5, layout="embedded", on_nonconvergence="ignore").double()
     fig = plotting.dynamics({0.5: wide}, data.sine(), target=torch.sin)
     assert not any(isinstance(c, Quiver) for ax in fig.axes for c in ax.collections)
     trajectories = fig.axes[0].lines[:20]  # one per training input, in the first two components
@@ -94,7 +97,7 @@ def test_dynamics_of_a_wide_state_draws_trajectories_without_a_field():
     for b, line in enumerate(trajectories):
         x, y = line.get_data()
         assert abs(x - states[:, b, 0]).max() < 1e-12 and abs(y - states[:, b, 1]).max() < 1e-12
-    planar = plotting.dynamics({0.5: models.function_approximator(
+    planar = plotting.dynamics({0.5: examples.function_approximator(
         3, 0.5, on_nonconvergence="ignore").double()}, data.sine())
     assert any(isinstance(c, Quiver) for ax in planar.axes for c in ax.collections)
 

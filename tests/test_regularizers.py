@@ -223,7 +223,7 @@ def test_jacobian_regularizer_per_member_and_its_errors():
 def test_training_with_the_jacobian_regularizer_keeps_solves_converging():
     # Example 1, state layout, L = 5, theta = 0.5, seed 2: its fixed-point solves stop
     # converging after 267 epochs without the regulariser (measured); with it they all converge
-    from irn import data, experiments, training
+    from irn.paper import data, experiments, training
 
     runs = {}
     for weight in (0.0, 1.0):

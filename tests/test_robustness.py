@@ -1,4 +1,4 @@
-"""Attacks, noise and perturbation growth (irn.robustness) against closed forms."""
+"""Attacks, noise and perturbation growth (irn.paper.robustness) against closed forms."""
 
 import math
 
@@ -9,7 +9,7 @@ from conftest import DT
 from torch import nn
 
 import irn
-from irn import data, robustness
+from irn.paper import data, robustness
 from irn.models import ImplicitModel, PadEmbedding
 
 

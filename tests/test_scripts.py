@@ -198,7 +198,7 @@ def test_every_parameter_of_every_notebook_is_parsed():
 
 
 def test_every_figure_of_a_notebook_is_shown_inline(tmp_path):
-    """Each cell that draws a figure with irn.plotting shows it (a style context that restored
+    """Each cell that draws a figure with irn.paper.plotting shows it (a style context that restored
     matplotlib's `interactive` flag once hid every figure but the first)."""
     import nbformat
 
@@ -220,7 +220,7 @@ def test_every_figure_of_a_notebook_is_shown_inline(tmp_path):
 
 
 def test_claims_table_collects_the_rows_into_the_csv_and_the_readme(tmp_path):
-    from irn import claims
+    from irn.paper import claims
 
     figures = tmp_path / "figures"
     claims.save([claims.row("1a", "state", [-1.0, -2.0] * 5)], "02_x", figures)

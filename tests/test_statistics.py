@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from irn import statistics
+from irn.paper import statistics
 
 N_SEEDS = 10
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ._checks import missing_extra
+from .._checks import missing_extra
 
 try:
     import matplotlib
@@ -22,9 +22,10 @@ try:
     import numpy as np
     import pandas as pd
 except ImportError as err:  # the examples' dependencies: pip install 'irn[examples]'
-    raise missing_extra("irn.plotting", err) from err
+    raise missing_extra("irn.paper.plotting", err) from err
 
-from . import stability
+from .. import stability
+from .claims import settled
 from .history import per_layer
 
 STYLE = {
@@ -225,9 +226,8 @@ def _per_epoch_grid(histories: pd.DataFrame, quantities: dict, ylabel: str, log:
 def losses(histories: pd.DataFrame):
     """Figure 4: training and validation loss per epoch, one panel per depth and loss,
     median over seeds with the interquartile band; each curve's label counts the seeds whose
-    training settled (:func:`irn.claims.settled`: loss within 1% over the last 10% of
+    training settled (:func:`irn.paper.claims.settled`: loss within 1% over the last 10% of
     epochs), so curves still falling at the end are marked."""
-    from .claims import settled
 
     done = settled(histories)
     notes = {key: f"{int(runs.sum())}/{len(runs)} settled"
@@ -515,7 +515,7 @@ def solver_comparison(forward: pd.DataFrame, residuals: dict, backward: pd.DataF
     """Forward solvers on one trained network: the residual history of one layer (default:
     the layer the first solver needed most iterations for), the median wall time of a whole
     forward, and the mean iterations of each backward linear solver (tables and histories of
-    :mod:`irn.diagnostics`)."""
+    :mod:`irn.paper.diagnostics`)."""
     names = list(forward.solver)
     if layer is None:
         layer = int(np.argmax([len(r) for r in residuals[names[0]]]))

@@ -6,17 +6,17 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from ._checks import missing_extra
+from .._checks import missing_extra
 
 try:
     import pandas as pd
 except ImportError as err:  # the examples' dependencies: pip install 'irn[examples]'
-    raise missing_extra("irn.diagnostics", err) from err
+    raise missing_extra("irn.paper.diagnostics", err) from err
 import torch
 
-from . import solvers as S
-from ._checks import choice, require
-from .models import ImplicitModel
+from .. import solvers as S
+from .._checks import choice, require
+from ..models import ImplicitModel
 from .losses import LOSSES
 
 #: short names of option values in the display names of :data:`FORWARD_CONFIGS`

@@ -25,7 +25,7 @@ import math
 import numpy as np
 from scipy import stats
 
-from ._checks import require
+from .._checks import require
 
 
 def _finite(values) -> np.ndarray:

@@ -13,6 +13,7 @@ removed and recomputed, never half-read.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import io
 import json
 import os
@@ -22,21 +23,31 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from ._checks import missing_extra
+from .. import __version__, compiled
+from .._checks import missing_extra
 
 try:
     import pandas as pd
 except ImportError as err:  # the examples' dependencies: pip install 'irn[examples]'
-    raise missing_extra("irn.cache", err) from err
+    raise missing_extra("irn.paper.cache", err) from err
 import torch
 
-PACKAGE = Path(__file__).parent
+PACKAGE = Path(__file__).parents[1]  # irn/: the sources below are paths within it
 #: library sources whose code determines a training result (not plotting, not measurement)
-TRAINING_SOURCES = ("_checks.py", "_kernels.py", "backward.py", "compiled.py", "data.py",
-                    "experiments.py", "layers.py", "losses.py", "models.py", "records.py",
-                    "regularizers.py", "solvers.py", "training.py")
+TRAINING_SOURCES = ("_checks.py", "_kernels.py", "backward.py", "compiled.py", "functions.py",
+                    "layers.py", "models.py", "records.py", "regularizers.py", "solvers.py",
+                    "paper/data.py", "paper/examples.py", "paper/experiments.py",
+                    "paper/losses.py", "paper/training.py")
 #: ... and the sources that determine a robustness measurement of a trained model
-EVALUATION_SOURCES = TRAINING_SOURCES + ("robustness.py",)
+EVALUATION_SOURCES = TRAINING_SOURCES + ("paper/robustness.py",)
+
+
+def _numba_version() -> str:
+    """numba's version without importing it (the compiled kernels round as its LLVM does)."""
+    try:
+        return importlib.metadata.version("numba")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 class CacheWarning(UserWarning):
@@ -45,16 +56,17 @@ class CacheWarning(UserWarning):
 
 def key(payload, sources=TRAINING_SOURCES) -> str:
     """SHA-256 of ``payload`` (canonical JSON), the bytes of ``sources`` (files of this
-    package) and the versions that matter."""
-    from . import __version__
-
+    package) and what decides which code runs: the versions of Python, torch, numba and irn,
+    and the backend ``IRN_BACKEND`` selects (``IRN_BACKEND=torch`` trains on the generic
+    path, whose models are not the compiled path's to the last bit)."""
     digest = hashlib.sha256()
     digest.update(json.dumps(payload, sort_keys=True, default=repr).encode())
     for name in sources:
         digest.update(name.encode())
         digest.update((PACKAGE / name).read_bytes())
     digest.update(f"python {platform.python_version()} torch {torch.__version__} "
-                  f"irn {__version__}".encode())
+                  f"numba {_numba_version()} irn {__version__} "
+                  f"backend {compiled.default_backend()}".encode())
     return digest.hexdigest()
 
 
@@ -109,8 +121,3 @@ def store(directory, entry: str, tables: dict, tensors: dict) -> None:
             pass  # written meanwhile by another process: same content, keep theirs
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def clear(directory) -> None:
-    """Remove every entry."""
-    shutil.rmtree(directory, ignore_errors=True)

@@ -12,18 +12,18 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from ._checks import missing_extra
+from .._checks import missing_extra
 
 try:
     import pandas as pd
 except ImportError as err:  # the examples' dependencies: pip install 'irn[examples]'
-    raise missing_extra("irn.robustness", err) from err
+    raise missing_extra("irn.paper.robustness", err) from err
 import torch
 
 from . import cache
-from ._checks import choice, require
-from ._parallel import run_all
-from .regularizers import noise, perturbation_distances
+from .._checks import choice, require
+from .parallel import run_all
+from ..regularizers import noise, perturbation_distances
 from .losses import LOSSES
 
 
@@ -210,7 +210,7 @@ def measure_many(tasks: list, workers: int = 1, *, cache_dir=None, executor=None
     keyword arguments of :func:`measure`), ``workers`` processes at a time (or on
     ``executor``); results in order and the same wherever they ran (every measurement is
     seeded by its own ``seed``). With ``cache_dir`` a measurement is looked up by the model's
-    weights, the data, the settings and the sources (:mod:`irn.cache`) before it is made."""
+    weights, the data, the settings and the sources (:mod:`irn.paper.cache`) before it is made."""
     require(isinstance(workers, int) and workers >= 1, f"workers must be an int >= 1, got {workers!r}")
     tasks = list(tasks)
     results = [None] * len(tasks)

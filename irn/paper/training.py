@@ -9,20 +9,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._checks import missing_extra
+from .._checks import missing_extra
 
 try:
     import pandas as pd
     from tqdm import tqdm
 except ImportError as err:  # the examples' dependencies: pip install 'irn[examples]'
-    raise missing_extra("irn.training", err) from err
+    raise missing_extra("irn.paper.training", err) from err
 
-from . import regularizers
-from ._checks import choice, integer, per_member, require
-from ._parallel import executor  # noqa: F401 (public here: a Dask cluster's executor)
+from .. import regularizers
+from .._checks import choice, integer, per_member, require
 from .history import per_layer
 from .losses import LOSSES
-from .models import ImplicitModel
+from ..models import ImplicitModel
 
 # modules whose forward depends on train()/eval()
 MODE_DEPENDENT = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
@@ -312,17 +311,6 @@ class _EpochTotals:
             row[f"backward_iterations_{l}"] = self.bwd[e, l] / steps
             row[f"grad_{l}"] = self.grad[e, l] / steps
         return row
-
-
-# ------------------------------------------------------------------------- several models
-
-def train_many(jobs: list[dict], workers: int = 1, desc: str = "training", **options):
-    """Train independent models as ensembles where they stack: :func:`irn.experiments.train_many`
-    (kept here under its documented name; :func:`irn.experiments.run` takes :class:`Job`
-    values and returns models and histories keyed by their tags)."""
-    from .experiments import train_many as run_jobs  # the sweep machinery imports this module
-
-    return run_jobs(jobs, workers, desc, **options)
 
 
 def summarize(histories: pd.DataFrame, by=("depth", "theta")) -> pd.DataFrame:

@@ -3,7 +3,7 @@
 Each claim is read as a per-seed quantity (a paired difference: the same seed, hence the same
 initial weights, under the two models compared) whose centre the paper puts on one side of a
 threshold; claim 4 as a share of runs. :func:`row` and :func:`share_row` estimate it with an
-interval that keeps its coverage at ten seeds (:mod:`irn.statistics`) and a p-value;
+interval that keeps its coverage at ten seeds (:mod:`irn.paper.statistics`) and a p-value;
 :func:`frame` decides the verdicts, the p-values of one claim's rows adjusted together (Holm):
 **holds** or **contradicted** when the adjusted test rejects the threshold, on the claimed or
 the other side; **equivalent** when it does not but the 95% interval lies within the claim's
@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from . import statistics
-from ._checks import choice, missing_extra, require
+from .._checks import choice, missing_extra, require
 
 try:
     import pandas as pd
 except ImportError as err:  # the examples' dependencies: pip install 'irn[examples]'
-    raise missing_extra("irn.claims", err) from err
+    raise missing_extra("irn.paper.claims", err) from err
 
 COLUMNS = ["claim", "setup", "statement", "source", "metric", "estimate", "low", "high", "p",
            "p_holm", "seeds", "seeds_needed", "not_converged", "trained", "runs", "verdict",
@@ -130,7 +130,7 @@ def row(claim: str, setup: str, per_seed, *, not_converged: int = 0, trained: in
     """One row of the claims table: ``claim`` (a key of :data:`CLAIMS`) on ``setup``, from
     the per-seed values ``per_seed`` (a Series indexed by seed, or a sequence; NaN seeds, e.g. a
     loss that overflowed, are left out and not counted in ``seeds``): the signed-rank estimate,
-    95% interval and p-value against the claim's threshold (:mod:`irn.statistics`), and the
+    95% interval and p-value against the claim's threshold (:mod:`irn.paper.statistics`), and the
     seeds a test at the family's strictest Holm level would need. Of the ``runs`` behind the
     row, ``not_converged`` count those whose solves did not all converge (kept, and counted)
     and ``trained`` those whose training settled (:func:`settled`); ``figure`` overrides the
@@ -193,7 +193,7 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     claim's rows Holm-adjusted together (``p_holm``), the verdicts (:func:`verdict`), and for
     each row of per-seed values the seeds a test at the family's strictest Holm level
     (``ALPHA`` / rows) would need to find an effect as large as the one measured or the
-    claim's margin, whichever is larger (:func:`irn.statistics.seeds_needed`)."""
+    claim's margin, whichever is larger (:func:`irn.paper.statistics.seeds_needed`)."""
     table = pd.DataFrame(rows, columns=COLUMNS)
     for claim, family in table.groupby("claim", sort=False):
         tested = family.p.notna() & (family.seeds >= MIN_SEEDS)
@@ -417,10 +417,10 @@ def function_approximation_rows(histories: pd.DataFrame, setup: str, *, shallow:
                                 deep: int | None = None, gains: pd.Series | None = None,
                                 regularized: pd.DataFrame | None = None,
                                 figure_suffix: str = "", gain_thetas=None) -> list[dict]:
-    """Claims 1-5 on Example 1 from the histories of :func:`irn.training.train` (with
+    """Claims 1-5 on Example 1 from the histories of :func:`irn.paper.training.train` (with
     ``depth``, ``theta``, ``seed`` columns; ``theta = 0`` and some ``theta > 0`` at the
     depths ``shallow`` and ``deep``). ``gains``: the log10 gain of a perturbation through
-    each trained network (:func:`irn.robustness.perturbation_gain`), indexed by (depth,
+    each trained network (:func:`irn.paper.robustness.perturbation_gain`), indexed by (depth,
     theta, seed) (claim 2, one row per implicit theta, or per theta in ``gain_thetas``).
     ``regularized``: histories of models
     retrained with R_fp (same keys, a subset of the implicit ones; claim 5). Each row links

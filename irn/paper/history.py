@@ -1,16 +1,16 @@
-"""Reading the per-epoch training histories of :func:`irn.training.train` (one row per
+"""Reading the per-epoch training histories of :func:`irn.paper.training.train` (one row per
 epoch, per-layer columns ``{name}_{l}``) without importing the training loop."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ._checks import missing_extra, require
+from .._checks import missing_extra, require
 
 try:
     import pandas as pd
 except ImportError as err:  # the examples' dependencies: pip install 'irn[examples]'
-    raise missing_extra("irn.history", err) from err
+    raise missing_extra("irn.paper.history", err) from err
 
 
 def per_layer(history: pd.DataFrame, name: str) -> np.ndarray:

@@ -22,19 +22,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._checks import missing_extra
+from .._checks import missing_extra
 
 try:
     import pandas as pd
     from tqdm import tqdm
 except ImportError as err:  # the examples' dependencies: pip install 'irn[examples]'
-    raise missing_extra("irn.experiments", err) from err
+    raise missing_extra("irn.paper.experiments", err) from err
 
 from . import cache
-from ._checks import choice, require
-from ._parallel import executor, run_all
+from .._checks import choice, require
+from .parallel import executor, run_all
 from .data import digits, sine, swiss_roll, two_spirals
-from .models import ImplicitModel, digits_classifier, function_approximator, spiral_classifier
+from ..models import ImplicitModel
+from .examples import digits_classifier, function_approximator, spiral_classifier
 from .training import train
 
 TRAIN_DEFAULTS = {name: p.default for name, p in inspect.signature(train).parameters.items()
@@ -197,10 +198,10 @@ def train_many(jobs: list[dict], workers: int = 1, desc: str = "training", *,
     (``ensemble``, ``workers``, ``max_members``) moves results by rounding only, where it
     runs (here, local processes, a Dask cluster) not at all.
 
-    ``cache_dir``: a folder of trained batches (:mod:`irn.cache`), keyed by the jobs, the
+    ``cache_dir``: a folder of trained batches (:mod:`irn.paper.cache`), keyed by the jobs, the
     training sources and the versions; a batch found there is not trained again.
     ``executor``: any ``concurrent.futures.Executor`` to run the batches on (e.g.
-    ``irn.experiments.executor("tls://head:8786")``, a Dask cluster); default: local processes.
+    ``irn.paper.experiments.executor("tls://head:8786")``, a Dask cluster); default: local processes.
     Returns ``[(model, history), ...]`` in the order of ``jobs``; progress is shown per
     finished job.
     """
@@ -249,7 +250,7 @@ class Job:
     ``network`` (its architecture: ``num_layers``, ``theta``, ``T``, ...) and ``solver`` (the
     blocks' settings: ``tol``, ``max_iters``, ``solver``, ``on_nonconvergence``, ...), trained
     on ``data`` (a key of :data:`DATASETS`) with ``training`` (keywords of
-    :func:`irn.training.train`; ``seed`` also seeds its minibatch order and perturbations).
+    :func:`irn.paper.training.train`; ``seed`` also seeds its minibatch order and perturbations).
     ``tags`` name the run in :func:`run`'s results (e.g. ``{"layout": "state", "theta": 0.5}``).
     Checked at construction."""
 
@@ -270,7 +271,7 @@ class Job:
         require(not both, f"network and solver settings overlap: {both}")
         unknown = sorted(set(self.training) - set(TRAIN_SETTINGS))
         require(not unknown, f"training settings {unknown} are not settings of "
-                             f"irn.training.train; allowed: {list(TRAIN_SETTINGS)}")
+                             f"irn.paper.training.train; allowed: {list(TRAIN_SETTINGS)}")
         require("seed" not in self.tags, "tags must not include 'seed' (a column of its own)")
 
     @property
@@ -293,7 +294,7 @@ def run(jobs: list[Job], *, workers: int = 1, desc: str = "training", cache_dir=
     """Train ``jobs`` (:func:`train_many`, on the Dask scheduler at ``dask_scheduler`` if
     given) and return ``(models, histories)``: ``models[key]`` the trained model of each job,
     keyed by a named tuple of its tags and seed (which equals the plain tuple
-    ``(*tags.values(), seed)``), and ``histories`` their :func:`irn.training.train` histories
+    ``(*tags.values(), seed)``), and ``histories`` their :func:`irn.paper.training.train` histories
     in one frame with each job's tags and seed as columns. Keys must be unique."""
     jobs = list(jobs)
     keys = [job.key for job in jobs]
