@@ -52,7 +52,7 @@ def test_importing_and_plotting_leave_the_callers_style_alone():
     import sys
 
     code = ("import matplotlib; before = dict(matplotlib.rcParams); "
-            "from irn import plotting; assert dict(matplotlib.rcParams) == before; "
+            "from irn.paper import plotting; assert dict(matplotlib.rcParams) == before; "
             "fig = plotting.spectral_radii(points=20); assert dict(matplotlib.rcParams) == before; "
             "assert fig.get_axes()[0].title.get_fontsize() == plotting.STYLE['axes.titlesize']")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -205,7 +205,7 @@ def test_every_figure_of_a_notebook_is_shown_inline(tmp_path):
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbformat.v4.new_code_cell("figures_dir = '.'", metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("from irn import plotting\nplotting.use_style()"),
+                nbformat.v4.new_code_cell("from irn.paper import plotting\nplotting.use_style()"),
                 nbformat.v4.new_code_cell("fig = plotting.spectral_radii(points=20)"),
                 nbformat.v4.new_code_cell("fig = plotting.stability_regions(extent=2.0)")]
     source = tmp_path / "figures.ipynb"
