@@ -486,12 +486,13 @@ def overhead(workload="W3 wide", min_time=1.0):
         explicit = x + h * (1 - theta) * f(x)
 
         def g(y):
-            return torch.add(explicit, f(y), alpha=h * theta)
+            return torch.add(explicit, f(y[0]), alpha=h * theta)[None]
 
         def solve(k):
-            return lambda: S.fixed_point(g, x, tol=1e-30, max_iters=k)
+            return lambda: S.solve(("fixed_point",), {}, g, x[None], tol=1e-30, max_iters=k,
+                                   active=[True])
 
-        samples = interleaved_times({"45": solve(45), "5": solve(5), "g": lambda: g(x)},
+        samples = interleaved_times({"45": solve(45), "5": solve(5), "g": lambda: g(x[None])},
                                     min_time, min_cycles=31)
         per_iter = (median(samples["45"]) - median(samples["5"])) / 40
         floor = median(samples["g"])

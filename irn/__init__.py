@@ -7,9 +7,11 @@ The front door::
 """
 
 from . import regularizers, stability
-from .layers import ImplicitResidualBlock, SolveConfig
+from .config import SolveConfig
+from .errors import ConvergenceWarning, SolverError
+from .layers import ImplicitResidualBlock
 from .models import ImplicitResNet
-from .solvers import ConvergenceWarning, SolveStats, SolverError
+from .records import SolveStats
 
 __version__ = "0.1.0"
 __all__ = ["ImplicitResidualBlock", "ImplicitResNet", "SolveConfig", "SolveStats", "ConvergenceWarning",

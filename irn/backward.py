@@ -24,16 +24,46 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import solvers as S
-from .solvers import SolveInfo
+from .driver import SolveInfo, labelled, vjp
+from .linear import LINEAR_SOLVERS
 
 
 def axpy(a: torch.Tensor, c, b: torch.Tensor) -> torch.Tensor:
-    """``a + c b`` for a float ``c`` (one network) or a per-member column ``c`` (an ensemble)."""
+    """``a + c b`` for a float ``c`` (shared by every member) or a per-member column ``c``."""
     return torch.add(a, b, alpha=c) if isinstance(c, float) else torch.addcmul(a, c, b)
 
 
-def linearize(F: nn.Module, y: torch.Tensor, scale: float = 1.0, create_graph: bool = False):
+class OneMember:
+    """The residual function ``F`` of one network's block (on ``(B, *)``) as that of an
+    ensemble of one (on ``(1, B, *)``): the public layout's boundary, where the member axis is
+    squeezed for the user's ``F`` and restored after it. It reads ``owner.F`` at every call,
+    so a replaced ``F`` is seen."""
+
+    def __init__(self, owner: nn.Module):
+        self.owner = owner
+
+    @property
+    def F(self) -> nn.Module:
+        return self.owner.F
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        return self.owner._modules["F"](y.squeeze(0)).unsqueeze(0)
+
+    def parameters(self):
+        return self.owner.F.parameters()
+
+
+def on_members(block):
+    """The residual function of ``block`` on the member layout ``(E, B, *)``: an ensemble
+    block's own ``F``; one network's lifted by :class:`OneMember`, unless it declares that it
+    acts on any leading dimensions (``F.any_leading_dims = True``, as
+    :class:`irn.functions.Perceptron`), which it then does on ``(1, B, *)`` as it is."""
+    F = block.F
+    lifted = block.members is None and not getattr(F, "any_leading_dims", False)
+    return OneMember(block) if lifted else F
+
+
+def linearize(F, y: torch.Tensor, scale: float = 1.0, create_graph: bool = False):
     """The two products of the backward at ``y``, built once and applied many times::
 
         input_vjp(u)     = scale * J_F(y)^T u                 (the adjoint linear solve)
@@ -47,6 +77,9 @@ def linearize(F: nn.Module, y: torch.Tensor, scale: float = 1.0, create_graph: b
     own graph), ``u`` and the parameters: second derivatives (an own ``linearize`` is when it is
     made of differentiable tensor operations, as the library's are).
     """
+    if isinstance(F, OneMember):  # F's own products, on the one member's samples
+        input_vjp, parameter_vjp = linearize(F.F, y[0], scale, create_graph)
+        return (lambda u: input_vjp(u[0]).unsqueeze(0)), (lambda u: parameter_vjp(u[0]))
     own = getattr(F, "linearize", None)
     if own is not None:
         return own(y, scale)
@@ -73,33 +106,33 @@ def linearize(F: nn.Module, y: torch.Tensor, scale: float = 1.0, create_graph: b
                                          materialize_grads=True))
         return [next(grads) if p.requires_grad else None for p in params]
 
-    return (lambda u: scale * S.vjp(fy, y_in, u, create_graph=create_graph)), parameter_vjp
+    return (lambda u: scale * vjp(fy, y_in, u, create_graph=create_graph)), parameter_vjp
 
 
 @dataclass(frozen=True)
 class Adjoint:
-    """What the backward of a block needs: its residual function ``F``, its ``backward``
-    strategy, the linear solve's ``lin_tol`` and ``lin_max_iters``, ``implicit`` (None for one
-    network, one bool per member of an ensemble: who solves), ``name`` (how errors and
-    warnings name the block) and ``report(info, stats)``, which hands a backward's
-    :class:`irn.solvers.SolveInfo` to the statistics of its forward (``stats``; None for a
-    solve of second derivatives) and applies the block's ``on_nonconvergence`` policy."""
+    """What the backward of a block needs: its residual function ``F`` on the member layout
+    ``(E, B, *)``, its ``backward`` strategy, the linear solve's ``lin_tol`` and
+    ``lin_max_iters``, ``implicit`` (one bool per member: who solves), ``name`` and ``members``
+    (how errors and warnings name the block, and the member of an ensemble) and
+    ``report(info, stats)``, which hands a backward's :class:`irn.driver.SolveInfo` to the
+    statistics of its forward (``stats``; None for a solve of second derivatives) and applies
+    the block's ``on_nonconvergence`` policy."""
 
-    F: nn.Module
+    F: object
     backward: "Backward"
     lin_tol: float
     lin_max_iters: int
-    implicit: tuple[bool, ...] | None
+    implicit: tuple[bool, ...]
     name: str
+    members: int | None
     report: Callable[[SolveInfo, object], None]
 
     def nothing_solved(self) -> SolveInfo:
         """The statistics of a backward that solves nothing: 0 iterations, residual 0, and
-        ``converged`` None (per member for an ensemble; an explicit member is None too)."""
-        if self.implicit is None:
-            return SolveInfo(0, 0.0, None)
-        return SolveInfo([0] * len(self.implicit), [0.0] * len(self.implicit),
-                         [None] * len(self.implicit))
+        ``converged`` None, per member (an explicit member is None too)."""
+        count = len(self.implicit)
+        return SolveInfo([0] * count, [0.0] * count, [None] * count)
 
 
 class Backward:
@@ -138,12 +171,9 @@ class ImplicitDifferentiation(Backward):
         device_type = grad.device.type
         with (torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type)
               else contextlib.nullcontext()):
-            v, info = S.labelled(adjoint.name, "backward", S.LINEAR_SOLVERS[self.name], input_vjp,
-                                 grad, tol=adjoint.lin_tol, max_iters=adjoint.lin_max_iters,
-                                 active=adjoint.implicit)
-        if adjoint.implicit is None:
-            return v, parameter_vjp(v), SolveInfo(info.iterations, float(info.residual),
-                                                  info.converged)
+            v, info = labelled(adjoint.name, "backward", adjoint.members,
+                               LINEAR_SOLVERS[self.name], input_vjp, grad, tol=adjoint.lin_tol,
+                               max_iters=adjoint.lin_max_iters, active=adjoint.implicit)
         if not all(adjoint.implicit):  # explicit members: v = grad (GMRES left them at zero)
             mask = torch.tensor(adjoint.implicit, device=v.device)
             v = torch.where(mask.reshape((-1,) + (1,) * (v.dim() - 1)), v, grad)

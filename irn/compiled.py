@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from .functions import Perceptron, StackedPerceptron
-from .solvers import SolveInfo, SolverError
+from .driver import SolveInfo
+from .errors import SolverError
 
 K = None  # irn._kernels once loaded: numba is imported at the first network that asks
 
@@ -49,8 +50,8 @@ def kernels():
     return K
 
 BACKENDS = ("auto", "torch", "compiled")
-SOLVERS = ("fixed_point",)
-BACKWARDS = ("neumann", "direct")
+COVERED_SOLVERS = ("fixed_point",)
+COVERED_BACKWARDS = ("neumann", "direct")
 DTYPES = (torch.float32, torch.float64)
 #: the widest network ``backend="auto"`` compiles: beyond it the generic path's matrix
 #: products (MKL) are faster (a training step of 10 layers, batch 128, float64, 1 thread:
@@ -78,14 +79,19 @@ def unsupported(blocks) -> str | None:
         if not isinstance(block.F, (Perceptron, StackedPerceptron)):
             return (f"{block.name}: F is a {type(block.F).__name__}, the compiled path covers "
                     f"irn.functions.Perceptron layers")
-        if block.solver not in SOLVERS:
-            return f"{block.name}: solver={block.solver!r}, the compiled path covers {SOLVERS}"
-        if block.backward not in BACKWARDS:
+        if block.solver not in COVERED_SOLVERS:
+            return (f"{block.name}: solver={block.solver!r}, the compiled path covers "
+                    f"{COVERED_SOLVERS}")
+        if block.backward not in COVERED_BACKWARDS:
             return (f"{block.name}: backward={block.backward!r}, the compiled path covers "
-                    f"{BACKWARDS}")
+                    f"{COVERED_BACKWARDS}")
     activations = {block.F.activation for block in blocks}
     if len(activations) > 1:
         return f"the layers' activations differ ({sorted(activations)})"
+    (activation,) = activations
+    if activation not in K.ACTIVATION_CODES:
+        return (f"activation {activation!r} has no compiled kernel (the compiled path covers "
+                f"{tuple(K.ACTIVATION_CODES)})")
     return None
 
 
@@ -131,8 +137,7 @@ class Plan:
         if self.unsupported is not None:
             return
         first = self.blocks[0]
-        self.members = first.members
-        E = self.members or 1
+        self.members = E = len(first.thetas)  # one network is one member
         self.kind = K.ACTIVATION_CODES[first.F.activation]
         self.tol = np.array([b.tol for b in blocks], dtype=np.float64)
         self.max_iters = np.array([b.max_iters for b in blocks], dtype=np.int64)
@@ -148,7 +153,7 @@ class Plan:
         self.solving = self.implicit.any(axis=1)  # layers with a solve (a report)
         # where each layer's weight and bias live (read there at every call, so a replaced
         # parameter is seen; nn.Module's attribute lookup would cost more than the kernels)
-        owners = [b.F.linear if self.members is None else b.F for b in self.blocks]
+        owners = [b.F.linear if isinstance(b.F, Perceptron) else b.F for b in self.blocks]
         self._owners = [owner._parameters for owner in owners]
 
     def coefficients(self, dtype):
@@ -169,7 +174,7 @@ class Plan:
 def _key(blocks):
     """What a plan depends on: the blocks, their residual functions and settings (read from
     the instances' dicts: ``nn.Module`` attribute lookup costs more than the kernels)."""
-    return tuple((b, b._modules["F"], b.__dict__["config"]) for b in blocks)
+    return tuple((b, b._modules["F"], b.__dict__["_config"]) for b in blocks)
 
 
 def plan(net) -> Plan:
@@ -226,7 +231,7 @@ def _forward(p: Plan, y0: torch.Tensor, params):
     """Run the forward kernel and report its statistics to the blocks (warnings, errors);
     returns ``(Y, saved)``: the states and what the backward needs, as numpy arrays with the
     samples last (``irn._kernels``)."""
-    L, E = len(p.blocks), p.members or 1
+    L, E = len(p.blocks), p.members
     dtype = y0.detach().numpy().dtype
     x = y0.detach().numpy().reshape(E, -1, y0.shape[-1])
     B, d = x.shape[1:]
@@ -261,19 +266,16 @@ def _report(p: Plan, what: str, iters, resid, converged, fail, reversed_order: b
     for l in layers:
         block = p.blocks[l]
         if first is not None and fail[first, 0] == l:
-            label = block.name if p.members is None else f"{block.name}, member {first}"
+            label = f"{block.name}, member {first}" if block.record.labels else block.name
             reason = ("I - J^T is singular (iteration 0)" if fail[first, 2] == K.SINGULAR else
                       f"non-finite value (NaN or inf) at iteration {fail[first, 1]}")
             raise SolverError(f"{label}: {what} solve failed: {reason}")
-        record = block._latest
+        record = block.record
         if not p.solving[l]:
             if what == "forward":
                 record.no_solve(False)
             continue
-        if p.members is None:
-            info = SolveInfo(int(iters[l, 0]), float(resid[l, 0]), bool(converged[l, 0]))
-        else:
-            info = SolveInfo(iters[l].tolist(), resid[l].tolist(), converged[l].tolist())
+        info = SolveInfo(iters[l].tolist(), resid[l].tolist(), converged[l].tolist())
         if what == "forward":
             record.forward(info, None, block.name)
         else:
@@ -288,7 +290,7 @@ class _Network(torch.autograd.Function):
         Y, saved = _forward(p, y0, params)
         states = _states(Y)
         ctx.plan, ctx.arrays = p, (Y,) + saved
-        ctx.stats = [block._latest.stats for block in p.blocks]
+        ctx.stats = [block.record.stats for block in p.blocks]
         ctx.save_for_backward(states, y0, *params)
         return states
 
@@ -324,12 +326,10 @@ class _Network(torch.autograd.Function):
 def _generic_gradients(p: Plan, y0, params, grad_states):
     """The gradients of a compiled forward through the generic path, differentiable
     (``create_graph``): the forward solved again on the generic path."""
-    net_states = [y0 if p.members else y0[0]]
+    net_states = [y0]
     for block in p.blocks:
-        net_states.append(block(net_states[-1]))
+        net_states.append(block.solve_members(net_states[-1]))
     states = torch.stack(net_states)
-    if p.members is None:
-        states = states.unsqueeze(1)
     wanted = [t for t in (y0, *params) if t.requires_grad]
     grads = iter(torch.autograd.grad(states, wanted, grad_states, create_graph=True,
                                      allow_unused=True, materialize_grads=True))

@@ -22,7 +22,11 @@ DERIVATIVES = {
 
 
 class Perceptron(nn.Module):
-    """The residual function of one layer: ``F(y) = act(W y + b)``; ``linear`` holds ``W, b``."""
+    """The residual function of one layer: ``F(y) = act(W y + b)``; ``linear`` holds ``W, b``.
+    It acts on the last dimension only, so a block runs it on the member layout ``(1, B, dim)``
+    of one network as it is (``any_leading_dims``)."""
+
+    any_leading_dims = True
 
     def __init__(self, dim: int, activation: str = "relu"):
         super().__init__()
@@ -36,7 +40,7 @@ class Perceptron(nn.Module):
             nn.functional.linear(y, self.linear.weight, self.linear.bias))
 
     def linearize(self, y, scale: float = 1.0):
-        """The products of the backward (see :func:`irn.layers.linearize`), with
+        """The products of the backward (see :func:`irn.backward.linearize`), with
         ``s(u) = scale * act'(W y + b) * u``: ``u -> scale J_F(y)^T u = s(u) W`` and
         ``u -> (dF/dW^T, dF/db^T) scale u = (s(u)^T y, sum_batch s(u))``. Plain tensor
         operations: differentiable in ``y``, ``W``, ``b`` and ``u`` when called in grad mode

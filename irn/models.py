@@ -141,17 +141,17 @@ class ImplicitResNet(nn.Module):
             reason = compiled.unsupported(self.blocks)
             require(reason is None, f"backend='compiled' cannot run this network: {reason}")
 
-    def _compiled_states(self, y0: torch.Tensor) -> torch.Tensor | None:
-        """Every hidden state ``(L + 1, E, B, dim)`` on the compiled path, or None where the
-        generic path runs this call (``backend="compiled"``: a ``ValueError`` instead)."""
+    def _compiled_states(self, y: torch.Tensor) -> torch.Tensor | None:
+        """Every hidden state ``(L + 1, E, B, dim)`` from ``y`` ``(E, B, dim)`` on the compiled
+        path, or None where the generic path runs this call (``backend="compiled"``: a
+        ``ValueError`` instead)."""
         if self.backend == "torch":
             return None
-        reason = compiled.reason(self, y0)
+        reason = compiled.reason(self, y)
         if reason is None:
-            states = compiled.trajectory(self, y0 if self.members else y0.unsqueeze(0))
+            states = compiled.trajectory(self, y)
             for l, block in enumerate(self.blocks):  # what each block keeps on the generic path
-                block._latest.solution = ((states[l + 1] if self.members else states[l + 1, 0])
-                                          if block.keep_solution else None)
+                block.record.solution = states[l + 1] if block.keep_solution else None
             return states
         require(self.backend != "compiled", f"backend='compiled' cannot run this call: {reason}")
         return None
@@ -236,17 +236,17 @@ class ImplicitResNet(nn.Module):
             block.keep_iterates = bool(value)
 
     @property
-    def keep_solutions(self) -> bool:
+    def keep_solution(self) -> bool:
         """Whether the blocks keep their latest outputs (for ``irn.regularizers.jacobian``)."""
         return all(block.keep_solution for block in self.blocks)
 
-    @keep_solutions.setter
-    def keep_solutions(self, value: bool) -> None:
+    @keep_solution.setter
+    def keep_solution(self, value: bool) -> None:
         for block in self.blocks:
             block.keep_solution = bool(value)
 
     def _check_input(self, y0):
-        members = self.blocks[0].members
+        members = self.members
         if members is None:
             if not (y0.dim() == 2 and y0.shape[1] == self.dim):  # (no message built per call)
                 raise ValueError(f"y0 must have shape (batch, {self.dim}), got {tuple(y0.shape)}")
@@ -254,27 +254,41 @@ class ImplicitResNet(nn.Module):
             raise ValueError(f"y0 must have shape (members={members}, batch, {self.dim}) for an "
                              f"ensemble, got {tuple(y0.shape)}")
 
+    def _run(self, y: torch.Tensor, every: bool) -> torch.Tensor:
+        """The network on the member layout ``y`` ``(E, B, dim)``: its last state, or with
+        ``every`` all ``L + 1`` states stacked."""
+        states = self._compiled_states(y)
+        if states is not None:
+            return states if every else states[-1]
+        kept = [y]
+        for block in self.blocks:
+            y = block.solve_members(y)
+            if every:
+                kept.append(y)
+        return torch.stack(kept) if every else y
+
+    def states(self, y: torch.Tensor) -> torch.Tensor:
+        """Every hidden state ``(L + 1, E, B, dim)`` from ``y`` of shape ``(E, B, dim)``: the
+        trajectory in the member layout, for one network too (``E = 1``)."""
+        count = self.members or 1
+        if not (y.dim() == 3 and y.shape[0] == count and y.shape[2] == self.dim):
+            raise ValueError(f"y must have shape (members={count}, batch, {self.dim}), got "
+                             f"{tuple(y.shape)}")
+        return self._run(y, every=True)
+
     def forward(self, y0: torch.Tensor) -> torch.Tensor:
         self._check_input(y0)
-        states = self._compiled_states(y0)
-        if states is not None:
-            return states[-1] if self.members else states[-1, 0]
-        y = y0
-        for block in self.blocks:
-            y = block(y)
-        return y
+        if self.members is None:  # the public layout's boundary: one network is one member
+            return self._run(y0.unsqueeze(0), every=False)[0]
+        return self._run(y0, every=False)
 
     def trajectory(self, y0: torch.Tensor) -> torch.Tensor:
         """All hidden states ``(y_0, y_1, ..., y_L)`` stacked: shape ``(L + 1, B, dim)``
         (``(L + 1, E, B, dim)`` for an ensemble)."""
         self._check_input(y0)
-        states = self._compiled_states(y0)
-        if states is not None:
-            return states if self.members else states[:, 0]
-        states = [y0]
-        for block in self.blocks:
-            states.append(block(states[-1]))
-        return torch.stack(states)
+        if self.members is None:
+            return self._run(y0.unsqueeze(0), every=True)[:, 0]
+        return self._run(y0, every=True)
 
 
 class PadEmbedding(nn.Module):

@@ -1,40 +1,69 @@
 """What a block's solves leave behind, and how a solve that misses its tolerance is reported
 (docs/design.md, sections 2 and 5).
 
-A :class:`SolveRecord` holds a block's latest forward: its :class:`irn.SolveStats` (one per
-member of an ensemble), completed by the backward that belongs to it, the residuals of the
-iterates for ``R_fp`` when they were kept, and whether the latest backward converged. Each
-unconverged solve goes through the block's ``on_nonconvergence`` policy: a warning, an error,
-or nothing.
+A :class:`SolveRecord` holds a block's latest forward, member by member (one network is one
+member): its :class:`SolveStats`, completed by the backward that belongs to it, the residuals
+of the iterates for ``R_fp`` when they were kept, whether the latest backward converged, and
+the kept solution. Each unconverged solve goes through the block's ``on_nonconvergence``
+policy: a warning, an error, or nothing.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
+from dataclasses import dataclass
 
 import torch
 
-from .solvers import ConvergenceWarning, SolveInfo, SolverError, SolveStats
+from .driver import SolveInfo
+from .errors import ConvergenceWarning, SolverError
+
+#: code a warning must not be attributed to: the library's own and PyTorch's (its module call,
+#: autograd's backward), so that it points at the user's line that ran the solve
+_NOT_THE_CALLER = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` (for ``warnings.warn`` called by this function's caller) of the first
+    frame outside irn and torch: the user's line, however deep the library's own calls."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_NOT_THE_CALLER):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+@dataclass
+class SolveStats:
+    """Statistics of a block's latest solve (backward fields filled in by the backward pass)."""
+
+    iterations: int
+    residual: float
+    converged: bool
+    backward_iterations: int | None = None
+    backward_residual: float | None = None
+    solver: str | None = None  # with a fallback (a tuple of solvers): the one that finished
 
 
 class SolveRecord:
-    """The latest solve of a block of ``members`` (None: one network) whose members with
-    ``theta > 0`` solve, under ``policy`` (``warn``, ``raise`` or ``ignore``)."""
+    """The latest solve of a block of ``members`` whose members with ``theta > 0`` solve,
+    under ``policy`` (``warn``, ``raise`` or ``ignore``); ``labels`` says whether messages
+    name the member (an ensemble's blocks do, one network's do not)."""
 
     # a plain object with slots: nn.Module's own __setattr__ is slow enough to show in a
     # 100-layer network's training step
-    __slots__ = ("members", "solving", "policy", "stats", "iterate_residuals",
+    __slots__ = ("members", "solving", "policy", "labels", "stats", "iterate_residuals",
                  "backward_converged", "solution", "_unsolved")
 
-    def __init__(self, members: int | None, theta, policy: str):
-        self.members, self.policy = members, policy
-        self.solving = [None] if members is None else [e for e, t in enumerate(theta) if t > 0]
+    def __init__(self, members: int, theta, policy: str, labels: bool):
+        self.members, self.policy, self.labels = members, policy, labels
+        self.solving = [e for e, t in enumerate(theta) if t > 0]
         self.stats = self.iterate_residuals = self.backward_converged = self.solution = None
         self._unsolved = None  # the statistics of a forward without a solve, made once
 
-    def _new_stats(self):
-        return (SolveStats(0, 0.0, True) if self.members is None
-                else [SolveStats(0, 0.0, True) for _ in range(self.members)])
+    def _new_stats(self) -> list[SolveStats]:
+        return [SolveStats(0, 0.0, True) for _ in range(self.members)]
 
     def no_solve(self, keep_iterates: bool) -> None:
         """A forward that solved nothing (every member explicit, or an empty batch)."""
@@ -51,65 +80,51 @@ class SolveRecord:
         iterates, ``record``, when kept); warns (or raises) per unconverged member."""
         self.iterate_residuals = None if record is None else self._means(record, info)
         self.backward_converged = None
-        if self.members is None:
-            self.stats = SolveStats(info.iterations, float(info.residual), info.converged,
-                                    solver=info.solver)
-            if not info.converged:
-                self._nonconvergence(name, "forward", info.iterations, self.stats.residual)
-        else:
-            self.stats = self._new_stats()  # explicit members: those of an explicit block
-            for e in self.solving:
-                self.stats[e] = SolveStats(info.iterations[e], info.residual[e], info.converged[e],
-                                           solver=None if info.solver is None else info.solver[e])
-                if not info.converged[e]:
-                    self._nonconvergence(name, "forward", info.iterations[e], info.residual[e], e)
+        self.stats = self._new_stats()  # explicit members: those of an explicit block
+        for e in self.solving:
+            self.stats[e] = SolveStats(info.iterations[e], info.residual[e], info.converged[e],
+                                       solver=None if info.solver is None else info.solver[e])
+            if not info.converged[e]:
+                self._nonconvergence(name, "forward", info.iterations[e], info.residual[e], e)
 
     def _means(self, record, info):
-        """Batch means of the recorded residual norms; an ensemble's are ``(E,)`` tensors,
-        zero past each member's own iteration count (so that R_fp sums only its terms)."""
-        if self.members is None:
-            return [r.mean() for r in record]
+        """Batch means of the recorded residual norms, ``(E,)`` tensors, zero past each
+        member's own iteration count (so that R_fp sums only its terms)."""
         counts = [0] * self.members
         for e in self.solving:
             counts[e] = info.iterations[e]
+        if min(counts) >= len(record):  # every member iterated to the end: nothing to mask
+            return [r.mean(dim=1) for r in record]
         counts = torch.tensor(counts, device=record[0].device)
         return [torch.where(k < counts, r.mean(dim=1), 0) for k, r in enumerate(record)]
 
     def backward(self, info: SolveInfo, stats, name: str) -> None:
-        """Hand a backward's statistics ``info`` (per member for an ensemble; ``converged``
-        None where nothing was solved) to the ``stats`` of its forward (None: a solve of second
-        derivatives, recorded nowhere), for the members that solve, and to
-        ``backward_converged`` when that forward is the latest one and solved something; warn
-        (or raise) per unconverged member."""
-        if self.members is None:
-            entries = [(None, info.iterations, info.residual, info.converged)]
-        else:
-            entries = [(e, info.iterations[e], info.residual[e], info.converged[e])
-                       for e in self.solving]
+        """Hand a backward's statistics ``info`` (per member; ``converged`` None where nothing
+        was solved) to the ``stats`` of its forward (None: a solve of second derivatives,
+        recorded nowhere), for the members that solve, and to ``backward_converged`` when that
+        forward is the latest one and solved something; warn (or raise) per unconverged
+        member."""
+        entries = [(e, info.iterations[e], info.residual[e], info.converged[e])
+                   for e in self.solving]
         if stats is not None:
-            targets = [stats] if self.members is None else stats
             for member, iterations, residual, _ in entries:
-                target = targets[0 if member is None else member]
-                target.backward_iterations, target.backward_residual = iterations, residual
-            solved = [(member, ok) for member, _, _, ok in entries if ok is not None]
-            if stats is self.stats and solved:
-                if self.members is None:
-                    self.backward_converged = solved[0][1]
-                else:
-                    converged = [None] * self.members
-                    for member, ok in solved:
-                        converged[member] = ok
-                    self.backward_converged = converged
+                stats[member].backward_iterations = iterations
+                stats[member].backward_residual = residual
+            if stats is self.stats and any(ok is not None for *_, ok in entries):
+                converged = [None] * self.members
+                for member, *_, ok in entries:
+                    converged[member] = ok
+                self.backward_converged = converged
         for member, iterations, residual, ok in entries:
             if ok is False:
                 self._nonconvergence(name, "backward", iterations, residual, member)
 
     def _nonconvergence(self, name: str, what: str, iterations: int, residual: float,
-                        member: int | None = None) -> None:
-        label = name if member is None else f"{name}, member {member}"
+                        member: int) -> None:
+        label = f"{name}, member {member}" if self.labels else name
         message = (f"{label}: {what} solve did not converge in {iterations} "
                    f"iterations (residual {residual:.3e})")
         if self.policy == "raise":
             raise SolverError(message)
         if self.policy == "warn":
-            warnings.warn(message, ConvergenceWarning, stacklevel=5)  # the caller of block(x)
+            warnings.warn(message, ConvergenceWarning, stacklevel=caller_stacklevel())

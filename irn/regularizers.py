@@ -14,18 +14,24 @@ from collections.abc import Sequence
 import torch
 
 from ._checks import per_member, require
-from .solvers import per_sample_norm
+from .driver import per_sample_norm
 
 
 def _setting(name: str, value, members: int | None, like: torch.Tensor, check, allowed: str):
     """A regulariser setting checked (``check(v)`` for each value, ``allowed`` names the
-    range): a float for one network; for an ensemble an ``(E,)`` tensor on ``like``'s device."""
+    range), as an ``(E,)`` tensor on ``like``'s dtype and device (``E = 1`` for one network,
+    ``members`` None, which takes one value)."""
     values = per_member(name, value, members)
-    for v in (values if members else [values]):
+    values = [values] if members is None else values
+    for v in values:
         require(check(v), f"{name} must be {allowed}, got {v!r}")
-    if members is None:
-        return values
     return torch.tensor(values, dtype=like.dtype, device=like.device)
+
+
+def _public(net, values: torch.Tensor) -> torch.Tensor:
+    """Per-member values (leading dimension ``E``) as the public layout shows them: the one
+    member's for one network."""
+    return values[0] if net.members is None else values
 
 
 def fixed_point(net, alpha: float) -> torch.Tensor:
@@ -41,20 +47,19 @@ def fixed_point(net, alpha: float) -> torch.Tensor:
     """
     p = next(net.parameters())
     alpha = _setting("alpha", alpha, net.members, p, lambda a: 0 < a < 1, "in (0, 1)")
-    blocks = list(net.blocks)
-    require(any(block.iterate_residuals is not None for block in blocks),
+    records = [block.record for block in net.blocks]
+    require(any(record.iterate_residuals is not None for record in records),
              "no iterates recorded: set net.keep_iterates = True and run a forward pass "
              "before calling irn.regularizers.fixed_point")
     total = None
-    for block in blocks:
-        r = block.iterate_residuals or []
+    for record in records:
+        r = record.iterate_residuals or []
         for k in range(1, len(r)):
             term = torch.relu(r[k] - alpha * r[k - 1])
             total = term if total is None else total + term
     if total is None:  # every layer converged at its first iterate (or is explicit)
-        shape = () if net.members is None else (net.members,)
-        return torch.zeros(shape, dtype=p.dtype, device=p.device)
-    return total / len(blocks)
+        return _public(net, torch.zeros(alpha.shape, dtype=p.dtype, device=p.device))
+    return _public(net, total / len(records))
 
 
 def noise(shape, like: torch.Tensor, generator: torch.Generator | None = None,
@@ -76,32 +81,31 @@ def perturbation_distances(net, y0: torch.Tensor, sigma, streams: int,
     On an ensemble (``y0`` of shape ``(E, B, dim)``): ``d`` has shape ``(L + 1, E, S, B)``;
     ``sigma`` may be one value per member and ``generator`` one generator per member (a
     single generator draws the whole ``(E, S, B, dim)`` noise at once)."""
+    d, output = _member_distances(net, y0, sigma, streams, generator)
+    return (d[:, 0], output[0]) if net.members is None else (d, output)
+
+
+def _member_distances(net, y0, sigma, streams, generator):
+    """:func:`perturbation_distances` in the member layout: ``d`` of shape
+    ``(L + 1, E, S, B)`` and the clean output ``(E, B, dim)``, ``E = 1`` for one network."""
     members = net.members
     sigma = _setting("sigma", sigma, members, y0, lambda s: s >= 0, ">= 0")
     require(isinstance(streams, int) and streams >= 1,
              f"streams must be an int >= 1, got {streams!r}")
-    if members is None:
-        batch = y0.shape[0]
-        xi = noise((streams,) + tuple(y0.shape), y0, generator)
-        inputs = torch.cat([y0.unsqueeze(0), y0 + sigma * xi]).reshape((-1,) + y0.shape[1:])
-        states = net.trajectory(inputs)  # (L + 1, (S + 1) B, dim)
-        states = states.reshape(states.shape[0], streams + 1, batch, *states.shape[2:])
-        clean, perturbed = states[:, :1], states[:, 1:]
-        d = per_sample_norm((perturbed - clean).reshape(-1, *states.shape[3:]))
-        return d.reshape(states.shape[0], streams, batch), states[-1, 0]
     net._check_input(y0)
-    batch = y0.shape[1]
+    y0 = y0 if members is not None else y0.unsqueeze(0)  # the member layout (E, B, dim)
+    count, batch = y0.shape[:2]
     shape = (streams,) + tuple(y0.shape[1:])
     if isinstance(generator, Sequence):
-        require(len(generator) == members,
-                f"generator must be one generator or one per member ({members}), got {len(generator)}")
+        require(len(generator) == count,
+                f"generator must be one generator or one per member ({count}), got {len(generator)}")
         xi = torch.stack([noise(shape, y0, g) for g in generator])  # (E, S, B, dim)
     else:
-        xi = noise((members,) + shape, y0, generator)
+        xi = noise((count,) + shape, y0, generator)
     sigma = sigma.reshape((-1,) + (1,) * (xi.dim() - 1))
     inputs = torch.cat([y0.unsqueeze(1), y0.unsqueeze(1) + sigma * xi], dim=1)
-    states = net.trajectory(inputs.reshape(members, (streams + 1) * batch, -1))
-    states = states.reshape(states.shape[0], members, streams + 1, batch, -1)
+    states = net.states(inputs.reshape(count, (streams + 1) * batch, -1))
+    states = states.reshape(states.shape[0], count, streams + 1, batch, -1)
     d = per_sample_norm(states[:, :, 1:] - states[:, :, :1], 4)  # (L + 1, E, S, B)
     return d, states[-1, :, 0]
 
@@ -118,16 +122,13 @@ def perturbation(net, y0: torch.Tensor, sigma: float, beta: float, streams: int,
     batched pass, so the data loss needs no second forward.
     """
     beta = _setting("beta", beta, net.members, y0, lambda b: b > 0, "> 0")
-    d, output = perturbation_distances(net, y0, sigma, streams, generator)  # d[l, (e,) s, b]
+    d, output = _member_distances(net, y0, sigma, streams, generator)  # d[l, e, s, b]
     num_layers = d.shape[0] - 1
-    if net.members is None:
-        value = torch.relu(d[1:] - beta * d[:-1]).mean(dim=2).sum() / (num_layers * streams)
-    else:  # one value per member
-        beta = beta.reshape(1, -1, 1, 1)
-        value = (torch.relu(d[1:] - beta * d[:-1]).mean(dim=3).sum(dim=(0, 2))
-                 / (num_layers * streams))
+    beta = beta.reshape(1, -1, 1, 1)
+    value = _public(net, torch.relu(d[1:] - beta * d[:-1]).mean(dim=3).sum(dim=(0, 2))
+                    / (num_layers * streams))
     if return_output:
-        return value, output
+        return value, _public(net, output)
     return value
 
 
@@ -143,7 +144,7 @@ def jacobian(model, probes: int = 1, generator: torch.Generator | None = None) -
     ensemble, one generator per member draws that member's vectors as its solo run would). Small
     ``||J_F||`` keeps ``h theta J_F`` a contraction, so fixed-point solves keep converging.
     ``y*_l`` is block ``l``'s output (its fixed point within ``tol``), kept when
-    ``net.keep_solutions = True`` was set before the forward (``ValueError`` otherwise);
+    ``net.keep_solution = True`` was set before the forward (``ValueError`` otherwise);
     ``model`` is an ``ImplicitResNet`` or a model with one as ``.net``. Differentiable in the
     parameters, directly and through ``y*_l`` (the implicit backward). On an ensemble:
     shape ``(E,)``, each member's own value.
@@ -152,21 +153,20 @@ def jacobian(model, probes: int = 1, generator: torch.Generator | None = None) -
     require(isinstance(probes, int) and not isinstance(probes, bool) and probes >= 1,
             f"probes must be an int >= 1, got {probes!r}")
     blocks = list(net.blocks)
-    require(all(block.solution is not None for block in blocks),
-            "no solutions kept: set net.keep_solutions = True and run a forward pass before "
+    require(all(block.record.solution is not None for block in blocks),
+            "no solutions kept: set net.keep_solution = True and run a forward pass before "
             "calling irn.regularizers.jacobian")
     total = 0
     for block in blocks:
-        y = block.solution
-        lead = 1 if block.members is None else 2
+        y = block.record.solution  # (E, B, *)
         with torch.enable_grad():
             y_in = y if y.requires_grad else y.detach().requires_grad_()
-            fy = block.F(y_in)
+            fy = block.F_members(y_in)
             for _ in range(probes):
                 eps = _rademacher(y, generator)
                 row = torch.autograd.grad(fy, y_in, eps, create_graph=True)[0]  # eps^T J
-                total = total + per_sample_norm(row, lead).pow(2).mean(dim=-1)
-    return total / (probes * len(blocks))
+                total = total + per_sample_norm(row).pow(2).mean(dim=-1)
+    return _public(net, total / (probes * len(blocks)))
 
 
 def _rademacher(like: torch.Tensor, generator) -> torch.Tensor:

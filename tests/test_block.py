@@ -452,8 +452,9 @@ def test_forward_evaluates_F_once_per_iteration(grad):
     # the output is still one more application of the map at y*
     with torch.no_grad():
         explicit = torch.add(x, F(x), alpha=0.25)
-        y_star = irn.solvers.fixed_point(lambda y: torch.add(explicit, F(y), alpha=0.25), x,
-                                         tol=1e-10, max_iters=50)[0]
+        y_star = irn.solvers.solve(("fixed_point",), {},
+                                   lambda y: torch.add(explicit, F(y[0]), alpha=0.25)[None],
+                                   x[None], tol=1e-10, max_iters=50, active=[True])[0][0]
         torch.testing.assert_close(out, torch.add(explicit, F(y_star), alpha=0.25),
                                    rtol=0, atol=1e-14)
 
@@ -568,13 +569,14 @@ def test_the_adjoint_solve_returns_its_statistics_and_the_block_records_them():
     first_stats = block.last_stats
     block(2 * x)  # a later forward: the first one's backward must not touch its stats
     latest = block.last_stats
-    y_star = torch.randn(4, 3, dtype=torch.float64)
+    y_star = torch.randn(1, 4, 3, dtype=torch.float64)  # the member layout: one member
     adjoint = block._adjoint()
-    v, grads, info = adjoint.backward.adjoint(adjoint, y_star, torch.ones(4, 3, dtype=torch.float64),
+    v, grads, info = adjoint.backward.adjoint(adjoint, y_star, torch.ones(1, 4, 3, dtype=torch.float64),
                                               0.15, create_graph=False)
     assert first_stats.backward_iterations is None and latest.backward_iterations is None
-    assert info.iterations > 0 and info.residual <= block.lin_tol and info.converged
-    assert v.shape == (4, 3) and len(grads) == 2
+    (iterations,), (residual,), (converged,) = info.iterations, info.residual, info.converged
+    assert iterations > 0 and residual <= block.lin_tol and converged
+    assert v.shape == (1, 4, 3) and len(grads) == 2
     first.sum().backward()
     assert first_stats.backward_iterations > 0 and latest.backward_iterations is None
     assert block.backward_converged is None  # of the latest forward, which had no backward
@@ -633,9 +635,9 @@ def test_solver_options_are_read_from_each_solvers_signature():
                                       "nonlinear_cg": ("variant",),
                                       "anderson": ("memory", "regularization"),
                                       "broyden": ("memory",)}
-    for name, solver in solvers.FORWARD_SOLVERS.items():  # the block passes the rest itself
-        parameters = list(inspect.signature(solver).parameters)
-        assert parameters[:len(solvers.SOLVER_ARGUMENTS)] == list(solvers.SOLVER_ARGUMENTS), name
+    for name, solver in solvers.FORWARD_SOLVERS.items():  # the driver passes the rest itself
+        parameters = list(inspect.signature(solver.__init__).parameters)
+        assert parameters[:3] == ["self", "g", "differentiable"], name
 
 
 def test_with_settings_lets_a_default_lin_tol_follow_a_changed_tol():
@@ -645,3 +647,69 @@ def test_with_settings_lets_a_default_lin_tol_follow_a_changed_tol():
     own = irn.ImplicitResidualBlock(nn.Linear(2, 2), 0.5, tol=1e-6, lin_tol=1e-4, lin_max_iters=7)
     kept = own.with_settings(tol=1e-9, max_iters=80)
     assert (kept.lin_tol, kept.lin_max_iters) == (1e-4, 7)  # set on purpose: kept
+
+
+def test_a_replaced_config_takes_effect_in_the_backward_and_its_policy():
+    """``block.config`` replaced after a forward: the backward uses the new ``lin_tol`` and
+    backward, and the new non-convergence policy applies (the adjoint was keyed by the
+    block's name only, the record's policy fixed at construction)."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    block = irn.ImplicitResidualBlock(nn.Sequential(nn.Linear(3, 3), nn.Tanh()).double(), 0.9,
+                                      1.0, lin_tol=1e-2)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    block(x).sum().backward()
+    loose = block.last_stats.backward_iterations
+    block.config = dataclasses.replace(block.config, lin_tol=1e-12)
+    block(x).sum().backward()
+    assert block.last_stats.backward_iterations > loose
+    assert block.last_stats.backward_residual <= 1e-12 * max(1.0, 3 ** 0.5)
+    block.config = dataclasses.replace(block.config, backward="direct")
+    block(x).sum().backward()
+    assert block.last_stats.backward_iterations == 0
+    block.config = dataclasses.replace(block.config, max_iters=1, on_nonconvergence="raise")
+    with pytest.raises(irn.SolverError, match="block: forward solve did not converge"):
+        block(x)
+    with pytest.raises(ValueError, match="config must be an irn.SolveConfig"):
+        block.config = {"tol": 1e-3}
+
+
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_convergence_warnings_point_at_the_callers_line(backend):
+    """Forward warnings at the line that called the network (or the block), backward warnings
+    at the line that called ``backward()``: not at torch's module code or irn's own."""
+    import inspect
+    import warnings
+
+    torch.manual_seed(0)
+    net = irn.ImplicitResNet(3, 2, 0.9, 1.0, max_iters=2, backend=backend).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        y = net(x)
+        y.sum().backward()
+        net.blocks[0](x)
+    forward, backward, block = ([w for w in caught if what in str(w.message)]
+                                for what in ("block 1: forward", "block 1: backward",
+                                             "block 0: forward"))
+    assert [(w.filename, w.lineno) for w in forward + backward + block[1:]] == \
+        [(__file__, line), (__file__, line + 1), (__file__, line + 2)]
+
+
+def test_one_network_block_lifts_its_F_and_follows_a_replaced_F():
+    """Inside, one network is an ensemble of one: the user's F still sees its own layout
+    ``(B, *)``, and a replaced F is the one the next call uses."""
+    torch.manual_seed(0)
+    F = nn.Sequential(nn.Linear(3, 3), nn.Tanh()).double()
+    seen = []
+    F.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    block = irn.ImplicitResidualBlock(F, 0.5, 0.5)
+    x = torch.randn(4, 3, dtype=DT, requires_grad=True)
+    block(x).sum().backward()
+    assert set(seen) == {(4, 3)}
+    zero = nn.Sequential(nn.Linear(3, 3), nn.Tanh()).double()
+    nn.init.zeros_(zero[0].weight), nn.init.zeros_(zero[0].bias)
+    block.F = zero
+    torch.testing.assert_close(block(x), x, rtol=0, atol=0)

@@ -317,3 +317,20 @@ def test_example_1_state_layout_gradients_agree_to_rounding():
         grads.append(torch.autograd.grad(loss, list(model.parameters())))
     scale = max(float(g.abs().max()) for g in grads[1])
     assert all(float((a - b).abs().max()) <= 1e-14 * scale for a, b in zip(*grads))
+
+
+def test_an_activation_without_a_kernel_runs_on_the_generic_path(monkeypatch):
+    """A fifth activation added to the generic table: ``auto`` falls back (it raised KeyError
+    in the plan), ``compiled`` names what is missing."""
+    from irn import functions
+
+    monkeypatch.setitem(functions.ACTIVATIONS, "softplus", torch.nn.functional.softplus)
+    monkeypatch.setitem(functions.DERIVATIVES, "softplus", torch.sigmoid)
+    torch.manual_seed(0)
+    net = irn.ImplicitResNet(3, 2, 0.5, 0.5, activation="softplus").double()
+    assert "activation 'softplus' has no compiled kernel" in compiled.reason(net)
+    y0 = torch.randn(4, 3, dtype=torch.float64)
+    generic = net.with_settings(backend="torch")
+    torch.testing.assert_close(net(y0), generic(y0), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="activation 'softplus' has no compiled kernel"):
+        irn.ImplicitResNet(3, 2, 0.5, 0.5, activation="softplus", backend="compiled")

@@ -85,12 +85,14 @@ def test_the_compared_solvers_are_read_from_the_registry():
     assert configs["nonlinear_cg (FR)"] == dict(solver="nonlinear_cg",
                                                 solver_options={"variant": "fletcher_reeves"})
 
-    @solvers.forward_solver("damped", damping=solvers._positive)
-    def damped(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None,
-               damping=0.5):
-        return solvers.fixed_point(g, y0, tol=tol, max_iters=max_iters, active=active)
+    from irn import driver
+
+    @solvers.forward_solver("damped", damping=driver.positive)
+    class Damped(solvers.FixedPoint):
+        def __init__(self, g, differentiable=False, *, damping=0.5):
+            super().__init__(g, differentiable)
     try:
         assert diagnostics.solver_configs()["damped"] == dict(solver="damped")  # one decorator
     finally:
-        for registry in (solvers.FORWARD_SOLVERS, solvers.SOLVER_OPTIONS, solvers._OPTION_CHECKS):
+        for registry in (driver.FORWARD_SOLVERS, driver.SOLVER_OPTIONS, driver.OPTION_CHECKS):
             registry.pop("damped")

@@ -387,3 +387,19 @@ def test_equivalence_with_loose_tolerances(solver, backward):
     if backward == "neumann":
         counts += [s.backward_iterations for s in ens.blocks[0].last_stats]
     assert len(set(counts)) > 1  # the members stop at different iterations
+
+
+def test_jobs_with_and_without_the_jacobian_regularizer_train_apart_as_they_train_alone():
+    """A member without the Jacobian regulariser stacked with one that has it would draw
+    probes from its own generator and move its R_stab noise against its solo run."""
+    jobs = [_job("spiral_classifier", "two_spirals", seed, 0.5,
+                 dict(num_layers=3, T=1.0, tol=1e-12, max_iters=100, on_nonconvergence="ignore"),
+                 dict(epochs=3, loss="cross_entropy", stab_weight=1.0, jac_weight=weight))
+            for seed, weight in ((0, 0.0), (1, 0.5), (2, 0.0), (3, 0.2))]
+    batches = experiments._batches(jobs, True, 1, 64)
+    assert sorted(sorted(batch) for batch in batches) == [[0, 2], [1, 3]]
+    stacked = experiments.train_many(jobs)
+    alone = experiments.train_many(jobs, ensemble=False)
+    for (_, a), (_, b) in zip(stacked, alone):
+        np.testing.assert_allclose(a.drop(columns="converged").to_numpy(float),
+                                   b.drop(columns="converged").to_numpy(float), rtol=1e-8)

@@ -203,12 +203,12 @@ def test_perceptron_linearization_matches_autograd(activation):
     torch.testing.assert_close(input_vjp(u), 0.7 * input_grad, atol=1e-14, rtol=0)
     for got, name in zip(parameter_vjp(u), ("linear.weight", "linear.bias")):
         torch.testing.assert_close(got, 0.7 * param_grads[name], atol=1e-14, rtol=0)
-    generic = irn.layers.linearize(torch.nn.Sequential(F), y, 0.7)  # Sequential: no own linearize
+    generic = irn.backward.linearize(torch.nn.Sequential(F), y, 0.7)  # Sequential: no own linearize
     torch.testing.assert_close(generic[0](u), input_vjp(u), atol=1e-14, rtol=0)
     for a, b in zip(generic[1](u), parameter_vjp(u)):
         torch.testing.assert_close(a, b, atol=1e-14, rtol=0)
     F.linear.bias.requires_grad_(False)
-    assert F.linearize(y)[1](u)[1] is None and irn.layers.linearize(torch.nn.Sequential(F), y)[1](u)[1] is None
+    assert F.linearize(y)[1](u)[1] is None and irn.backward.linearize(torch.nn.Sequential(F), y)[1](u)[1] is None
 
 
 def test_summarize_histories():

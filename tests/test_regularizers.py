@@ -162,12 +162,12 @@ def _exact_jacobian_norm(net):
 def test_jacobian_regularizer_is_exact_in_one_dimension_and_unbiased_in_three(backend):
     y0 = torch.randn(4, 1, dtype=DT, generator=torch.Generator().manual_seed(1))
     net = _tanh_net(1, backend)
-    net.keep_solutions = True
+    net.keep_solution = True
     net(y0)
     # one dimension: eps^2 = 1, so every probe gives ||J||_F^2 exactly
     assert irn.regularizers.jacobian(net).item() == pytest.approx(_exact_jacobian_norm(net), rel=1e-12)
     net = _tanh_net(3, backend)
-    net.keep_solutions = True
+    net.keep_solution = True
     net(torch.randn(4, 3, dtype=DT, generator=torch.Generator().manual_seed(1)))
     exact = _exact_jacobian_norm(net)
     estimates = [irn.regularizers.jacobian(net, probes=1, generator=torch.Generator().manual_seed(s)).item()
@@ -182,7 +182,7 @@ def test_jacobian_regularizer_gradient_matches_finite_differences(backend):
     """dR_J/dW through F's parameters and through y*(W) (the implicit backward), fixed probes."""
     y0 = torch.randn(4, 3, dtype=DT, generator=torch.Generator().manual_seed(2))
     net = _tanh_net(3, backend)
-    net.keep_solutions = True
+    net.keep_solution = True
     weight = net.blocks[1].F.linear.weight
 
     def value():
@@ -206,15 +206,15 @@ def test_jacobian_regularizer_per_member_and_its_errors():
     y0 = torch.randn(4, 1, dtype=DT, generator=torch.Generator().manual_seed(1))
     nets = [_tanh_net(1, "auto", seed=s) for s in (0, 1)]
     ensemble = irn.ImplicitResNet.stack(nets)
-    ensemble.keep_solutions = True
+    ensemble.keep_solution = True
     ensemble(torch.stack([y0, 2 * y0]))
     values = irn.regularizers.jacobian(ensemble)
     assert values.shape == (2,)
     for e, (net, x) in enumerate(zip(nets, (y0, 2 * y0))):
-        net.keep_solutions = True
+        net.keep_solution = True
         net(x)
         assert values[e].item() == pytest.approx(irn.regularizers.jacobian(net).item(), rel=1e-10)
-    with pytest.raises(ValueError, match="keep_solutions"):
+    with pytest.raises(ValueError, match="keep_solution"):
         irn.regularizers.jacobian(_tanh_net(1, "auto"))
     with pytest.raises(ValueError, match="probes must be an int >= 1"):
         irn.regularizers.jacobian(ensemble, probes=0)

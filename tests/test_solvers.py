@@ -5,12 +5,22 @@ import torch
 from conftest import DT, random_tanh
 
 import irn
+from irn import linear
 from irn import solvers as S
 
 
 def dense_vjp(jt):
-    """vjp(u) = J^T u for a batch of dense matrices ``jt = J^T`` of shape (B, n, n)."""
-    return lambda u: (jt @ u.unsqueeze(-1)).squeeze(-1)
+    """vjp(u) = J^T u for a batch of dense matrices ``jt = J^T`` of shape (B, n, n), acting on
+    the member layout (1, B, n) of one network."""
+    return lambda u: (jt @ u[0].unsqueeze(-1)).squeeze(-1).unsqueeze(0)
+
+
+def solve_linear(name, jt, b, **settings):
+    """``linear.LINEAR_SOLVERS[name]`` on one network's batch ``b`` (B, n): ``(v, iterations,
+    converged)``."""
+    v, info = linear.LINEAR_SOLVERS[name](dense_vjp(jt), b.unsqueeze(0), active=[True],
+                                           **settings)
+    return v[0], info.iterations[0], info.converged[0]
 
 
 @pytest.mark.parametrize("name", ["neumann", "gmres", "direct"])
@@ -19,10 +29,10 @@ def test_linear_solvers_on_dense_systems(rng, name):
     jt = torch.randn(batch, n, n, generator=rng, dtype=DT)
     jt = 0.6 * jt / torch.linalg.matrix_norm(jt, ord=2).reshape(batch, 1, 1)  # Neumann converges
     b = torch.randn(batch, n, generator=rng, dtype=DT)
-    v, info = S.LINEAR_SOLVERS[name](dense_vjp(jt), b, tol=1e-12, max_iters=500)
+    v, _, converged = solve_linear(name, jt, b, tol=1e-12, max_iters=500)
     exact = torch.linalg.solve(torch.eye(n, dtype=DT) - jt, b.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(v, exact, atol=1e-10, rtol=0)
-    assert info.converged
+    assert converged
 
 
 def test_gmres_converges_in_at_most_n_steps_where_neumann_diverges(rng):
@@ -30,12 +40,12 @@ def test_gmres_converges_in_at_most_n_steps_where_neumann_diverges(rng):
     batch, n = 4, 5
     jt = 2.0 * torch.randn(batch, n, n, generator=rng, dtype=DT)
     b = torch.randn(batch, n, generator=rng, dtype=DT)
-    v, info = S.gmres(dense_vjp(jt), b, tol=1e-10, max_iters=50)
+    v, iterations, _ = solve_linear("gmres", jt, b, tol=1e-10, max_iters=50)
     exact = torch.linalg.solve(torch.eye(n, dtype=DT) - jt, b.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(v, exact, atol=1e-8, rtol=1e-8)
-    assert info.iterations <= n
-    _, info_neumann = S.neumann(dense_vjp(jt), b, tol=1e-10, max_iters=50)
-    assert not info_neumann.converged
+    assert iterations <= n
+    _, _, converged = solve_linear("neumann", jt, b, tol=1e-10, max_iters=50)
+    assert not converged
 
 
 def test_gmres_restarts_and_happy_breakdown(rng):
@@ -44,7 +54,7 @@ def test_gmres_restarts_and_happy_breakdown(rng):
     jt = 0.3 * torch.randn(batch, n, n, generator=rng, dtype=DT) / n ** 0.5
     jt[:2] = 0
     b = torch.randn(batch, n, generator=rng, dtype=DT)
-    v, info = S.gmres(dense_vjp(jt), b, tol=1e-12, max_iters=100, restart=3)
+    v, _, _ = solve_linear("gmres", jt, b, tol=1e-12, max_iters=100, restart=3)
     exact = torch.linalg.solve(torch.eye(n, dtype=DT) - jt, b.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(v, exact, atol=1e-10, rtol=0)
     assert torch.isfinite(v).all()
@@ -55,9 +65,10 @@ def test_lin_max_iters_is_a_hard_cap(rng):
     jt = 0.95 * torch.eye(n, dtype=DT).expand(batch, n, n)
     b = torch.randn(batch, n, generator=rng, dtype=DT)
     for name in ("neumann", "gmres"):
-        _, info = S.LINEAR_SOLVERS[name](dense_vjp(jt + 0.01 * torch.randn(batch, n, n, generator=rng, dtype=DT)),
-                                         b, tol=1e-14, max_iters=4)
-        assert info.iterations <= 4
+        _, iterations, _ = solve_linear(
+            name, jt + 0.01 * torch.randn(batch, n, n, generator=rng, dtype=DT), b, tol=1e-14,
+            max_iters=4)
+        assert iterations <= 4
 
 
 def test_direct_on_a_singular_system_raises_solver_error_naming_the_block():
@@ -74,18 +85,18 @@ def test_registries_are_consistent():
         "fixed_point", "gradient_descent", "nonlinear_cg", "anderson", "broyden"}
     from irn.backward import BACKWARDS
 
-    assert set(S.LINEAR_SOLVERS) < set(BACKWARDS)
+    assert set(linear.LINEAR_SOLVERS) < set(BACKWARDS)
     assert set(BACKWARDS) == {"neumann", "gmres", "direct", "unrolled", "jacobian_free"}
     assert {n for n, b in BACKWARDS.items() if b.twice_differentiable} == {
         "neumann", "direct", "unrolled"}
 
 
 def test_a_forward_solver_declares_a_check_for_each_option():
-    with pytest.raises(TypeError, match="each option needs a check"):
+    with pytest.raises(TypeError, match="each need a check"):
         @S.forward_solver("broken")
-        def broken(g, y0, *, tol, max_iters, differentiable=False, record=None, active=None,
-                   damping=0.5):
-            return y0, None
+        class Broken(S.ForwardSolver):
+            def __init__(self, g, differentiable=False, *, damping=0.5):
+                super().__init__(g, differentiable)
     assert "broken" not in S.FORWARD_SOLVERS
 
 

@@ -30,7 +30,6 @@ except ImportError as err:  # the examples' dependencies: pip install 'irn[examp
 COLUMNS = ["claim", "setup", "statement", "source", "metric", "estimate", "low", "high", "p",
            "p_holm", "seeds", "seeds_needed", "not_converged", "trained", "runs", "verdict",
            "figure"]
-VERDICTS = ("holds", "contradicted", "equivalent", "inconclusive")
 #: family-wise error rate of the tests of one claim's rows (Holm), and the intervals' level
 ALPHA = 0.05
 #: fewer seeds than this give no verdict (inconclusive), whatever the test says

@@ -76,14 +76,17 @@ def _check_job(job: dict) -> None:
 def ensemble_key(job: dict) -> str:
     """What jobs of one ensemble share: everything but the seed, ``theta`` and the
     regulariser weights and sizes, except whether each regulariser is on (a member without
-    R_stab must not solve for perturbed copies, which would change its stopping rule)."""
+    R_stab must not solve for perturbed copies, which would change its stopping rule; one
+    without the Jacobian regulariser must not draw its probes, which would move its R_stab
+    noise)."""
     train_kwargs = job["train_kwargs"]
     key = dict(model=job["model"], data=job["data"],
                model_kwargs={k: v for k, v in job["model_kwargs"].items()
                              if k not in MEMBER_MODEL_SETTINGS},
                train_kwargs={k: v for k, v in train_kwargs.items()
                              if k not in MEMBER_TRAIN_SETTINGS},
-               stab=train_kwargs.get("stab_weight", 0) > 0, fp=train_kwargs.get("fp_weight", 0) > 0)
+               stab=train_kwargs.get("stab_weight", 0) > 0, fp=train_kwargs.get("fp_weight", 0) > 0,
+               jac=train_kwargs.get("jac_weight", 0) > 0)
     return json.dumps(key, sort_keys=True, default=repr)
 
 

@@ -133,7 +133,7 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
     model.to(device)
     data = data.to(device=device, dtype=dtype)
     model.net.keep_iterates = regularizer.fp_on
-    model.net.keep_solutions = regularizer.jac_on
+    model.net.keep_solution = regularizer.jac_on
     regularizer = regularizer.on(dtype, device)
     optimizer = optimizer_for(model.parameters(), lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
