@@ -21,12 +21,32 @@ def spiral_job(seed, theta, **training_settings):
     (dict(data="mnist"), "data"),
     (dict(seed=1.5), "seed"),
     (dict(training=dict(epochs=3, learning_rate=0.1)), "learning_rate"),
-    (dict(solver=dict(theta=0.5)), "overlap"),
+    (dict(solver=dict(theta=0.5)), r"solver settings \['theta'\] are not known; allowed: .*'max_iters'"),
+    (dict(solver=dict(max_iter=5)), r"solver settings \['max_iter'\] are not known; allowed: .*'max_iters'"),
+    (dict(network=dict(num_layer=2)), r"network settings \['num_layer'\] are not known; allowed: .*'num_layers'"),
+    (dict(training=dict(epochs=3, stab_weigth=1.0)), r"\['stab_weigth'\] are not known; allowed: .*'stab_weight'"),
+    (dict(network=dict(num_layers=2, theta=1.5)), r"theta must be a number in \[0, 1\]"),
+    (dict(network=dict(num_layers=0)), "num_layers"),
+    (dict(solver=dict(tol=0)), "tol must be"),
+    (dict(training=dict(epochs=0)), "epochs must be"),
+    (dict(training=dict(epochs=3, loss="hinge")), "loss must be"),
+    (dict(training=dict(epochs=3, stab_weight=-1.0)), "stab_weight must be >= 0"),
     (dict(tags=dict(seed=0)), "seed"),
 ])
 def test_a_bad_job_is_refused_at_construction(change, name):
+    """Where the job is written (a notebook's cell), not in a worker: every key and value."""
     with pytest.raises(ValueError, match=name):
         spiral_job(0, 0.5).replace(**change)
+
+
+def test_a_jobs_solver_settings_are_typed():
+    import irn
+
+    job = spiral_job(0, 0.5)
+    assert job.solver == irn.SolveConfig(tol=1e-6, on_nonconvergence="ignore")
+    assert job.as_dict()["model_kwargs"] == dict(num_layers=2, theta=0.5,
+                                                 on_nonconvergence="ignore")
+    assert job.replace(solver=irn.SolveConfig(max_iters=7)).solver.max_iters == 7
 
 
 def test_run_returns_models_and_histories_keyed_by_tags_as_train_many_trains_them():
@@ -53,7 +73,7 @@ def test_as_dict_is_the_job_train_many_takes():
     job = spiral_job(3, 1.0, stab_weight=1.0)
     assert job.as_dict() == dict(
         model="spiral_classifier", seed=3, data="two_spirals",
-        model_kwargs=dict(num_layers=2, theta=1.0, tol=1e-6, on_nonconvergence="ignore"),
+        model_kwargs=dict(num_layers=2, theta=1.0, on_nonconvergence="ignore"),  # non-defaults
         train_kwargs=dict(epochs=3, loss="cross_entropy", stab_weight=1.0))
 
 

@@ -7,10 +7,19 @@ from __future__ import annotations
 
 from torch import nn
 
-from .._checks import choice, require
+from .._checks import choice, integer, number, require
 from ..models import ImplicitModel, ImplicitResNet, PadEmbedding, SelectComponent
 
 LAYOUTS = ("state", "embedded")
+
+
+def _network(dim: int, num_layers: int, T: float, theta: float, activation: str,
+             **block_kwargs) -> ImplicitResNet:
+    """``L = num_layers`` blocks of step ``h = T / L`` on states of width ``dim``."""
+    integer("num_layers", num_layers)
+    number("T", T, lambda v: v > 0, "a finite number > 0")
+    return ImplicitResNet(dim, num_layers, T / num_layers, theta, activation=activation,
+                          **block_kwargs)
 
 
 def function_approximator(num_layers: int, theta: float, *, T: float = 5.0,
@@ -26,12 +35,10 @@ def function_approximator(num_layers: int, theta: float, *, T: float = 5.0,
     """
     choice("layout", layout, LAYOUTS)
     if layout == "state":
-        net = ImplicitResNet(2, num_layers, T / num_layers, theta, activation=activation or "tanh",
-                             **block_kwargs)
+        net = _network(2, num_layers, T, theta, activation or "tanh", **block_kwargs)
         return ImplicitModel(PadEmbedding(1, 2), net, SelectComponent(1))
     require(isinstance(width, int) and width >= 1, f"width must be an int >= 1, got {width!r}")
-    net = ImplicitResNet(width, num_layers, T / num_layers, theta,
-                         activation=activation or "relu", **block_kwargs)
+    net = _network(width, num_layers, T, theta, activation or "relu", **block_kwargs)
     return ImplicitModel(nn.Linear(1, width), net, nn.Linear(width, 1))
 
 
@@ -39,8 +46,7 @@ def spiral_classifier(num_layers: int = 100, theta: float = 0.0, *, T: float = 1
                       dim: int = 4, activation: str = "relu", **block_kwargs) -> ImplicitModel:
     """Example 2: ``y0 = (x1, x2, 0, 0)``, ``L`` blocks of step ``T / L``, linear readout to
     two logits."""
-    net = ImplicitResNet(dim, num_layers, T / num_layers, theta, activation=activation,
-                         **block_kwargs)
+    net = _network(dim, num_layers, T, theta, activation, **block_kwargs)
     return ImplicitModel(PadEmbedding(2, dim), net, nn.Linear(dim, 2))
 
 
@@ -49,6 +55,5 @@ def digits_classifier(num_layers: int = 10, theta: float = 0.0, *, T: float = 5.
                       classes: int = 10, **block_kwargs) -> ImplicitModel:
     """8x8 digits: a linear embedding ``R^64 -> R^dim``, ``L`` blocks of step ``T / L``, a
     linear readout to ``classes`` logits."""
-    net = ImplicitResNet(dim, num_layers, T / num_layers, theta, activation=activation,
-                         **block_kwargs)
+    net = _network(dim, num_layers, T, theta, activation, **block_kwargs)
     return ImplicitModel(nn.Linear(in_features, dim), net, nn.Linear(dim, classes))

@@ -34,9 +34,15 @@ from . import cache
 from .._checks import choice, require
 from .parallel import executor, run_all
 from .data import digits, sine, swiss_roll, two_spirals
-from ..models import ImplicitModel
+from ..config import SolveConfig
+from ..models import ImplicitModel, ImplicitResNet
 from .examples import digits_classifier, function_approximator, spiral_classifier
-from .training import train
+from .training import check_settings, train
+
+def _keywords(function, skip=()) -> tuple[str, ...]:
+    return tuple(name for name, p in inspect.signature(function).parameters.items()
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in skip)
+
 
 TRAIN_DEFAULTS = {name: p.default for name, p in inspect.signature(train).parameters.items()
                   if p.default is not inspect.Parameter.empty}
@@ -49,6 +55,13 @@ TRAIN_SETTINGS = tuple(name for name, p in inspect.signature(train).parameters.i
 MODEL_FACTORIES = {"function_approximator": function_approximator,
                    "spiral_classifier": spiral_classifier, "digits_classifier": digits_classifier}
 DATASETS = {"sine": sine, "two_spirals": two_spirals, "swiss_roll": swiss_roll, "digits": digits}
+#: what a job's ``network`` may set, per model: the factory's keywords and the network's own
+NETWORK_SETTINGS = {name: tuple(dict.fromkeys(_keywords(factory) + _keywords(
+    ImplicitResNet.__init__, ("self", "dim", "num_layers", "h", "theta"))))
+    for name, factory in MODEL_FACTORIES.items()}
+#: what a job's ``solver`` may set, and the defaults
+SOLVER_SETTINGS = tuple(f.name for f in dataclasses.fields(SolveConfig))
+SOLVER_DEFAULTS = dataclasses.asdict(SolveConfig())
 
 
 def build_model(model: str, seed: int, dtype=torch.float64, **model_kwargs) -> ImplicitModel:
@@ -251,17 +264,18 @@ def train_many(jobs: list[dict], workers: int = 1, desc: str = "training", *,
 class Job:
     """One training run: ``model`` (a key of :data:`MODEL_FACTORIES`) built from ``seed`` with
     ``network`` (its architecture: ``num_layers``, ``theta``, ``T``, ...) and ``solver`` (the
-    blocks' settings: ``tol``, ``max_iters``, ``solver``, ``on_nonconvergence``, ...), trained
+    blocks' settings, an :class:`irn.SolveConfig`; a dict of its fields is converted), trained
     on ``data`` (a key of :data:`DATASETS`) with ``training`` (keywords of
-    :func:`irn.paper.training.train`; ``seed`` also seeds its minibatch order and perturbations).
-    ``tags`` name the run in :func:`run`'s results (e.g. ``{"layout": "state", "theta": 0.5}``).
-    Checked at construction."""
+    :func:`irn.paper.training.train`; ``seed`` also seeds its minibatch order and
+    perturbations). ``tags`` name the run in :func:`run`'s results (e.g. ``{"layout": "state",
+    "theta": 0.5}``). Every setting is checked here, where the job is written: a misspelled key
+    is a ``ValueError`` naming the allowed ones, a bad value one naming the setting."""
 
     model: str
     data: str
     seed: int
     network: dict = field(default_factory=dict)
-    solver: dict = field(default_factory=dict)
+    solver: SolveConfig = field(default_factory=SolveConfig)
     training: dict = field(default_factory=dict)
     tags: dict = field(default_factory=dict)
 
@@ -270,11 +284,15 @@ class Job:
         choice("data", self.data, DATASETS)
         require(isinstance(self.seed, int) and not isinstance(self.seed, bool),
                 f"seed must be an int, got {self.seed!r}")
-        both = sorted(set(self.network) & set(self.solver))
-        require(not both, f"network and solver settings overlap: {both}")
-        unknown = sorted(set(self.training) - set(TRAIN_SETTINGS))
-        require(not unknown, f"training settings {unknown} are not settings of "
-                             f"irn.paper.training.train; allowed: {list(TRAIN_SETTINGS)}")
+        _known("network", self.network, NETWORK_SETTINGS[self.model])
+        if not isinstance(self.solver, SolveConfig):
+            require(isinstance(self.solver, dict),
+                    f"solver must be an irn.SolveConfig or a dict of its fields, got {self.solver!r}")
+            _known("solver", self.solver, SOLVER_SETTINGS)
+            object.__setattr__(self, "solver", SolveConfig(**self.solver))
+        _known("training", self.training, TRAIN_SETTINGS)
+        check_settings(**{"epochs": 1} | self.training)
+        _check_network(self.model, json.dumps(self.network, sort_keys=True, default=repr))
         require("seed" not in self.tags, "tags must not include 'seed' (a column of its own)")
 
     @property
@@ -287,9 +305,24 @@ class Job:
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict:
-        """The job as :func:`train_many` takes it."""
+        """The job as :func:`train_many` takes it (the solver settings that differ from the
+        defaults, so that a job's key names what was chosen)."""
+        solver = {name: value for name, value in dataclasses.asdict(self.solver).items()
+                  if value != SOLVER_DEFAULTS[name]}
         return dict(model=self.model, seed=self.seed, data=self.data,
-                    model_kwargs=self.network | self.solver, train_kwargs=dict(self.training))
+                    model_kwargs=self.network | solver, train_kwargs=dict(self.training))
+
+
+def _known(what: str, settings: dict, allowed) -> None:
+    require(isinstance(settings, dict), f"{what} must be a dict, got {settings!r}")
+    unknown = sorted(set(settings) - set(allowed))
+    require(not unknown, f"{what} settings {unknown} are not known; allowed: {sorted(allowed)}")
+
+
+@functools.lru_cache(maxsize=256)
+def _check_network(model: str, network: str) -> None:
+    """A network's values checked by building it once (tiny networks; cached per setting)."""
+    build_model(model, 0, **json.loads(network))
 
 
 def run(jobs: list[Job], *, workers: int = 1, desc: str = "training", cache_dir=None,

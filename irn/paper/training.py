@@ -4,6 +4,7 @@ regularisers, and a per-epoch record of losses and solver statistics."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,17 +119,14 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
     draws its minibatch order and perturbations from its own seed. Returns one history per
     member.
     """
-    choice("loss", loss, LOSSES)
-    require(isinstance(epochs, int) and epochs >= 1, f"epochs must be an int >= 1, got {epochs!r}")
-    require(lr > 0, f"lr must be > 0, got {lr!r}")
-    integer("val_every", val_every)
     members = model.members
     count = members or 1
     seeds = per_member("seed", seed, members)
-    regularizer = _Regularizer.of(members, stab_weight=stab_weight, stab_sigma=stab_sigma,
-                                  stab_beta=stab_beta, stab_streams=stab_streams,
-                                  fp_weight=fp_weight, fp_alpha=fp_alpha, jac_weight=jac_weight,
-                                  jac_probes=jac_probes)
+    regularizer = check_settings(members, epochs=epochs, lr=lr, loss=loss, val_every=val_every,
+                                 stab_weight=stab_weight, stab_sigma=stab_sigma,
+                                 stab_beta=stab_beta, stab_streams=stab_streams,
+                                 fp_weight=fp_weight, fp_alpha=fp_alpha, jac_weight=jac_weight,
+                                 jac_probes=jac_probes)
     dtype = next(model.parameters()).dtype
     model.to(device)
     data = data.to(device=device, dtype=dtype)
@@ -169,6 +167,26 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
                             val=f"{np.median([r[-1]['val_loss'] for r in rows]):.2e}", refresh=False)
     histories = [pd.DataFrame(r) for r in rows]
     return histories[0] if members is None else histories
+
+
+def check_settings(members: int | None = None, *, epochs: int, lr: float = 1e-2, loss="mse",
+                   val_every: int = 1, lr_step: int = 300, lr_gamma: float = 0.5,
+                   batch_size: int | None = None, **rest) -> "_Regularizer":
+    """The checks of :func:`train`'s settings (``ValueError`` naming the setting), made where
+    the settings are given (:class:`irn.paper.experiments.Job` checks a job's with it); the
+    regularisers' settings of ``members`` (None: one network) as a :class:`_Regularizer`."""
+    choice("loss", loss, LOSSES)
+    integer("epochs", epochs)
+    integer("val_every", val_every)
+    integer("lr_step", lr_step)
+    for name, value in (("lr", lr), ("lr_gamma", lr_gamma)):
+        require(isinstance(value, (int, float)) and value > 0, f"{name} must be > 0, got {value!r}")
+    if batch_size is not None:
+        integer("batch_size", batch_size)
+    fields = _Regularizer.__dataclass_fields__
+    defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()
+                if name in fields}
+    return _Regularizer.of(members, **defaults | {k: v for k, v in rest.items() if k in fields})
 
 
 @dataclass(frozen=True)
