@@ -91,16 +91,19 @@ references: $(STAMP) ## regenerate the nbval references tests/notebooks/ (smoke 
 	done
 
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=600 -p no:cacheprovider
+# the tests run on WORKERS processes (pytest-xdist); a notebook's cells stay on one of them
+WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup
 
-unit: $(STAMP) ## run the unit tests only
-	$(BIN)/python -m pytest -q tests
+unit: $(STAMP) ## run the unit tests only (the inner loop)
+	$(PYTEST) tests
 
 # The references must hold on any CPU, not only the one that wrote them: the notebooks are
 # checked again under PyTorch's and numpy's generic kernels (scripts/code_paths.py), which round
 # differently, as another machine would; checked cells carry measured tolerances.
 test: $(STAMP) ## run the unit tests and the notebook regression (nbval), on two CPU code paths
-	$(BIN)/python -m pytest -q $(NBVAL) tests
-	$(BIN)/python scripts/code_paths.py with generic $(BIN)/python -m pytest -q $(NBVAL) tests/notebooks
+	$(PYTEST) $(NBVAL) tests
+	$(BIN)/python scripts/code_paths.py with generic $(PYTEST) $(NBVAL) tests/notebooks
 	@rm -rf tests/notebooks/.staging-*
 
 bench: $(STAMP) ## benchmarks: print a table and write benchmarks/results.md

@@ -1,5 +1,7 @@
 """Shared helpers: small residual functions with known Jacobians, and independent references."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -72,8 +74,19 @@ def seed_global_rng():
     torch.manual_seed(0)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The cells of one notebook run in one kernel, in order: under pytest-xdist
+    (``--dist loadgroup``) they go to one worker, while the unit tests are shared out."""
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
 def pytest_configure(config):
-    """nbval compares the numbers of checked notebook cells within their declared tolerances
+    """Under pytest-xdist the workers share the cores: one torch thread each (the parallel
+    compiled kernels are tested where a test sets more). nbval compares the numbers of checked notebook cells within their declared tolerances
     (tests/tolerant_nbval.py)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
     if config.pluginmanager.hasplugin("nbval"):
         tolerant_nbval.install()

@@ -334,3 +334,23 @@ def test_an_activation_without_a_kernel_runs_on_the_generic_path(monkeypatch):
     torch.testing.assert_close(net(y0), generic(y0), rtol=0, atol=0)
     with pytest.raises(ValueError, match="activation 'softplus' has no compiled kernel"):
         irn.ImplicitResNet(3, 2, 0.5, 0.5, activation="softplus", backend="compiled")
+
+
+@pytest.mark.parametrize("backward", ["neumann", "direct"])
+def test_the_parallel_kernels_compute_what_the_serial_ones_do(backward):
+    """Members on several threads (numba's prange) give the serial kernels' results bit for
+    bit: each member is computed by one thread, in the same order."""
+    ens = network(None, None, "tanh", members=MEMBERS, backward=backward)
+    y0 = torch.randn(len(MEMBERS), 5, 3, generator=torch.Generator().manual_seed(2), dtype=DT)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert not compiled._kernel("forward", len(MEMBERS))[1]
+        serial = run(ens, y0)
+        torch.set_num_threads(2)
+        assert compiled._kernel("forward", len(MEMBERS))[1]
+        parallel = run(ens, y0)
+    finally:
+        torch.set_num_threads(previous)
+    assert_same(parallel, serial, rel=0)
+    assert_same(parallel, run(ens.with_settings(backend="torch"), y0))
