@@ -91,9 +91,11 @@ references: $(STAMP) ## regenerate the nbval references tests/notebooks/ (smoke 
 	done
 
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=600 -p no:cacheprovider
-# the tests run on WORKERS processes (pytest-xdist); a notebook's cells stay on one of them
+# the tests run on WORKERS processes (pytest-xdist), a notebook's cells (one kernel, in order)
+# on one of them
 WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup
+PYTEST := $(BIN)/python -m pytest -q -n $(WORKERS)
+NOTEBOOKS_TEST := $(PYTEST) --dist loadfile $(NBVAL) tests/notebooks
 
 unit: $(STAMP) ## run the unit tests only (the inner loop)
 	$(PYTEST) tests
@@ -102,8 +104,9 @@ unit: $(STAMP) ## run the unit tests only (the inner loop)
 # checked again under PyTorch's and numpy's generic kernels (scripts/code_paths.py), which round
 # differently, as another machine would; checked cells carry measured tolerances.
 test: $(STAMP) ## run the unit tests and the notebook regression (nbval), on two CPU code paths
-	$(PYTEST) $(NBVAL) tests
-	$(BIN)/python scripts/code_paths.py with generic $(PYTEST) $(NBVAL) tests/notebooks
+	$(PYTEST) tests
+	$(NOTEBOOKS_TEST)
+	$(BIN)/python scripts/code_paths.py with generic $(NOTEBOOKS_TEST)
 	@rm -rf tests/notebooks/.staging-*
 
 bench: $(STAMP) ## benchmarks: print a table and write benchmarks/results.md

@@ -74,14 +74,6 @@ def seed_global_rng():
     torch.manual_seed(0)
 
 
-def pytest_collection_modifyitems(config, items):
-    """The cells of one notebook run in one kernel, in order: under pytest-xdist
-    (``--dist loadgroup``) they go to one worker, while the unit tests are shared out."""
-    for item in items:
-        if item.path.suffix == ".ipynb":
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
-
-
 def pytest_configure(config):
     """Under pytest-xdist the workers share the cores: one torch thread each (the parallel
     compiled kernels are tested where a test sets more). nbval compares the numbers of checked notebook cells within their declared tolerances
