@@ -58,6 +58,9 @@ def _worker(rank, world, port, backward, backend, out):
         grads = _train(model, sine.x_train[part], sine.y_train[part])
         if rank == 0:
             torch.save(grads, out)
+        # both ranks done before either tears gloo down: a rank whose peer had already gone
+        # sometimes aborted in gloo's teardown ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

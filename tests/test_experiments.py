@@ -103,3 +103,36 @@ def test_building_a_model_leaves_the_callers_random_state_alone():
     second = experiments.build_model("spiral_classifier", 7, num_layers=2)
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert a.equal(b)  # and the seed still decides the weights
+
+
+def test_sweep_declares_every_combination_with_settings_routed_by_name():
+    jobs = experiments.sweep(
+        "spiral_classifier", "two_spirals", [0, 1], loop=["variant", "depth", "theta"],
+        tags=dict(variant={"none": {}, "R_stab": dict(stab_weight=1.0)}, theta=[0.0, 0.5],
+                  depth={2: dict(num_layers=2), 3: dict(num_layers=3)}),
+        T=1.0, max_iters=7, epochs=3, loss="cross_entropy")
+    assert len(jobs) == 16
+    assert [(j.tags["variant"], j.tags["depth"], j.tags["theta"], j.seed) for j in jobs[:5]] == [
+        ("none", 2, 0.0, 0), ("none", 2, 0.0, 1), ("none", 2, 0.5, 0), ("none", 2, 0.5, 1),
+        ("none", 3, 0.0, 0)]
+    last = jobs[-1]
+    assert list(last.tags) == ["variant", "theta", "depth"]  # the tags' order, not the loop's
+    assert last.network == dict(T=1.0, num_layers=3, theta=0.5)
+    assert last.solver.max_iters == 7
+    assert last.training == dict(epochs=3, loss="cross_entropy", stab_weight=1.0)
+    seed_first = experiments.sweep("spiral_classifier", "two_spirals", [0, 1],
+                                   loop=["seed", "theta"], tags=dict(theta=[0.0, 0.5]), epochs=1)
+    assert [(j.seed, j.tags["theta"]) for j in seed_first] == [(0, 0.0), (0, 0.5), (1, 0.0), (1, 0.5)]
+    with pytest.raises(ValueError, match=r"sweep settings \['epoch'\] are not known"):
+        experiments.sweep("spiral_classifier", "two_spirals", [0], tags=dict(theta=[0.0]), epoch=3)
+    with pytest.raises(ValueError, match="loop must order the tags"):
+        experiments.sweep("spiral_classifier", "two_spirals", [0], tags=dict(theta=[0.0]),
+                          loop=["depth"], epochs=1)
+
+
+def test_require_subset_names_the_parameter():
+    experiments.require_subset([0.0, 0.5, 1.0], implicit=True, fp_thetas=[0.5, 1.0])
+    with pytest.raises(ValueError, match=r"fp_thetas = \[0.0, 0.5\] must be implicit values"):
+        experiments.require_subset([0.0, 0.5], implicit=True, fp_thetas=[0.0, 0.5])
+    with pytest.raises(ValueError, match=r"relu_depth = \[7\] must be values of \[5, 20\]"):
+        experiments.require_subset([5, 20], relu_depth=[7])

@@ -141,3 +141,9 @@ def test_losses_mark_the_curves_whose_training_has_not_settled():
     fig = plotting.losses(frame)
     labels = [t.get_text() for t in fig.axes[-1].get_legend().get_texts()]
     assert labels == [r"$\theta = 0.0$ (2/3 settled)", r"$\theta = 1.0$ (0/3 settled)"]
+
+
+def test_every_figure_function_takes_a_title():
+    fig = plotting.spectral_radii(2.0, points=11, title="a title")
+    assert fig._suptitle.get_text() == "a title"
+    assert plotting.spectral_radii(2.0, points=11)._suptitle is None

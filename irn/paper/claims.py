@@ -379,6 +379,15 @@ def loss_change(history: pd.DataFrame, tail: float = SETTLED_TAIL) -> float:
     return float(abs(last - start) / abs(start)) if np.isfinite([start, last]).all() and start else float("nan")
 
 
+def of_runs(values: pd.Series, runs: pd.DataFrame, keys: list[str],
+            index=("depth", "theta", "seed")) -> pd.Series:
+    """The ``values`` (one per run, indexed by the columns ``keys``) of the runs in a history
+    frame, indexed by its columns ``index``: what the rows of a claim take."""
+    chosen = runs[keys].drop_duplicates()
+    return pd.Series([values[tuple(k)] for k in chosen.itertuples(index=False)],
+                     index=pd.MultiIndex.from_frame(chosen[list(index)]))
+
+
 def settled(histories: pd.DataFrame, by=("depth", "theta", "seed"),
             tolerance: float = SETTLED) -> pd.Series:
     """Per run (the groups of ``by``): whether its training loss changed by at most

@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import functools
 import inspect
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -311,6 +312,54 @@ class Job:
                   if value != SOLVER_DEFAULTS[name]}
         return dict(model=self.model, seed=self.seed, data=self.data,
                     model_kwargs=self.network | solver, train_kwargs=dict(self.training))
+
+
+def sweep(model: str, data: str, seeds, tags: dict, loop=None, **settings) -> list[Job]:
+    """The one way to declare a sweep: a :class:`Job` for every combination of the ``tags``'
+    values and every seed, each with the fixed ``settings``; the jobs in the order of nested
+    loops over ``loop`` (tag names and ``"seed"``, outermost first; default: the tags' order,
+    then the seed).
+
+    ``tags`` maps a tag's name to its values: a list, whose values are also the setting of
+    that name where there is one (``theta=[0.0, 0.5]``), or a dict from each value to the
+    settings it stands for (``depth={5: {"num_layers": 5}}``, ``variant={"R_fp": {...}}``).
+    A setting goes to the job's network, solver or training by its name; a name that belongs
+    to none is a ``ValueError`` naming the allowed ones."""
+    def settings_of(name, value):
+        if isinstance(tags[name], dict):
+            return tags[name][value]
+        return {name: value} if name in routes else {}
+
+    routes = {name: "network" for name in NETWORK_SETTINGS[model]} \
+        | {name: "solver" for name in SOLVER_SETTINGS} | {name: "training" for name in TRAIN_SETTINGS}
+    loop = list(loop or tags)
+    loop += [] if "seed" in loop else ["seed"]
+    require(sorted(loop) == sorted([*tags, "seed"]),
+            f"loop must order the tags {list(tags)} (and seed), got {loop}")
+    axes = tags | {"seed": list(seeds)}
+    jobs = []
+    for values in itertools.product(*(list(axes[name]) for name in loop)):
+        chosen = dict(zip(loop, values))
+        seed = chosen.pop("seed")
+        chosen = {name: chosen[name] for name in tags}
+        fixed = dict(settings)
+        for name, value in chosen.items():
+            fixed |= settings_of(name, value)
+        _known("sweep", fixed, routes)
+        parts = {"network": {}, "solver": {}, "training": {}}
+        for name, value in fixed.items():
+            parts[routes[name]][name] = value
+        jobs.append(Job(model, data, seed, tags=chosen, **parts))
+    return jobs
+
+
+def require_subset(grid, implicit: bool = False, **subsets) -> None:
+    """Runs retrained beside a grid are compared with the grid's own: each parameter of
+    ``subsets`` (name -> values) must hold values of ``grid`` (nonzero with ``implicit``), or a
+    ``ValueError`` names it."""
+    for name, values in subsets.items():
+        require(set(values) <= set(grid) and not (implicit and 0.0 in values),
+                f"{name} = {values} must be {'implicit ' if implicit else ''}values of {grid}")
 
 
 def _known(what: str, settings: dict, allowed) -> None:

@@ -22,3 +22,10 @@ def per_layer(history: pd.DataFrame, name: str) -> np.ndarray:
     columns.sort(key=lambda c: int(c.rsplit("_", 1)[1]))
     # histories of deeper models concatenated with this one leave its extra columns empty
     return history[columns].dropna(axis=1, how="all").to_numpy()
+
+
+def median_seed(values: pd.Series):
+    """The index (a seed) of the median of ``values`` (the lower median for an even count,
+    ties broken by the smaller index): the run to show as representative."""
+    ordered = values.sort_index().sort_values(kind="stable")
+    return ordered.index[(len(ordered) - 1) // 2]

@@ -26,7 +26,7 @@ except ImportError as err:  # the examples' dependencies: pip install 'irn[examp
 
 from .. import stability
 from .claims import settled
-from .history import per_layer
+from .history import median_seed, per_layer
 
 STYLE = {
     "font.family": "DejaVu Sans",  # ships with matplotlib: same glyphs on every machine
@@ -59,16 +59,20 @@ def use_style() -> None:
 
 
 def _styled(function):
-    """Run a figure function (or :func:`save`) with the shared style, then put back the
+    """Run a figure function (or :func:`save`) with the shared style (a figure function also
+    takes ``title=``, its figure's suptitle), then put back the
     caller's values of exactly the keys of ``STYLE``. (Not ``matplotlib.rc_context``: it
     restores every rcParam, ``interactive`` included, which IPython sets when a first figure
     activates its inline backend inside the context: later figures were then not shown.)"""
     @functools.wraps(function)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, title: str | None = None, **kwargs):
         saved = {key: matplotlib.rcParams[key] for key in STYLE}
         matplotlib.rcParams.update(STYLE)
         try:
-            return function(*args, **kwargs)
+            fig = function(*args, **kwargs)
+            if title is not None:  # every figure function takes title=, its figure's suptitle
+                fig.suptitle(title)
+            return fig
         finally:
             matplotlib.rcParams.update(saved)
     return wrapper
@@ -267,6 +271,16 @@ def gradient_magnitudes(histories: pd.DataFrame):
     return fig
 
 
+def dynamics_of(runs: pd.DataFrame, models: dict, keys: list[str], data, target=None,
+                title: str | None = None):
+    """:func:`dynamics` of the runs in a history frame (one per theta): the models keyed by the
+    frame's columns ``keys``, those whose solves did not all converge in training marked."""
+    unconverged = [theta for theta, h in runs.groupby("theta") if not h.converged.all()]
+    chosen = runs[keys].drop_duplicates().itertuples(index=False)
+    return dynamics({key.theta: models[tuple(key)] for key in chosen}, data,
+                    unconverged=unconverged, target=target, title=title)
+
+
 @_styled
 @torch.no_grad()
 def dynamics(models: dict, data, grid: int = 17, extent: float = 6.0, unconverged=(),
@@ -365,6 +379,20 @@ def activation_comparison(histories: dict, outputs: dict, data):
     axes[0].legend(frameon=False)
     axes[1].legend(frameon=False, fontsize=7)
     return fig
+
+
+def decision_regions_of(accuracy: pd.DataFrame, models: dict, data, row: str, labels: dict,
+                        key) -> plt.Figure:
+    """Figure 9 for one dataset from its final validation ``accuracy`` (one row per seed, one
+    column per variant): each variant's classifier of the median seed
+    (:func:`irn.paper.history.median_seed`), ``models[key(variant, seed)]``, in a column
+    ``labels[variant]`` of the row ``row``, and every seed's accuracy in the last panel."""
+    panels = {}
+    for variant, label in labels.items():
+        seed = median_seed(accuracy[variant])
+        panels[row, label] = (models[key(variant, seed)], float(accuracy.loc[seed, variant]))
+    return decision_regions(panels, data, accuracies={label: accuracy[variant].to_numpy()
+                                                      for variant, label in labels.items()})
 
 
 # ---------------------------------------------------------------------- notebook 3: spirals

@@ -22,7 +22,7 @@ import torch
 
 from . import cache
 from .._checks import choice, require
-from .parallel import run_all
+from .parallel import executor, run_all
 from ..regularizers import noise, perturbation_distances
 from .losses import LOSSES
 
@@ -231,6 +231,16 @@ def measure_many(tasks: list, workers: int = 1, *, cache_dir=None, executor=None
                                              "growth": pd.DataFrame({"growth": growth}),
                                              "summary": pd.DataFrame([summary])}, {})
     return results
+
+
+def measure_models(models: dict, setup, workers: int = 1, *, cache_dir=None,
+                   dask_scheduler: str | None = None) -> list:
+    """:func:`measure_many` of every model of ``models`` (in their order), ``setup(key)`` giving
+    the ``(data, settings)`` of the model at ``key``; on the Dask scheduler at
+    ``dask_scheduler`` if given, else ``workers`` local processes."""
+    tasks = [(model, *setup(key)) for key, model in models.items()]
+    with executor(dask_scheduler) as pool:
+        return measure_many(tasks, workers, cache_dir=cache_dir, executor=pool)
 
 
 def summary_table(curves: pd.DataFrame, summary: pd.DataFrame, sigma: dict, epsilon: dict,

@@ -351,10 +351,3 @@ def summarize(histories: pd.DataFrame, by=("depth", "theta")) -> pd.DataFrame:
             row[name] = float(np.nanmean(per_layer(last, name)))
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def median_seed(values: pd.Series):
-    """The index (a seed) of the median of ``values`` (the lower median for an even count,
-    ties broken by the smaller index): the run to show as representative."""
-    ordered = values.sort_index().sort_values(kind="stable")
-    return ordered.index[(len(ordered) - 1) // 2]
