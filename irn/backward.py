@@ -113,8 +113,8 @@ def linearize(F, y: torch.Tensor, scale: float = 1.0, create_graph: bool = False
 class Adjoint:
     """What the backward of a block needs: its residual function ``F`` on the member layout
     ``(E, B, *)``, its ``backward`` strategy, the linear solve's ``lin_tol`` and
-    ``lin_max_iters``, ``implicit`` (one bool per member: who solves), ``name`` and ``members``
-    (how errors and warnings name the block, and the member of an ensemble) and
+    ``lin_max_iters``, ``implicit`` (one bool per member: who solves), ``name`` and ``labels``
+    (how errors name the block, and whether they name the member: an ensemble's) and
     ``report(info, stats)``, which hands a backward's :class:`irn.driver.SolveInfo` to the
     statistics of its forward (``stats``; None for a solve of second derivatives) and applies
     the block's ``on_nonconvergence`` policy."""
@@ -125,7 +125,7 @@ class Adjoint:
     lin_max_iters: int
     implicit: tuple[bool, ...]
     name: str
-    members: int | None
+    labels: bool
     report: Callable[[SolveInfo, object], None]
 
     def nothing_solved(self) -> SolveInfo:
@@ -171,7 +171,7 @@ class ImplicitDifferentiation(Backward):
         device_type = grad.device.type
         with (torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type)
               else contextlib.nullcontext()):
-            v, info = labelled(adjoint.name, "backward", adjoint.members,
+            v, info = labelled(adjoint.name, "backward", adjoint.labels,
                                LINEAR_SOLVERS[self.name], input_vjp, grad, tol=adjoint.lin_tol,
                                max_iters=adjoint.lin_max_iters, active=adjoint.implicit)
         if not all(adjoint.implicit):  # explicit members: v = grad (GMRES left them at zero)

@@ -72,14 +72,14 @@ def failure(message: str, member: int) -> SolverError:
     return err
 
 
-def labelled(name: str, what: str, members: int | None, solve: Callable, *args, **kwargs):
+def labelled(name: str, what: str, labels: bool, solve: Callable, *args, **kwargs):
     """``solve(*args, **kwargs)``, its SolverError renamed ``"<name>[, member e]: <what> solve
-    failed: ..."`` (the member named for an ensemble, ``members`` not None)."""
+    failed: ..."`` (the member named where ``labels``: an ensemble's blocks)."""
     try:
         return solve(*args, **kwargs)
     except SolverError as err:
         member = getattr(err, "member", None)
-        label = name if members is None or member is None else f"{name}, member {member}"
+        label = f"{name}, member {member}" if labels and member is not None else name
         raise SolverError(f"{label}: {what} solve failed: {err}") from None
 
 
@@ -97,8 +97,9 @@ class Monitor:
     iteration, stop at ``tol`` (one threshold, or one per member) or ``max_iters``.
 
     ``running`` says who still moves, ``counts`` and ``values`` hold each member's iterations
-    and final residual (``tol`` as given: a forward solve's one float), ``norms`` the latest per-sample residual norms ``(E, B)`` (for solvers
-    that need them), and :meth:`freeze` keeps the stopped members' iterates where they stopped.
+    and final residual (``tol`` as given: a forward solve's one float), ``norms`` the latest
+    per-sample residual norms ``(E, B)`` (for solvers that need them), and :meth:`freeze`
+    keeps the stopped members' iterates where they stopped.
     An iteration in which no member stops costs one transfer and two C-level passes over the
     maxima (a stopped member's threshold is -inf, so it never stops again); a device copy of
     the running mask (``mask``) is made only when a member stops, and while every member runs
@@ -124,7 +125,8 @@ class Monitor:
         self.norms = norms = per_sample_norm(residual)
         if self.record is not None:
             self.record.append(norms)
-        values = (norms.detach() if norms.requires_grad else norms).amax(dim=1).tolist()  # the one host transfer
+        plain = norms.detach() if norms.requires_grad else norms
+        values = plain.amax(dim=1).tolist()  # the one host transfer of this iteration
         if (self.iteration < self.max_iters and math.isfinite(sum(values))
                 and not any(map(operator.le, values, self.thresholds))):
             return False  # no member stops (the common case)

@@ -106,8 +106,7 @@ class ImplicitResidualBlock(nn.Module):
         self.members = members  # None: one network (the public layout); E: an ensemble block
         self.h, self.theta = h, theta
         self.name = "block"  # ImplicitResNet renames its blocks "block 0", "block 1", ...
-        self.keep_iterates = False
-        self.keep_solution = False
+        self.keep_iterates = self.keep_solution = False
         self._checked_shape = False
         self._columns = None  # per-member coefficients, built at the first call
 
@@ -207,7 +206,7 @@ class ImplicitResidualBlock(nn.Module):
             self._adjoint_key = key
             self._adjoint_of = Adjoint(
                 self.F_members, BACKWARDS[self.backward], self.lin_tol, self.lin_max_iters,
-                tuple(t > 0 for t in self.thetas), self.name, self.members,
+                tuple(t > 0 for t in self.thetas), self.name, self.record.labels,
                 functools.partial(self.record.backward, name=self.name))
         return self._adjoint_of
 
@@ -244,8 +243,9 @@ class ImplicitResidualBlock(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # mixed precision: see irn.precision
             run, step = under_autocast(self, solve, step, x.device.type)
         with torch.set_grad_enabled(differentiable):
-            y_star, info = labelled(self.name, "forward", self.members, run, *self.config.solvers(),
-                                    step, x, tol=self.tol, max_iters=self.max_iters, active=implicit,
+            y_star, info = labelled(self.name, "forward", self.record.labels, run,
+                                    *self.config.solvers(), step, x, tol=self.tol,
+                                    max_iters=self.max_iters, active=implicit,
                                     differentiable=differentiable, record=record)
         self.record.forward(info, record, self.name)
         if not grad_on:
@@ -289,4 +289,5 @@ def fixed_point_map(F, x, fx, explicit, h_implicit, differentiable: bool):
 
 # the block's settings (solver, backward, tol, ...), read from its SolveConfig
 for _name in (f.name for f in dataclasses.fields(SolveConfig)):
-    setattr(ImplicitResidualBlock, _name, property(lambda self, _name=_name: getattr(self.config, _name)))
+    setattr(ImplicitResidualBlock, _name,
+            property(lambda self, _name=_name: getattr(self.config, _name)))

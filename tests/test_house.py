@@ -187,3 +187,37 @@ def test_no_reference_to_documents_outside_the_repository():
     hits = [f"{path.relative_to(ROOT)}:{n}" for path in files if path != Path(__file__)
             for n, line in enumerate(path.read_text().splitlines(), 1) if outside.search(line)]
     assert not hits, "references to a document outside the repository: " + ", ".join(hits)
+
+
+def notebook_code_lines(path: Path) -> int:
+    import json
+
+    cells = json.loads(path.read_text())["cells"]
+    return sum(1 for cell in cells if cell["cell_type"] == "code"
+               for line in "".join(cell["source"]).splitlines() if line.strip())
+
+
+def test_notebooks_keep_the_story():
+    """Notebooks 2-4 together hold at most 340 non-blank code lines, parameters included: the
+    plumbing lives in irn/paper/."""
+    paths = sorted((ROOT / "notebooks").glob("0[234]_*.ipynb"))
+    assert len(paths) == 3
+    assert sum(map(notebook_code_lines, paths)) <= 340
+
+
+#: the core's modules below the public boundary: they see the member layout (E, B, ...) only
+MEMBER_LAYOUT_ONLY = ("driver.py", "solvers.py", "linear.py", "records.py", "config.py",
+                      "precision.py", "compiled.py")
+ONE_OR_MANY = re.compile(r"members is (not )?None|members or 1|\bensemble\b.*\bif\b|lead = 1")
+
+
+def test_no_branch_on_one_network_versus_an_ensemble_below_the_boundary():
+    """Inside the library one network is an ensemble of one: the solvers, their driver, the
+    records and the compiled path never ask which it is (backward.py asks once, where it lifts
+    a user's F on (B, *) to the member layout)."""
+    found = [f"irn/{name}:{n}" for name in MEMBER_LAYOUT_ONLY
+             for n, line in enumerate((ROOT / "irn" / name).read_text().splitlines(), 1)
+             if ONE_OR_MANY.search(line.split("#")[0])]
+    assert not found, found
+    backward = (ROOT / "irn" / "backward.py").read_text()
+    assert len(re.findall(r"members is (not )?None", backward)) == 1
