@@ -693,7 +693,7 @@ def regularizer_table(min_time, min_cycles, workloads=("W1 example 1, L=20", "W2
         for backend in ("torch", "compiled"):
             net = irn.ImplicitResNet(dim, layers, h, theta, activation="relu", init="pytorch",
                                      backend=backend, tol=tol, on_nonconvergence="ignore")
-            net.keep_solutions = True
+            net.keep_solution = True
             for probes in (0, 1, 4):
                 def step(net=net, probes=probes):
                     net.zero_grad(set_to_none=True)

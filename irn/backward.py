@@ -2,7 +2,7 @@
 
 A backward is a small strategy chosen by name (:data:`BACKWARDS`):
 
-- implicit differentiation with a linear solver of ``irn.solvers`` (``neumann``, ``gmres``,
+- implicit differentiation with a linear solver of ``irn.linear`` (``neumann``, ``gmres``,
   ``direct``): with ``g = dL/dy`` solve ``(I - h theta J_F(y*)^T) v = g``, then hand ``v`` to the
   graph of ``x + h(1-theta)F(x)`` and ``h theta (dF(y*)/dw)^T v`` to F's parameters;
 - ``jacobian_free``: the same with ``v = g`` (the inverse dropped);
@@ -34,33 +34,28 @@ def axpy(a: torch.Tensor, c, b: torch.Tensor) -> torch.Tensor:
 
 
 class OneMember:
-    """The residual function ``F`` of one network's block (on ``(B, *)``) as that of an
-    ensemble of one (on ``(1, B, *)``): the public layout's boundary, where the member axis is
-    squeezed for the user's ``F`` and restored after it. It reads ``owner.F`` at every call,
-    so a replaced ``F`` is seen."""
+    """The residual function ``F`` of one network (on ``(B, *)``) as that of an ensemble of one
+    (on ``(1, B, *)``): the public layout's boundary, where the member axis is squeezed for the
+    user's ``F`` and restored after it."""
 
-    def __init__(self, owner: nn.Module):
-        self.owner = owner
-
-    @property
-    def F(self) -> nn.Module:
-        return self.owner.F
+    def __init__(self, F: nn.Module):
+        self.F = F
 
     def __call__(self, y: torch.Tensor) -> torch.Tensor:
-        return self.owner._modules["F"](y.squeeze(0)).unsqueeze(0)
+        return self.F(y.squeeze(0)).unsqueeze(0)
 
     def parameters(self):
-        return self.owner.F.parameters()
+        return self.F.parameters()
 
 
-def on_members(block):
-    """The residual function of ``block`` on the member layout ``(E, B, *)``: an ensemble
-    block's own ``F``; one network's lifted by :class:`OneMember`, unless it declares that it
-    acts on any leading dimensions (``F.any_leading_dims = True``, as
-    :class:`irn.functions.Perceptron`), which it then does on ``(1, B, *)`` as it is."""
-    F = block.F
-    lifted = block.members is None and not getattr(F, "any_leading_dims", False)
-    return OneMember(block) if lifted else F
+def on_members(F: nn.Module, members: int | None):
+    """A block's residual function ``F`` on the member layout ``(E, B, *)``: an ensemble
+    block's (``members`` E) as it is; one network's (``members`` None) lifted by
+    :class:`OneMember`, unless it declares that it acts on any leading dimensions
+    (``F.any_leading_dims = True``, as :class:`irn.functions.Perceptron`), which it then does
+    on ``(1, B, *)`` as it is."""
+    lifted = members is None and not getattr(F, "any_leading_dims", False)
+    return OneMember(F) if lifted else F
 
 
 def linearize(F, y: torch.Tensor, scale: float = 1.0, create_graph: bool = False):

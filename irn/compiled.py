@@ -151,6 +151,8 @@ class Plan:
         # h(1-theta) and h theta as the generic path rounds them (a double, then the dtype)
         self._coefficients = {np.dtype(np.float64): (h * (1 - theta), h * theta)}
         self.solving = self.implicit.any(axis=1)  # layers with a solve (a report)
+        for block, implicit in zip(self.blocks, self.implicit):  # who solves, for the records
+            block.record.solving = [e for e, solves in enumerate(implicit) if solves]
         # where each layer's weight and bias live (read there at every call, so a replaced
         # parameter is seen; nn.Module's attribute lookup would cost more than the kernels)
         owners = [b.F.linear if isinstance(b.F, Perceptron) else b.F for b in self.blocks]
@@ -172,9 +174,11 @@ class Plan:
 
 
 def _key(blocks):
-    """What a plan depends on: the blocks, their residual functions and settings (read from
-    the instances' dicts: ``nn.Module`` attribute lookup costs more than the kernels)."""
-    return tuple((b, b._modules["F"], b.__dict__["_config"]) for b in blocks)
+    """What a plan depends on: the blocks, their residual functions, settings and steps ``h``
+    and ``theta`` (read from the instances' dicts: ``nn.Module`` attribute lookup costs more
+    than the kernels)."""
+    return tuple((b, b._modules["F"], b.__dict__["_config"], b.__dict__["h"], b.__dict__["theta"])
+                 for b in blocks)
 
 
 def plan(net) -> Plan:
@@ -182,6 +186,7 @@ def plan(net) -> Plan:
     settings change)."""
     cached = net.__dict__.get("_compiled_plan")
     if cached is None or any(a[0] is not b[0] or a[1] is not b[1] or a[2] is not b[2]
+                             or a[3] != b[3] or a[4] != b[4]
                              for a, b in zip(cached.key, _key(net.blocks))) \
             or len(cached.key) != len(net.blocks):
         cached = Plan(net.blocks)

@@ -64,6 +64,15 @@ def coefficients(hs: tuple, thetas: tuple, x: torch.Tensor):
     return (*columns, tuple(t > 0 for t in thetas))
 
 
+def check_shape(fy: torch.Tensor, y: torch.Tensor, one_network: bool) -> bool:
+    """``F`` must return its input's shape (the message in the public layout: one network's
+    states without the member axis)."""
+    shown = (lambda t: tuple(t.shape[1:])) if one_network else (lambda t: tuple(t.shape))
+    require(fy.shape == y.shape, f"F must return a tensor of its input's shape: got "
+                                  f"{shown(fy)} for input {shown(y)}")
+    return True
+
+
 def refuse_functorch(name: str) -> None:
     """torch.func transforms cannot trace a solve that stops on data-dependent residuals."""
     if torch._C._are_functorch_transforms_active():
@@ -143,7 +152,7 @@ class ImplicitResidualBlock(nn.Module):
         """``F`` on the member layout ``(E, B, *)``: :func:`irn.backward.on_members`."""
         F = self._modules["F"]
         if self.__dict__.get("_F_members", (None,))[0] is not F:  # made again for a new F
-            self._F_members = (F, on_members(self))
+            self._F_members = (F, on_members(F, self.members))
         return self._F_members[1]
 
     @functools.cached_property
@@ -181,9 +190,7 @@ class ImplicitResidualBlock(nn.Module):
     def _residual_function(self, y: torch.Tensor) -> torch.Tensor:
         fy = self.F_members(y)
         if not self._checked_shape:
-            require(fy.shape == y.shape, f"F must return a tensor of its input's shape: got "
-                                          f"{tuple(fy.shape)} for input {tuple(y.shape)}")
-            self._checked_shape = True
+            self._checked_shape = check_shape(fy, y, self.members is None)
         return fy
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -194,21 +201,21 @@ class ImplicitResidualBlock(nn.Module):
 
     def _coefficients(self, x: torch.Tensor):
         """:func:`coefficients` for ``x``'s dtype, device and rank, made once."""
-        key = (x.dtype, x.device, x.dim())
+        key = (x.dtype, x.device, x.dim(), self.hs, self.thetas)  # h, theta may be reassigned
         if self._columns is None or self._columns[0] != key:
             self._columns = (key, coefficients(self.hs, self.thetas, x))
+            self.record.solving = [e for e, t in enumerate(self.thetas) if t > 0]
         return self._columns[1]
 
     def _adjoint(self) -> Adjoint:
         """What this block's backward needs (rebuilt with a new name, ``F`` or config)."""
-        key = (self.name, self.config, self._modules["F"])
-        if self.__dict__.get("_adjoint_key") != key:
-            self._adjoint_key = key
-            self._adjoint_of = Adjoint(
+        key = (self.name, self.config, self._modules["F"], self.thetas)
+        if self.__dict__.get("_adjoint_of", (None,))[0] != key:  # one assignment: thread-safe
+            self._adjoint_of = (key, Adjoint(
                 self.F_members, BACKWARDS[self.backward], self.lin_tol, self.lin_max_iters,
                 tuple(t > 0 for t in self.thetas), self.name, self.record.labels,
-                functools.partial(self.record.backward, name=self.name))
-        return self._adjoint_of
+                functools.partial(self.record.backward, name=self.name)))
+        return self._adjoint_of[1]
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

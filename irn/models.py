@@ -245,6 +245,12 @@ class ImplicitResNet(nn.Module):
         for block in self.blocks:
             block.keep_solution = bool(value)
 
+    def _renamed(self, value=None):
+        raise AttributeError("ImplicitResNet.keep_solutions is spelled keep_solution, as on the "
+                             "blocks (set net.keep_solution = True)")
+
+    keep_solutions = property(_renamed, _renamed)  # the old spelling fails loudly, not silently
+
     def _check_input(self, y0):
         members = self.members
         if members is None:
@@ -254,18 +260,21 @@ class ImplicitResNet(nn.Module):
             raise ValueError(f"y0 must have shape (members={members}, batch, {self.dim}) for an "
                              f"ensemble, got {tuple(y0.shape)}")
 
-    def _run(self, y: torch.Tensor, every: bool) -> torch.Tensor:
-        """The network on the member layout ``y`` ``(E, B, dim)``: its last state, or with
-        ``every`` all ``L + 1`` states stacked."""
-        states = self._compiled_states(y)
+    def _run(self, y0: torch.Tensor, every: bool) -> torch.Tensor:
+        """The network on ``y0`` in the public layout: its last state, or with ``every`` all
+        ``L + 1`` states stacked. The compiled path takes the member layout (one network is
+        one member); the generic one calls the blocks (so that their hooks run)."""
+        one = self.members is None  # the public layout's boundary
+        states = self._compiled_states(y0.unsqueeze(0) if one else y0)
         if states is not None:
+            states = states[:, 0] if one else states
             return states if every else states[-1]
-        kept = [y]
+        kept = [y0]
         for block in self.blocks:
-            y = block.solve_members(y)
+            y0 = block(y0)
             if every:
-                kept.append(y)
-        return torch.stack(kept) if every else y
+                kept.append(y0)
+        return torch.stack(kept) if every else y0
 
     def states(self, y: torch.Tensor) -> torch.Tensor:
         """Every hidden state ``(L + 1, E, B, dim)`` from ``y`` of shape ``(E, B, dim)``: the
@@ -274,20 +283,16 @@ class ImplicitResNet(nn.Module):
         if not (y.dim() == 3 and y.shape[0] == count and y.shape[2] == self.dim):
             raise ValueError(f"y must have shape (members={count}, batch, {self.dim}), got "
                              f"{tuple(y.shape)}")
-        return self._run(y, every=True)
+        return self._run(y, every=True) if self.members else self._run(y[0], every=True)[:, None]
 
     def forward(self, y0: torch.Tensor) -> torch.Tensor:
         self._check_input(y0)
-        if self.members is None:  # the public layout's boundary: one network is one member
-            return self._run(y0.unsqueeze(0), every=False)[0]
         return self._run(y0, every=False)
 
     def trajectory(self, y0: torch.Tensor) -> torch.Tensor:
         """All hidden states ``(y_0, y_1, ..., y_L)`` stacked: shape ``(L + 1, B, dim)``
         (``(L + 1, E, B, dim)`` for an ensemble)."""
         self._check_input(y0)
-        if self.members is None:
-            return self._run(y0.unsqueeze(0), every=True)[:, 0]
         return self._run(y0, every=True)
 
 

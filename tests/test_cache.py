@@ -80,6 +80,23 @@ def test_a_changed_training_source_misses_a_plotting_change_hits(tmp_path, monke
         assert cache.key(payload) != reference
 
 
+def test_every_module_that_trains_is_in_the_key():
+    """The whole core (a solver's driver, a linear solver, a records change all move training)
+    and every harness module that training imports."""
+    import ast
+
+    core = {path.name for path in cache.PACKAGE.glob("*.py")}
+    assert core <= set(cache.TRAINING_SOURCES)
+    for name in ("experiments", "training"):
+        tree = ast.parse((cache.PACKAGE / "paper" / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                     and node.level == 1 and node.module is None for alias in node.names}
+        needed = {f"paper/{m}.py" for m in imported - {"cache", "parallel"}}
+        assert needed <= set(cache.TRAINING_SOURCES), needed - set(cache.TRAINING_SOURCES)
+
+
 def test_the_key_holds_the_backend_and_numba_version(monkeypatch):
     """A warm cache must not hand models trained on the compiled path to a run on the generic
     one (IRN_BACKEND=torch), nor those of another numba (LLVM rounds differently)."""

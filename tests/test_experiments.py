@@ -31,6 +31,9 @@ def spiral_job(seed, theta, **training_settings):
     (dict(training=dict(epochs=0)), "epochs must be"),
     (dict(training=dict(epochs=3, loss="hinge")), "loss must be"),
     (dict(training=dict(epochs=3, stab_weight=-1.0)), "stab_weight must be >= 0"),
+    (dict(training=dict(loss="cross_entropy")), "training must set epochs"),
+    (dict(model="function_approximator", data="sine", network=dict(num_layers=2)),
+     r"network settings of 'function_approximator': .*theta"),
     (dict(tags=dict(seed=0)), "seed"),
 ])
 def test_a_bad_job_is_refused_at_construction(change, name):

@@ -33,11 +33,11 @@ except ImportError as err:  # the examples' dependencies: pip install 'irn[examp
 import torch
 
 PACKAGE = Path(__file__).parents[1]  # irn/: the sources below are paths within it
-#: library sources whose code determines a training result (not plotting, not measurement)
-TRAINING_SOURCES = ("_checks.py", "_kernels.py", "backward.py", "compiled.py", "functions.py",
-                    "layers.py", "models.py", "records.py", "regularizers.py", "solvers.py",
-                    "paper/data.py", "paper/examples.py", "paper/experiments.py",
-                    "paper/losses.py", "paper/training.py")
+#: the sources whose code determines a training result: the whole library core, and the
+#: harness modules that build, train and record a model (not plotting, not measurement)
+TRAINING_SOURCES = tuple(sorted(path.name for path in PACKAGE.glob("*.py"))) + (
+    "paper/data.py", "paper/examples.py", "paper/experiments.py", "paper/history.py",
+    "paper/losses.py", "paper/training.py")
 #: ... and the sources that determine a robustness measurement of a trained model
 EVALUATION_SOURCES = TRAINING_SOURCES + ("paper/robustness.py",)
 

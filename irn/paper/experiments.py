@@ -292,7 +292,8 @@ class Job:
             _known("solver", self.solver, SOLVER_SETTINGS)
             object.__setattr__(self, "solver", SolveConfig(**self.solver))
         _known("training", self.training, TRAIN_SETTINGS)
-        check_settings(**{"epochs": 1} | self.training)
+        require("epochs" in self.training, "training must set epochs (how long the run trains)")
+        check_settings(**self.training)
         _check_network(self.model, json.dumps(self.network, sort_keys=True, default=repr))
         require("seed" not in self.tags, "tags must not include 'seed' (a column of its own)")
 
@@ -370,8 +371,12 @@ def _known(what: str, settings: dict, allowed) -> None:
 
 @functools.lru_cache(maxsize=256)
 def _check_network(model: str, network: str) -> None:
-    """A network's values checked by building it once (tiny networks; cached per setting)."""
-    build_model(model, 0, **json.loads(network))
+    """A network's values checked by building it once (tiny networks; cached per setting); a
+    setting the model needs and the job lacks is a ``ValueError`` too."""
+    try:
+        build_model(model, 0, **json.loads(network))
+    except TypeError as err:  # a required argument missing
+        raise ValueError(f"network settings of {model!r}: {err}") from None
 
 
 def run(jobs: list[Job], *, workers: int = 1, desc: str = "training", cache_dir=None,
