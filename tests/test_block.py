@@ -713,3 +713,38 @@ def test_one_network_block_lifts_its_F_and_follows_a_replaced_F():
     nn.init.zeros_(zero[0].weight), nn.init.zeros_(zero[0].bias)
     block.F = zero
     torch.testing.assert_close(block(x), x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_reassigned_h_and_theta_take_effect_after_a_first_call(backend):
+    torch.manual_seed(0)
+    net = irn.ImplicitResNet(2, 2, 0.5, 0.5, backend=backend).double()
+    x = torch.randn(3, 2, dtype=DT)
+    net(x)
+    for block in net.blocks:
+        block.h, block.theta = 1.0, 0.0
+    explicit = x
+    for block in net.blocks:
+        explicit = explicit + 1.0 * block.F(explicit)
+    torch.testing.assert_close(net(x), explicit, rtol=0, atol=1e-15)
+    assert [block.last_stats.iterations for block in net.blocks] == [0, 0]
+
+
+def test_a_networks_blocks_run_their_hooks_and_a_deleted_block_is_freed_at_once():
+    import gc
+    import weakref
+
+    net = irn.ImplicitResNet(2, 2, 0.5, 0.5, backend="torch").double()
+    seen = []
+    net.blocks[1].register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    net(torch.randn(3, 2, dtype=DT))
+    assert seen == [(3, 2)]
+    block = irn.ImplicitResidualBlock(nn.Sequential(nn.Linear(2, 2), nn.Tanh()).double(), 0.5)
+    block(torch.randn(3, 2, dtype=DT, requires_grad=True)).sum().backward()
+    alive = weakref.ref(block)
+    gc.disable()
+    try:
+        del block
+        assert alive() is None  # no reference cycle through the lifted F or the adjoint
+    finally:
+        gc.enable()
