@@ -38,19 +38,16 @@ from .data import digits, sine, swiss_roll, two_spirals
 from ..config import SolveConfig
 from ..models import ImplicitModel, ImplicitResNet
 from .examples import digits_classifier, function_approximator, spiral_classifier
-from .training import check_settings, train
+from .training import TRAIN_DEFAULTS, check_settings, train
+
 
 def _keywords(function, skip=()) -> tuple[str, ...]:
     return tuple(name for name, p in inspect.signature(function).parameters.items()
                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in skip)
 
 
-TRAIN_DEFAULTS = {name: p.default for name, p in inspect.signature(train).parameters.items()
-                  if p.default is not inspect.Parameter.empty}
-
 #: what a job's ``training`` may set: the keywords of train but those the sweep sets itself
-TRAIN_SETTINGS = tuple(name for name, p in inspect.signature(train).parameters.items()
-                       if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("seed", "progress"))
+TRAIN_SETTINGS = _keywords(train, skip=("model", "data", "seed", "progress"))
 
 #: the examples' models and data sets, by the names jobs use
 MODEL_FACTORIES = {"function_approximator": function_approximator,

@@ -184,9 +184,13 @@ def check_settings(members: int | None = None, *, epochs: int, lr: float = 1e-2,
     if batch_size is not None:
         integer("batch_size", batch_size)
     fields = _Regularizer.__dataclass_fields__
-    defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()
-                if name in fields}
-    return _Regularizer.of(members, **defaults | {k: v for k, v in rest.items() if k in fields})
+    settings = {k: v for k, v in (TRAIN_DEFAULTS | rest).items() if k in fields}
+    return _Regularizer.of(members, **settings)
+
+
+#: train's settings with a default, and the defaults
+TRAIN_DEFAULTS = {name: p.default for name, p in inspect.signature(train).parameters.items()
+                  if p.default is not inspect.Parameter.empty}
 
 
 @dataclass(frozen=True)
