@@ -148,11 +148,14 @@ def _accumulate_parameters(s, v, y, dW, db):
 
 @njit(cache=True)
 def forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
-                   max_iters, iters, resid, fail):
+                   max_iters, iters, resid, fail, keep, Yk, Fk, means):
     """Member ``e`` through every layer: ``Y[l + 1] = x + h(1-theta)F(x) + h theta F(y*)``,
     ``y*`` by fixed-point iteration from ``x`` (section 2's rule: ``K`` iterations evaluate
     the residuals of ``y^0..y^{K-1}``, ``y* = y^{K-1}``). Keeps ``Fx[l] = F(x)`` and
-    ``Fstar[l] = F(y*)`` for the backward (the derivatives of ``act`` follow from them)."""
+    ``Fstar[l] = F(y*)`` for the backward (the derivatives of ``act`` follow from them).
+    With ``keep`` (the fixed-point regulariser) also every iterate ``Yk[l, e, k] = y^k``,
+    ``Fk[l, e, k] = F(y^k)`` and the batch mean of the residual norms
+    ``means[l, k, e] = mean_b ||y^k_b - g(y^k)_b||``."""
     L, d, B = W.shape[0], Y.shape[2], Y.shape[3]
     z, y = np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype)
     gy, explicit = np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype)
@@ -178,8 +181,15 @@ def forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind
             for i in range(d):
                 for b in range(B):
                     gy[i, b] = explicit[i, b] + ci * fy[i, b]
+            if keep:
+                Yk[l, e, k], Fk[l, e, k] = y, fy
             k += 1
             res = _max_norm(y, gy, acc)
+            if keep:
+                total = Y.dtype.type(0)
+                for b in range(B):
+                    total += math.sqrt(acc[b])
+                means[l, k - 1, e] = total / B
             if not math.isfinite(res):
                 fail[e, 0], fail[e, 1], fail[e, 2] = l, k, NON_FINITE
                 return
@@ -286,14 +296,60 @@ def _direct(s, g, W, v, work, row):
 
 
 @njit(cache=True)
+def _through_iterates(e, l, Y, Yk, Fk, gmeans, W, ci, count, kind, dW, db, v, dx, s, a,
+                      c, work, row):
+    """The gradient of ``sum_k gmeans[l, k, e] * mean_b ||y^k_b - g(y^k)_b||`` through the
+    kept iterates ``y^0 = x``, ``y^{k+1} = g(y^k) = explicit + h theta F(y^k)`` of layer ``l``
+    (what autograd computes through the generic path's recorded iterates, for ``R_fp``), last
+    iterate first: with ``u_k = gmeans_k D_k / (B ||D_k||)`` (zero where ``D_k = 0``) and
+    ``c_k = -u_k + a_{k+1}`` the adjoint of ``g(y^k)``, ``a_k = u_k + h theta J_F(y^k)^T c_k``.
+    Adds ``h theta (dF(y^k)/dw)^T c_k`` to the parameters' gradients, ``sum_k c_k`` (the
+    adjoint of ``explicit``) to ``v`` and ``a_0`` to ``dx``."""
+    d, B = v.shape
+    a[:, :] = 0
+    for k in range(count - 1, -1, -1):
+        after = Yk[l, e, k + 1] if k + 1 < count else Y[l + 1, e]  # g(y^k)
+        y = Yk[l, e, k]
+        weight = gmeans[l, k, e] / B
+        row[:] = 0
+        for i in range(d):
+            for b in range(B):
+                diff = y[i, b] - after[i, b]
+                row[b] += diff * diff
+        for b in range(B):
+            norm = math.sqrt(row[b])
+            row[b] = weight / norm if norm > 0 else 0
+        for i in range(d):
+            for b in range(B):
+                u = row[b] * (y[i, b] - after[i, b])
+                c[i, b] = a[i, b] - u
+                a[i, b] = u
+        _slope(Fk[l, e, k], kind, ci, s)
+        _accumulate_parameters(s, c, y, dW, db)
+        _transpose_product(s, c, W, work, row)
+        for i in range(d):
+            for b in range(B):
+                a[i, b] += work[i, b]
+                v[i, b] += c[i, b]
+    for i in range(d):
+        for b in range(B):
+            dx[i, b] += a[i, b]
+
+
+@njit(cache=True)
 def backward_member(e, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, method,
-                    lin_tol, lin_max_iters, dW, db, dX, iters, resid, converged, fail):
+                    lin_tol, lin_max_iters, dW, db, dX, iters, resid, converged, fail,
+                    keep, Yk, Fk, gmeans, counts):
     """Member ``e``'s gradients, last layer first: ``G[l]`` is the incoming gradient of state
     ``l``; per layer ``v`` solves ``(I - h theta J_F(y*)^T) v = g`` (``v = g`` for an explicit
     step), then ``dL/dx = v + h(1-theta) J_F(x)^T v`` and
-    ``dL/dw = h [(1-theta) dF(x)/dw + theta dF(y*)/dw]^T v`` (section 3)."""
+    ``dL/dw = h [(1-theta) dF(x)/dw + theta dF(y*)/dw]^T v`` (section 3). With ``keep``, the
+    gradient ``gmeans`` of the iterates' residual means (``R_fp``) adds its path through the
+    ``counts[l, e]`` kept iterates (:func:`_through_iterates`)."""
     L, d, B = W.shape[0], Y.shape[2], Y.shape[3]
     s, v, work = np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype)
+    a, c, extra = (np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype),
+                   np.zeros((d, B), Y.dtype))
     row = np.empty(B, Y.dtype)
     g = G[L, e].copy()
     for l in range(L - 1, -1, -1):
@@ -314,6 +370,10 @@ def backward_member(e, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, 
                 return
             iters[l, e], resid[l, e], converged[l, e] = k, res, res <= threshold
             _accumulate_parameters(s, v, Ystar[l, e], dW[l, e], db[l, e])
+            if keep and counts[l, e] > 0:
+                extra[:, :] = 0
+                _through_iterates(e, l, Y, Yk, Fk, gmeans, Wl, c_imp[l, e], counts[l, e], kind,
+                                  dW[l, e], db[l, e], v, extra, s, a, c, work, row)
         else:
             v[:, :] = g
         _slope(Fx[l, e], kind, c_exp[l, e], s)
@@ -321,7 +381,9 @@ def backward_member(e, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, 
         _transpose_product(s, v, Wl, work, row)
         for i in range(d):
             for b in range(B):
-                g[i, b] = v[i, b] + work[i, b] + G[l, e, i, b]
+                g[i, b] = v[i, b] + work[i, b] + G[l, e, i, b] + extra[i, b]
+        if keep:
+            extra[:, :] = 0
     dX[e] = g
 
 
@@ -329,31 +391,35 @@ def backward_member(e, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, 
 # so both give the same numbers)
 @njit(cache=True)
 def forward_serial(Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
-                   max_iters, iters, resid, fail):
+                   max_iters, iters, resid, fail, keep, Yk, Fk, means):
     for e in range(Y.shape[1]):
         forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
-                       max_iters, iters, resid, fail)
+                       max_iters, iters, resid, fail, keep, Yk, Fk, means)
 
 
 @njit(cache=True, parallel=True)
 def forward_parallel(Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
-                     max_iters, iters, resid, fail):
+                     max_iters, iters, resid, fail, keep, Yk, Fk, means):
     for e in prange(Y.shape[1]):
         forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
-                       max_iters, iters, resid, fail)
+                       max_iters, iters, resid, fail, keep, Yk, Fk, means)
 
 
 @njit(cache=True)
 def backward_serial(Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, method,
-                    lin_tol, lin_max_iters, dW, db, dX, iters, resid, converged, fail):
+                    lin_tol, lin_max_iters, dW, db, dX, iters, resid, converged, fail,
+                    keep, Yk, Fk, gmeans, counts):
     for e in range(Y.shape[1]):
         backward_member(e, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, method,
-                        lin_tol, lin_max_iters, dW, db, dX, iters, resid, converged, fail)
+                        lin_tol, lin_max_iters, dW, db, dX, iters, resid, converged, fail,
+                        keep, Yk, Fk, gmeans, counts)
 
 
 @njit(cache=True, parallel=True)
 def backward_parallel(Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, method,
-                      lin_tol, lin_max_iters, dW, db, dX, iters, resid, converged, fail):
+                      lin_tol, lin_max_iters, dW, db, dX, iters, resid, converged, fail,
+                      keep, Yk, Fk, gmeans, counts):
     for e in prange(Y.shape[1]):
         backward_member(e, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, method,
-                        lin_tol, lin_max_iters, dW, db, dX, iters, resid, converged, fail)
+                        lin_tol, lin_max_iters, dW, db, dX, iters, resid, converged, fail,
+                        keep, Yk, Fk, gmeans, counts)

@@ -114,8 +114,6 @@ def not_applicable(net, y0: torch.Tensor) -> str | None:
     if y0.dtype not in DTYPES or weight.dtype != y0.dtype:
         return (f"dtypes {y0.dtype} (input) and {weight.dtype} (weights): the compiled path "
                 f"needs both float32 or both float64")
-    if any(block.keep_iterates for block in net.blocks):
-        return "keep_iterates is set (the fixed-point regulariser needs the generic path's iterates)"
     if torch._C._are_functorch_transforms_active():
         return "a torch.func transform is active"
     if y0.numel() == 0:
@@ -196,13 +194,29 @@ def plan(net) -> Plan:
 
 def trajectory(net, y0: torch.Tensor) -> torch.Tensor:
     """Every hidden state ``(L + 1, E, B, d)`` of ``net`` (an ensemble, or one network with
-    ``E = 1``) from ``y0`` ``(E, B, d)``, differentiable when grad mode is on."""
+    ``E = 1``) from ``y0`` ``(E, B, d)``, differentiable when grad mode is on. Blocks with
+    ``keep_iterates`` get the batch means of their iterates' residual norms
+    (``record.iterate_means``, differentiable too: the fixed-point regulariser)."""
     p = plan(net)
     params = p.parameters()
+    keep = any(block.keep_iterates for block in p.blocks)
     if torch.is_grad_enabled() and (y0.requires_grad or any(w.requires_grad for w in params)):
-        return _Network.apply(p, y0, *params)
-    with torch.no_grad():
-        return _states(_forward(p, y0, params)[0])
+        states, means = _Network.apply(p, keep, y0, *params)
+    else:
+        with torch.no_grad():
+            Y, saved = _forward(p, y0, params, keep)
+            states, means = _states(Y), torch.from_numpy(saved[-1])
+    if keep:
+        _keep_means(p, means)
+    return states
+
+
+def _keep_means(p: Plan, means: torch.Tensor) -> None:
+    """Each keeping block's ``iterate_means`` ``(K_l, E)``: rows of ``means`` ``(L, K, E)`` up
+    to its members' largest iteration count (``K_l``, as long as the generic path's record)."""
+    for l, block in enumerate(p.blocks):
+        if block.keep_iterates:
+            block.record.iterate_means = means[l, :max(s.iterations for s in block.record.stats)]
 
 
 def _states(Y) -> torch.Tensor:
@@ -232,10 +246,11 @@ def _run(name, members, *arrays):
             numba.set_num_threads(previous)
 
 
-def _forward(p: Plan, y0: torch.Tensor, params):
+def _forward(p: Plan, y0: torch.Tensor, params, keep: bool = False):
     """Run the forward kernel and report its statistics to the blocks (warnings, errors);
     returns ``(Y, saved)``: the states and what the backward needs, as numpy arrays with the
-    samples last (``irn._kernels``)."""
+    samples last (``irn._kernels``); with ``keep`` the iterates, their values of ``F``, the
+    iteration counts and the means of their residual norms ``(L, K, E)`` (else empty)."""
     L, E = len(p.blocks), p.members
     dtype = y0.detach().numpy().dtype
     x = y0.detach().numpy().reshape(E, -1, y0.shape[-1])
@@ -249,11 +264,15 @@ def _forward(p: Plan, y0: torch.Tensor, params):
     iters = np.zeros((L, E), np.int64)
     resid = np.zeros((L, E), dtype)
     fail = np.full((E, 3), -1, np.int64)
+    K = int(p.max_iters.max()) if keep else 0
+    shape = (L, E, K, d, B) if keep else (1, 1, 1, 1, 1)
+    Yk, Fk = np.empty(shape, dtype), np.empty(shape, dtype)
+    means = np.zeros((L, K, E), dtype)
     c_exp, c_imp = p.coefficients(dtype)
     _run("forward", E, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, p.implicit, p.kind, p.tol,
-         p.max_iters, iters, resid, fail)
+         p.max_iters, iters, resid, fail, keep, Yk, Fk, means)
     _report(p, "forward", iters, resid, resid <= p.tol[:, None], fail, reversed_order=False)
-    return Y, (Ystar, Fx, Fstar, W)
+    return Y, (Ystar, Fx, Fstar, W, Yk, Fk, iters, means)
 
 
 def _report(p: Plan, what: str, iters, resid, converged, fail, reversed_order: bool,
@@ -288,26 +307,34 @@ def _report(p: Plan, what: str, iters, resid, converged, fail, reversed_order: b
 
 
 class _Network(torch.autograd.Function):
-    """Every hidden state of the network, forward and backward in one compiled call each."""
+    """Every hidden state of the network, forward and backward in one compiled call each;
+    with ``keep``, also the means of the iterates' residual norms ``(L, K, E)`` (their
+    gradient goes through the kept iterates)."""
 
     @staticmethod
-    def forward(ctx, p: Plan, y0, *params):
-        Y, saved = _forward(p, y0, params)
-        states = _states(Y)
-        ctx.plan, ctx.arrays = p, (Y,) + saved
+    def forward(ctx, p: Plan, keep: bool, y0, *params):
+        Y, saved = _forward(p, y0, params, keep)
+        states, means = _states(Y), torch.from_numpy(saved[-1])
+        ctx.plan, ctx.keep, ctx.arrays = p, keep, (Y,) + saved[:-1]
         ctx.stats = [block.record.stats for block in p.blocks]
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(states, y0, *params)
-        return states
+        return states, means
 
     @staticmethod
-    def backward(ctx, grad_states):
+    def backward(ctx, grad_states, grad_means):
         states, y0, *params = ctx.saved_tensors
         p = ctx.plan
+        keep = ctx.keep and grad_means is not None
+        if grad_states is None:
+            grad_states = torch.zeros_like(states)
         if torch.is_grad_enabled():  # a second derivative: the generic path's graph
-            return (None,) + _generic_gradients(p, y0, params, grad_states)
-        Y, Ystar, Fx, Fstar, W = ctx.arrays  # (states is saved for autograd's in-place check)
+            return (None, None) + _generic_gradients(p, y0, params, grad_states,
+                                                     grad_means if keep else None)
+        Y, Ystar, Fx, Fstar, W, Yk, Fk, counts = ctx.arrays  # (states: autograd's in-place check)
         L, E, d, B = Ystar.shape
         G = np.ascontiguousarray(grad_states.detach().numpy().transpose(0, 1, 3, 2))
+        gmeans = grad_means.detach().numpy() if keep else np.zeros((1, 1, 1), Y.dtype)
         dW, db = np.zeros_like(W), np.zeros((L, E, d), Y.dtype)
         dX = np.empty((E, d, B), Y.dtype)
         iters = np.zeros((L, E), np.int64)
@@ -316,7 +343,8 @@ class _Network(torch.autograd.Function):
         fail = np.full((E, 3), -1, np.int64)
         c_exp, c_imp = p.coefficients(Y.dtype)
         _run("backward", E, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, p.implicit, p.kind,
-             p.method, p.lin_tol, p.lin_max_iters, dW, db, dX, iters, resid, converged, fail)
+             p.method, p.lin_tol, p.lin_max_iters, dW, db, dX, iters, resid, converged, fail,
+             keep, Yk, Fk, gmeans, counts)
         _report(p, "backward", iters, resid, converged, fail, reversed_order=True,
                 stats=ctx.stats)
         shape = (L,) + tuple(params[0].shape)
@@ -324,18 +352,24 @@ class _Network(torch.autograd.Function):
         grads[0::2] = torch.from_numpy(dW).reshape(shape).unbind(0)
         grads[1::2] = torch.from_numpy(db).reshape(shape[:-1]).unbind(0)
         dx = (torch.from_numpy(np.ascontiguousarray(dX.transpose(0, 2, 1))).reshape(y0.shape)
-              if ctx.needs_input_grad[1] else None)
-        return (None, dx, *grads)
+              if ctx.needs_input_grad[2] else None)
+        return (None, None, dx, *grads)
 
 
-def _generic_gradients(p: Plan, y0, params, grad_states):
+def _generic_gradients(p: Plan, y0, params, grad_states, grad_means=None):
     """The gradients of a compiled forward through the generic path, differentiable
-    (``create_graph``): the forward solved again on the generic path."""
+    (``create_graph``): the forward solved again on the generic path (with ``grad_means``,
+    the gradient of the iterates' residual means, through its recorded iterates)."""
     net_states = [y0]
     for block in p.blocks:
         net_states.append(block.solve_members(net_states[-1]))
-    states = torch.stack(net_states)
+    outputs, grad_outputs = [torch.stack(net_states)], [grad_states]
+    if grad_means is not None:
+        kept = [(l, block.record.iterate_means) for l, block in enumerate(p.blocks)
+                if block.keep_iterates]
+        outputs += [m for _, m in kept]
+        grad_outputs += [grad_means[l, :len(m)] for l, m in kept]
     wanted = [t for t in (y0, *params) if t.requires_grad]
-    grads = iter(torch.autograd.grad(states, wanted, grad_states, create_graph=True,
+    grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True,
                                      allow_unused=True, materialize_grads=True))
     return tuple(next(grads) if t.requires_grad else None for t in (y0, *params))

@@ -53,13 +53,13 @@ class SolveRecord:
 
     # a plain object with slots: nn.Module's own __setattr__ is slow enough to show in a
     # 100-layer network's training step
-    __slots__ = ("members", "solving", "policy", "labels", "stats", "iterate_residuals",
+    __slots__ = ("members", "solving", "policy", "labels", "stats", "iterate_means",
                  "backward_converged", "solution", "_unsolved")
 
     def __init__(self, members: int, theta, policy: str, labels: bool):
         self.members, self.policy, self.labels = members, policy, labels
         self.solving = [e for e, t in enumerate(theta) if t > 0]
-        self.stats = self.iterate_residuals = self.backward_converged = self.solution = None
+        self.stats = self.iterate_means = self.backward_converged = self.solution = None
         self._unsolved = None  # the statistics of a forward without a solve, made once
 
     def _new_stats(self) -> list[SolveStats]:
@@ -67,7 +67,7 @@ class SolveRecord:
 
     def no_solve(self, keep_iterates: bool) -> None:
         """A forward that solved nothing (every member explicit, or an empty batch)."""
-        self.iterate_residuals = [] if keep_iterates else None
+        self.iterate_means = torch.zeros(0, self.members) if keep_iterates else None
         self.backward_converged = None
         # no backward writes to them (nothing was solved), so one set serves every such
         # forward: a 100-layer explicit ensemble of 40 would make 4000 per step otherwise
@@ -78,7 +78,7 @@ class SolveRecord:
     def forward(self, info: SolveInfo, record: list | None, name: str) -> None:
         """A forward solve's statistics ``info`` (and the per-sample residual norms of its
         iterates, ``record``, when kept); warns (or raises) per unconverged member."""
-        self.iterate_residuals = None if record is None else self._means(record, info)
+        self.iterate_means = None if record is None else self._means(record, info)
         self.backward_converged = None
         self.stats = self._new_stats()  # explicit members: those of an explicit block
         for e in self.solving:
@@ -87,16 +87,24 @@ class SolveRecord:
             if not info.converged[e]:
                 self._nonconvergence(name, "forward", info.iterations[e], info.residual[e], e)
 
+    @property
+    def iterate_residuals(self) -> list[torch.Tensor] | None:
+        """The rows of :attr:`iterate_means`: one ``(E,)`` tensor per iterate."""
+        return None if self.iterate_means is None else list(self.iterate_means.unbind(0))
+
     def _means(self, record, info):
-        """Batch means of the recorded residual norms, ``(E,)`` tensors, zero past each
-        member's own iteration count (so that R_fp sums only its terms)."""
+        """Batch means of the recorded residual norms ``(E, B)`` of the ``K`` iterates, as one
+        ``(K, E)`` tensor, zero past each member's own iteration count (so that R_fp sums only
+        its terms)."""
         counts = [0] * self.members
         for e in self.solving:
             counts[e] = info.iterations[e]
+        means = torch.stack(record).mean(dim=2)
         if min(counts) >= len(record):  # every member iterated to the end: nothing to mask
-            return [r.mean(dim=1) for r in record]
-        counts = torch.tensor(counts, device=record[0].device)
-        return [torch.where(k < counts, r.mean(dim=1), 0) for k, r in enumerate(record)]
+            return means
+        counts = torch.tensor(counts, device=means.device)
+        return torch.where(torch.arange(len(record), device=means.device)[:, None] < counts,
+                           means, 0)
 
     def backward(self, info: SolveInfo, stats, name: str) -> None:
         """Hand a backward's statistics ``info`` (per member; ``converged`` None where nothing

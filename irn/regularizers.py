@@ -47,19 +47,15 @@ def fixed_point(net, alpha: float) -> torch.Tensor:
     """
     p = next(net.parameters())
     alpha = _setting("alpha", alpha, net.members, p, lambda a: 0 < a < 1, "in (0, 1)")
-    records = [block.record for block in net.blocks]
-    require(any(record.iterate_residuals is not None for record in records),
-             "no iterates recorded: set net.keep_iterates = True and run a forward pass "
-             "before calling irn.regularizers.fixed_point")
-    total = None
-    for record in records:
-        r = record.iterate_residuals or []
-        for k in range(1, len(r)):
-            term = torch.relu(r[k] - alpha * r[k - 1])
-            total = term if total is None else total + term
-    if total is None:  # every layer converged at its first iterate (or is explicit)
-        return _public(net, torch.zeros(alpha.shape, dtype=p.dtype, device=p.device))
-    return _public(net, total / len(records))
+    means = [block.record.iterate_means for block in net.blocks]  # (K_l, E) each
+    require(any(m is not None for m in means),
+            "no iterates recorded: set net.keep_iterates = True and run a forward pass "
+            "before calling irn.regularizers.fixed_point")
+    total = torch.zeros(alpha.shape, dtype=p.dtype, device=p.device)
+    for r in means:
+        if r is not None and len(r) > 1:  # a layer that converged at its first iterate adds 0
+            total = total + torch.relu(r[1:] - alpha * r[:-1]).sum(dim=0)
+    return _public(net, total / len(means))
 
 
 def noise(shape, like: torch.Tensor, generator: torch.Generator | None = None,

@@ -202,21 +202,63 @@ def test_perturbation_regularizer_same_values_and_gradients():
         assert all(close(a, b) for a, b in zip(values[0][1], values[1][1]))
 
 
-def test_fixed_point_regularizer_runs_on_the_generic_path():
-    net = network(0.5, 0.5)
+def _with_fixed_point_regularizer(net, y0, alpha=0.05):
+    """``R_fp`` and the gradients of ``out^3 + 3 R_fp`` (the regulariser's own path through the
+    iterates weighs in)."""
+    x = y0.clone().requires_grad_()
     net.keep_iterates = True
-    y0 = torch.randn(6, 3, dtype=DT)
-    assert compiled.not_applicable(net, y0) is not None  # auto: the generic path records iterates
+    out = net(x)
+    value = regularizers.fixed_point(net, alpha)
+    loss = out.pow(3).sum() + 3 * value.sum()
+    grads = torch.autograd.grad(loss, [x, *net.parameters()])
+    means = [block.record.iterate_means for block in net.blocks]
+    return value.detach(), grads, means, [b.last_stats for b in net.blocks]
+
+
+@pytest.mark.parametrize("members, activation, backward", [
+    (None, "tanh", "neumann"), (None, "relu", "direct"), (None, "identity", "neumann"),
+    (MEMBERS, "tanh", "direct"), (MEMBERS, "relu", "neumann"), (MEMBERS, "sigmoid", "neumann")])
+def test_fixed_point_regularizer_equals_the_generic_path(members, activation, backward):
+    """``R_fp`` (its value, each layer's iterate means, and the gradients through the kept
+    iterates) on the compiled path: weights scaled up so that several layers contract more
+    slowly than ``alpha`` (R_fp > 0) and the members stop at different iterations."""
+    net = network(0.5, 0.6, activation, members=members, backward=backward, tol=1e-9,
+                  max_iters=300)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.4)
+    y0 = torch.randn(*((len(MEMBERS),) if members else ()), 5, 3, dtype=DT,
+                     generator=torch.Generator().manual_seed(2))
+    assert compiled.reason(net, y0) is None
+    value, grads, means, stats = _with_fixed_point_regularizer(net, y0)
+    value_t, grads_t, means_t, stats_t = _with_fixed_point_regularizer(
+        net.with_settings(backend="torch"), y0)
+    assert float(value.min() if members else value) > 0 or members  # the regulariser is active
+    assert close(value, value_t) and all(close(a, b) for a, b in zip(grads, grads_t))
+    assert [m.shape for m in means] == [m.shape for m in means_t]
+    assert all(close(a, b) for a, b in zip(means, means_t))
+    assert [[s.iterations for s in (layer if members else [layer])] for layer in stats] == \
+           [[s.iterations for s in (layer if members else [layer])] for layer in stats_t]
+    # without R_fp's path the gradients differ: the test above checks that path
+    plain = run(net.with_settings(backend="torch"), y0)
+    assert not close(plain[1], grads_t[0], 1e-6)
+
+
+def test_fixed_point_regularizer_without_gradients():
+    net = network(0.5, 0.6, "tanh", tol=1e-8, max_iters=500)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.4)
+    y0 = torch.randn(4, 3, dtype=DT, generator=torch.Generator().manual_seed(4))
     generic = net.with_settings(backend="torch")
-    generic.keep_iterates = True
-    values = []
-    for candidate in (net.with_settings(backend="auto"), generic):
-        candidate.keep_iterates = True
-        candidate(y0)
-        values.append(regularizers.fixed_point(candidate, 0.5))
-    assert close(values[0], values[1])
-    with pytest.raises(ValueError, match="backend='compiled' cannot run this call: keep_iterates"):
-        net(y0)
+    with torch.no_grad():
+        for candidate in (net, generic):
+            candidate.keep_iterates = True
+            candidate(y0)
+    assert all(close(a.iterate_means, b.iterate_means) and not a.iterate_means.requires_grad
+               for a, b in zip((b.record for b in net.blocks), (b.record for b in generic.blocks)))
+    value = regularizers.fixed_point(net, 0.1)
+    assert float(value) > 0 and close(value, regularizers.fixed_point(generic, 0.1))
 
 
 def test_second_derivatives_through_a_compiled_forward():
@@ -288,11 +330,14 @@ def test_dtype_mismatch_and_other_devices_fall_back_or_name_it():
 # on symmetric points), so both paths feed rounding noise (1e-13 on the generic path, 4e-9 on
 # the compiled one at the second step, measured) to Adam, which scales it to full steps; the
 # test below shows that its gradients agree to the rounding of the largest one.
-@pytest.mark.parametrize("factory, data_name, settings, loss", [
-    ("function_approximator", "sine", dict(num_layers=5, theta=0.75, layout="embedded"), "mse"),
-    ("spiral_classifier", "two_spirals", dict(num_layers=10, theta=0.5), "cross_entropy"),
+@pytest.mark.parametrize("factory, data_name, settings, loss, regularizer", [
+    ("function_approximator", "sine", dict(num_layers=5, theta=0.75, layout="embedded"), "mse", {}),
+    ("spiral_classifier", "two_spirals", dict(num_layers=10, theta=0.5), "cross_entropy", {}),
+    ("function_approximator", "sine", dict(num_layers=5, theta=1.0, layout="embedded"), "mse",
+     dict(fp_weight=1.0, fp_alpha=0.5)),
 ])
-def test_the_examples_train_the_same_on_both_paths(factory, data_name, settings, loss):
+def test_the_examples_train_the_same_on_both_paths(factory, data_name, settings, loss,
+                                                   regularizer):
     data = experiments.DATASETS[data_name]()
     histories = []
     for backend in ("auto", "torch"):
@@ -300,7 +345,7 @@ def test_the_examples_train_the_same_on_both_paths(factory, data_name, settings,
                                         on_nonconvergence="ignore", **settings)
         assert (compiled.reason(model.net) is None) == (backend == "auto")
         history = training.train(model.to(DT), data, epochs=30, loss=loss, seed=3,
-                                 progress=False)
+                                 progress=False, **regularizer)
         histories.append(history)
     for column in ("train_loss", "val_loss", "forward_iterations_0", "backward_iterations_0"):
         a, b = (torch.tensor(h[column].to_numpy()) for h in histories)
