@@ -30,6 +30,7 @@ from numba import njit, prange
 RELU, TANH, SIGMOID, IDENTITY = 0, 1, 2, 3
 ACTIVATION_CODES = {"relu": RELU, "tanh": TANH, "sigmoid": SIGMOID, "identity": IDENTITY}
 NEUMANN, DIRECT = 0, 1
+FIXED_POINT, ANDERSON = 0, 1
 NON_FINITE, SINGULAR = 1, 2
 
 
@@ -147,19 +148,113 @@ def _accumulate_parameters(s, v, y, dW, db):
 
 
 @njit(cache=True)
+def _mixing_weights(Rw, b, n, head, regularization, floor, G, C, a):
+    """Anderson's weights for sample ``b``: ``a = M^{-1} 1 / (1^T M^{-1} 1)`` with
+    ``M = Gram + max(regularization min_i |R_i|^2, floor) I`` of the window's residuals
+    (``Rw``: a ring of slots from ``head``, ``n`` filled, oldest first), by a Cholesky
+    solve ``M = C C^T``; False where ``M`` is not positive definite."""
+    m, d = Rw.shape[0], Rw.shape[1]
+    for p in range(n):
+        for q in range(p + 1):
+            dot = Rw.dtype.type(0)
+            for i in range(d):
+                dot += Rw[(head + p) % m, i, b] * Rw[(head + q) % m, i, b]
+            G[p, q] = G[q, p] = dot
+    smallest = G[0, 0]
+    for p in range(1, n):
+        if G[p, p] < smallest:
+            smallest = G[p, p]
+    ridge = regularization * smallest
+    if ridge < floor:
+        ridge = floor
+    for p in range(n):
+        G[p, p] += ridge
+    for j in range(n):
+        pivot = G[j, j]
+        for t in range(j):
+            pivot -= C[j, t] * C[j, t]
+        if not pivot > 0:
+            return False
+        C[j, j] = math.sqrt(pivot)
+        for i in range(j + 1, n):
+            entry = G[i, j]
+            for t in range(j):
+                entry -= C[i, t] * C[j, t]
+            C[i, j] = entry / C[j, j]
+    for p in range(n):  # C z = 1, then C^T a = z
+        entry = Rw.dtype.type(1)
+        for t in range(p):
+            entry -= C[p, t] * a[t]
+        a[p] = entry / C[p, p]
+    total = Rw.dtype.type(0)
+    for p in range(n - 1, -1, -1):
+        entry = a[p]
+        for t in range(p + 1, n):
+            entry -= C[t, p] * a[t]
+        a[p] = entry / C[p, p]
+    for p in range(n):
+        total += a[p]
+    for p in range(n):
+        a[p] = a[p] / total
+    return True
+
+
+@njit(cache=True)
+def _anderson_step(y, gy, acc, Rw, Vw, n, head, m, regularization, tol, floor):
+    """Anderson's step (``irn.solvers.Anderson``) in place of ``y``, per sample: ``g(y)`` and
+    ``R = g(y) - y`` join the window (``Rw``, ``Vw``: a ring of ``m`` slots from ``head``,
+    ``n`` filled, oldest first), then ``y = sum_i a_i g(y^{k-i})`` (:func:`_mixing_weights`);
+    the plain step ``g(y)`` where the sample is within ``tol`` (``acc`` holds its squared
+    residual norm), the window has one entry, or the weights' system is not positive
+    definite. Returns the window's ``(n, head)``."""
+    d, B = y.shape
+    if n < m:
+        slot = (head + n) % m
+        n += 1
+    else:
+        slot = head
+        head = (head + 1) % m
+    for i in range(d):
+        for b in range(B):
+            Rw[slot, i, b] = gy[i, b] - y[i, b]
+            Vw[slot, i, b] = gy[i, b]
+    if n == 1:
+        y[:, :] = gy
+        return n, head
+    G, C = np.empty((n, n), y.dtype), np.empty((n, n), y.dtype)
+    a = np.empty(n, y.dtype)
+    for b in range(B):
+        if not math.sqrt(acc[b]) > tol or not _mixing_weights(Rw, b, n, head, regularization,
+                                                               floor, G, C, a):
+            for i in range(d):
+                y[i, b] = gy[i, b]
+            continue
+        for i in range(d):
+            mixed = y.dtype.type(0)
+            for p in range(n):
+                mixed += a[p] * Vw[(head + p) % m, i, b]
+            y[i, b] = mixed
+    return n, head
+
+
+@njit(cache=True)
 def forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
-                   max_iters, iters, resid, fail, keep, Yk, Fk, means):
+                   max_iters, iters, resid, fail, keep, Yk, Fk, means, solver, memory,
+                   regularization, floor):
     """Member ``e`` through every layer: ``Y[l + 1] = x + h(1-theta)F(x) + h theta F(y*)``,
     ``y*`` by fixed-point iteration from ``x`` (section 2's rule: ``K`` iterations evaluate
     the residuals of ``y^0..y^{K-1}``, ``y* = y^{K-1}``). Keeps ``Fx[l] = F(x)`` and
     ``Fstar[l] = F(y*)`` for the backward (the derivatives of ``act`` follow from them).
     With ``keep`` (the fixed-point regulariser) also every iterate ``Yk[l, e, k] = y^k``,
     ``Fk[l, e, k] = F(y^k)`` and the batch mean of the residual norms
-    ``means[l, k, e] = mean_b ||y^k_b - g(y^k)_b||``."""
+    ``means[l, k, e] = mean_b ||y^k_b - g(y^k)_b||``. Layers with ``solver[l] == ANDERSON``
+    take Anderson's step (:func:`_anderson_step`, window ``memory[l]``) instead of ``g(y)``."""
     L, d, B = W.shape[0], Y.shape[2], Y.shape[3]
     z, y = np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype)
     gy, explicit = np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype)
     acc = np.empty(B, Y.dtype)
+    slots = max(1, memory.max())
+    Rw, Vw = np.empty((slots, d, B), Y.dtype), np.empty((slots, d, B), Y.dtype)
     for l in range(L):
         x, out, fx, fy = Y[l, e], Y[l + 1, e], Fx[l, e], Fstar[l, e]
         Wl, bl = W[l, e], bias[l, e]
@@ -176,7 +271,7 @@ def forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind
             for b in range(B):
                 explicit[i, b] = x[i, b] + ce * fx[i, b]
         y[:, :], fy[:, :] = x, fx
-        k = 0
+        k, n, head = 0, 0, 0  # iterations; Anderson's window
         while True:
             for i in range(d):
                 for b in range(B):
@@ -195,7 +290,11 @@ def forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind
                 return
             if res <= tol[l] or k >= max_iters[l]:
                 break
-            y[:, :] = gy
+            if solver[l] == ANDERSON:
+                n, head = _anderson_step(y, gy, acc, Rw, Vw, n, head, memory[l],
+                                         regularization[l], tol[l], floor)
+            else:
+                y[:, :] = gy
             _evaluate(Wl, bl, y, kind, z, fy)
         Ystar[l, e] = y
         out[:, :] = gy
@@ -391,18 +490,22 @@ def backward_member(e, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, 
 # so both give the same numbers)
 @njit(cache=True)
 def forward_serial(Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
-                   max_iters, iters, resid, fail, keep, Yk, Fk, means):
+                   max_iters, iters, resid, fail, keep, Yk, Fk, means, solver, memory,
+                   regularization, floor):
     for e in range(Y.shape[1]):
         forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
-                       max_iters, iters, resid, fail, keep, Yk, Fk, means)
+                       max_iters, iters, resid, fail, keep, Yk, Fk, means, solver, memory,
+                       regularization, floor)
 
 
 @njit(cache=True, parallel=True)
 def forward_parallel(Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
-                     max_iters, iters, resid, fail, keep, Yk, Fk, means):
+                     max_iters, iters, resid, fail, keep, Yk, Fk, means, solver, memory,
+                     regularization, floor):
     for e in prange(Y.shape[1]):
         forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
-                       max_iters, iters, resid, fail, keep, Yk, Fk, means)
+                       max_iters, iters, resid, fail, keep, Yk, Fk, means, solver, memory,
+                       regularization, floor)
 
 
 @njit(cache=True)

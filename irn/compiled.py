@@ -3,7 +3,8 @@
 The paper's networks are tiny (width 2 to 32), so on the generic path a training step is
 mostly the cost of calling PyTorch once per solver iteration and layer. Here a network of
 :class:`irn.functions.Perceptron` layers (``F_l(y) = act(W_l y + b_l)``) and its stacked
-ensembles run forward in one compiled call (fixed-point iteration, every layer, every member)
+ensembles run forward in one compiled call (fixed-point or Anderson iteration, every layer,
+every member)
 and backward in another (``neumann`` or ``direct``), wrapped in one ``autograd.Function`` that
 returns every hidden state, so ``net(y0)``, ``net.trajectory(y0)`` and the perturbation
 regulariser all use it. It computes what the generic path computes: outputs, gradients, the
@@ -13,11 +14,12 @@ relative in float64).
 ``ImplicitResNet(backend=...)``: ``"auto"`` (default) takes this path where it applies and the
 generic one elsewhere, ``"torch"`` always the generic one, ``"compiled"`` this one or a
 ``ValueError`` naming what is missing. It applies to networks whose layers are all
-``Perceptron`` (or stacked) with ``solver="fixed_point"`` and ``backward`` ``"neumann"`` or
-``"direct"``, on CPU float32/float64 tensors, when numba is installed (the ``compiled`` extra;
-``import irn`` never needs it). It does not apply (the generic path runs) while the blocks keep
-their iterates (``irn.regularizers.fixed_point``), under ``torch.func`` transforms, on an empty
-batch, and under ``torch.autocast``. A second derivative (``create_graph=True``) through a
+``Perceptron`` (or stacked) with ``solver`` ``"fixed_point"`` or ``"anderson"`` and
+``backward`` ``"neumann"`` or ``"direct"``, on CPU float32/float64 tensors, when numba is
+installed (the ``compiled`` extra; ``import irn`` never needs it); blocks that keep their
+iterates (``irn.regularizers.fixed_point``) get them, with the regulariser's gradient through
+them, for ``fixed_point``. It does not apply (the generic path runs) under ``torch.func``
+transforms, on an empty batch, and under ``torch.autocast``. A second derivative (``create_graph=True``) through a
 compiled forward is computed by the generic path, which re-solves the forward for it.
 """
 
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from .functions import Perceptron, StackedPerceptron
+from .solvers import Anderson
 from .driver import SolveInfo
 from .errors import SolverError
 
@@ -50,7 +53,7 @@ def kernels():
     return K
 
 BACKENDS = ("auto", "torch", "compiled")
-COVERED_SOLVERS = ("fixed_point",)
+COVERED_SOLVERS = ("fixed_point", "anderson")
 COVERED_BACKWARDS = ("neumann", "direct")
 DTYPES = (torch.float32, torch.float64)
 #: the widest network ``backend="auto"`` compiles: beyond it the generic path's matrix
@@ -114,6 +117,8 @@ def not_applicable(net, y0: torch.Tensor) -> str | None:
     if y0.dtype not in DTYPES or weight.dtype != y0.dtype:
         return (f"dtypes {y0.dtype} (input) and {weight.dtype} (weights): the compiled path "
                 f"needs both float32 or both float64")
+    if any(block.keep_iterates and block.solver != "fixed_point" for block in net.blocks):
+        return "keep_iterates with solver 'anderson' (R_fp through its steps: the generic path)"
     if torch._C._are_functorch_transforms_active():
         return "a torch.func transform is active"
     if y0.numel() == 0:
@@ -143,6 +148,13 @@ class Plan:
         self.lin_max_iters = np.array([b.lin_max_iters for b in blocks], dtype=np.int64)
         self.method = np.array([K.NEUMANN if b.backward == "neumann" else K.DIRECT
                                 for b in blocks], dtype=np.int64)
+        self.solver = np.array([K.ANDERSON if b.solver == "anderson" else K.FIXED_POINT
+                                for b in blocks], dtype=np.int64)
+        anderson = [Anderson.__init__.__kwdefaults__ | b.config.solver_options
+                    if b.solver == "anderson" else {"memory": 1, "regularization": 0.0}
+                    for b in blocks]
+        self.memory = np.array([o["memory"] for o in anderson], dtype=np.int64)
+        self.regularization = np.array([o["regularization"] for o in anderson], dtype=np.float64)
         h = np.array([np.broadcast_to(b.h, E) for b in blocks], dtype=np.float64)
         theta = np.array([np.broadcast_to(b.theta, E) for b in blocks], dtype=np.float64)
         self.implicit = theta > 0
@@ -270,7 +282,8 @@ def _forward(p: Plan, y0: torch.Tensor, params, keep: bool = False):
     means = np.zeros((L, K, E), dtype)
     c_exp, c_imp = p.coefficients(dtype)
     _run("forward", E, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, p.implicit, p.kind, p.tol,
-         p.max_iters, iters, resid, fail, keep, Yk, Fk, means)
+         p.max_iters, iters, resid, fail, keep, Yk, Fk, means, p.solver, p.memory,
+         p.regularization.astype(dtype), dtype.type(np.finfo(dtype).tiny ** 0.5))
     _report(p, "forward", iters, resid, resid <= p.tol[:, None], fail, reversed_order=False)
     return Y, (Ystar, Fx, Fstar, W, Yk, Fk, iters, means)
 
