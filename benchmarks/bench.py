@@ -319,6 +319,124 @@ def ensemble_table(min_time, min_cycles, device="cpu", sync=lambda: None):
     return lines
 
 
+#: the training step table's variants: (network settings, training settings)
+STEP_VARIANTS = {
+    "plain": ({}, {}),
+    "R_fp": ({}, dict(fp_weight=1.0, fp_alpha=0.5)),
+    "Anderson": (dict(solver="anderson", backward="direct", solver_options={"memory": 3},
+                      max_iters=30), {}),
+}
+
+
+def harness_step(factory, data_name, settings, loss, members, train_settings=None, batch=None):
+    """``(model, step)``: one step of the training loop of ``irn.paper.training`` (forward,
+    loss, regularisers, backward, Adam and the epoch's bookkeeping, as ``train`` runs it) on
+    the example's first ``batch`` training samples (None: all), float64, for one network
+    (``members`` None) or an ensemble of seeds ``0..members-1``; ``backend="auto"``."""
+    from irn.paper import experiments, training
+    from irn.models import ImplicitModel
+
+    with torch.random.fork_rng(devices=[]):
+        models = [experiments.build_model(factory, seed, on_nonconvergence="ignore", **settings)
+                  for seed in range(members or 1)]
+    model = (models[0] if members is None else ImplicitModel.stack(models)).double()
+    data = experiments.DATASETS[data_name]().to(dtype=torch.float64)
+    regularizer = training.check_settings(members, epochs=1, loss=loss,
+                                          **(train_settings or {})).on(torch.float64, "cpu")
+    model.net.keep_iterates = regularizer.fp_on
+    import contextlib
+    import irn.compiled as C
+
+    context = (C.flat_parameters(model.net) if C.reason(model.net) is None
+               else contextlib.nullcontext())
+    optimizer, zero_grad = training._optimizer(model, context.__enter__(), lr=1e-5)
+    n, count = batch or data.x_train.shape[0], members or 1
+    generators = [torch.Generator().manual_seed(seed) for seed in range(count)]
+    order = torch.arange(n).expand(count, n)
+    gradients = training._MeanAbsGradients(model.net.blocks, members)
+
+    def step():
+        training._epoch(model, data, order, n, optimizer, zero_grad, loss, regularizer,
+                        generators if members else generators[0], gradients)
+    step.context = context  # the flat parameters stay in place while the step lives
+    return model, step
+
+
+def step_and_kernel_times(steps, rounds, per_round):
+    """Median seconds per call of each of ``steps`` and of the compiled kernels inside those
+    calls, in ``rounds`` rounds of ``per_round`` calls of every step (interleaved)."""
+    import irn.compiled as C
+
+    inside = [0.0]
+    run = C._run
+
+    def timed(*args):
+        start = time.perf_counter()
+        try:
+            return run(*args)
+        finally:
+            inside[0] += time.perf_counter() - start
+
+    whole, kernels = ({name: [] for name in steps} for _ in range(2))
+    C._run = timed
+    gc.disable()
+    try:
+        for step in steps.values():
+            step()
+        for _ in range(rounds):
+            for name, step in steps.items():
+                inside[0], start = 0.0, time.perf_counter()
+                for _ in range(per_round):
+                    step()
+                whole[name].append((time.perf_counter() - start) / per_round)
+                kernels[name].append(inside[0] / per_round)
+    finally:
+        C._run = run
+        gc.enable()
+    return ({name: median(v) for name, v in whole.items()},
+            {name: median(v) for name, v in kernels.items()})
+
+
+def training_step_table(rounds=15, per_round=3, members=50):
+    """The training loop's whole step against the compiled kernels inside it: Example 1
+    ensembles of ``members`` (L = 5 and 20, both layouts; plain, R_fp, Anderson) per member,
+    and W1 and W2 as one network."""
+    lines = ["", "## The training loop's step against its kernels, float64", "",
+             "A step of `irn.paper.training` (forward, loss, regularisers, backward, Adam, the "
+             "epoch's bookkeeping) on the full training set, `backend=\"auto\"` (compiled); "
+             "kernels: the forward and backward kernel calls inside those same steps. "
+             f"Medians of {rounds} interleaved rounds of {per_round} steps. Example 1 at "
+             "theta = 0.5, T = 5; R_fp: weight 1, alpha 0.5; Anderson: memory 3, `direct` "
+             "backward, at most 30 iterations (the paper profile's).", "",
+             "| workload | variant | ms / step (per member) | kernels (per member) "
+             "| step / kernels | per member vs plain |", "|---|---|---|---|---|---|"]
+    for layers in (5, 20):
+        for layout in ("state", "embedded"):
+            steps = {}
+            for variant, (settings, train_settings) in STEP_VARIANTS.items():
+                steps[variant] = harness_step(
+                    "function_approximator", "sine",
+                    dict(num_layers=layers, theta=0.5, T=5.0, layout=layout) | settings, "mse",
+                    members, train_settings)[1]
+            whole, kernels = step_and_kernel_times(steps, rounds, per_round)
+            for variant in steps:
+                lines.append(f"| Example 1, L = {layers}, {layout}, E = {members} | {variant} "
+                             f"| {1e3 * whole[variant] / members:.3f} "
+                             f"| {1e3 * kernels[variant] / members:.3f} "
+                             f"| {whole[variant] / kernels[variant]:.2f}x "
+                             f"| {whole[variant] / whole['plain']:.2f}x |")
+                print(lines[-1], flush=True)
+    singles = {workload: harness_step(factory, data_name, settings, loss, None)[1]
+               for workload, (factory, data_name, settings, loss) in ENSEMBLE_WORKLOADS.items()}
+    whole, kernels = step_and_kernel_times(singles, rounds, 10 * per_round)
+    for workload in singles:
+        lines.append(f"| {workload}, one network | plain | {1e3 * whole[workload]:.3f} "
+                     f"| {1e3 * kernels[workload]:.3f} | {whole[workload] / kernels[workload]:.2f}x "
+                     f"| |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def max_iterations(model):
     """Mean over layers of the largest forward iteration count among the members."""
     stats = [b.last_stats if model.members else [b.last_stats] for b in model.net.blocks]
@@ -587,6 +705,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="W1 only, short measurements")
     parser.add_argument("--only-ensembles", action="store_true",
                         help="only the ensemble table")
+    parser.add_argument("--only-steps", action="store_true",
+                        help="only the table of the training loop's step against its kernels")
     parser.add_argument("--device", default="cpu",
                         help="where the steps run; on 'cuda' only the step-time table (the "
                              "other sections time CPU kernels)")
@@ -595,7 +715,8 @@ def main():
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     load_before = wait_for_quiet()
-    workloads = [] if args.only_ensembles else list(WORKLOADS)[:2] if args.quick else list(WORKLOADS)
+    only = args.only_ensembles or args.only_steps
+    workloads = [] if only else list(WORKLOADS)[:2] if args.quick else list(WORKLOADS)
 
     lines = ["# Benchmarks", "",
              f"Command: `{' '.join([Path(sys.executable).name] + sys.argv)}`  ",
@@ -641,11 +762,14 @@ def main():
                          f"percentile {per_cycle[n // 10]:.2f}x to {per_cycle[9 * n // 10]:.2f}x "
                          f"| | | | |")
 
-    lines += ensemble_table(args.min_time, args.min_cycles, args.device, sync)
+    if not args.only_steps:
+        lines += ensemble_table(args.min_time, args.min_cycles, args.device, sync)
     if not args.only_ensembles and args.device == "cpu":
+        lines += training_step_table()
+    if not only and args.device == "cpu":
         lines += regularizer_table(args.min_time, args.min_cycles)
 
-    if not (args.quick or args.only_ensembles) and args.device == "cpu":
+    if not (args.quick or only) and args.device == "cpu":
         explicit, rows = memory_table()
         for i, (title, how) in enumerate((
                 ("Bytes saved for backward", "the storages autograd keeps for the backward "

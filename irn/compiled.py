@@ -25,12 +25,15 @@ compiled forward is computed by the generic path, which re-solves the forward fo
 
 from __future__ import annotations
 
+import contextlib
+import operator
 import os
 import threading
 
 import numpy as np
 import torch
 
+from ._checks import require
 from .functions import Perceptron, StackedPerceptron
 from .solvers import Anderson
 from .driver import SolveInfo
@@ -113,7 +116,7 @@ def not_applicable(net, y0: torch.Tensor) -> str | None:
     (None: it can)."""
     if y0.device.type != "cpu":
         return f"the input is on {y0.device} (the compiled path is CPU only)"
-    weight = next(net.blocks[0].F.parameters())
+    weight = plan(net).parameters()[0]
     if y0.dtype not in DTYPES or weight.dtype != y0.dtype:
         return (f"dtypes {y0.dtype} (input) and {weight.dtype} (weights): the compiled path "
                 f"needs both float32 or both float64")
@@ -204,6 +207,69 @@ def plan(net) -> Plan:
     return cached
 
 
+class FlatParameters:
+    """A network's layer weights and biases in one storage, for a training loop (see
+    :func:`flat_parameters`): ``data``, a leaf tensor that requires grad, holds
+    ``[W_0, ..., W_{L-1}, b_0, ..., b_{L-1}]`` (each ``W_l`` ``(E, d, d)``, each ``b_l``
+    ``(E, d)``), and every layer's ``Parameter`` is a view of it; ``grad`` is ``data.grad``,
+    and every layer's ``.grad`` is a view of it. A compiled call then hands autograd one
+    tensor and takes one gradient back, and an optimiser steps one tensor, where they took
+    ``2L`` (a gradient accumulation and an optimiser tensor each: about 7 us apiece, more
+    than the kernels of a small network). The values, and so every number, are unchanged."""
+
+    def __init__(self, net):
+        p = plan(net)
+        require(p.unsupported is None, f"flat parameters need the compiled path: {p.unsupported}")
+        params = p.parameters()
+        self.params = params[0::2] + params[1::2]  # the weights, then the biases
+        with torch.no_grad():
+            data = torch.cat([t.reshape(-1) for t in self.params])
+        self.data, self.grad = data.requires_grad_(), torch.zeros_like(data)
+        self.split = sum(t.numel() for t in params[0::2])  # where the biases start
+        offset, storage = 0, data.detach()
+        for t in self.params:
+            n = t.numel()
+            t.data = storage[offset:offset + n].view_as(t)
+            t.grad = self.grad[offset:offset + n].view_as(t)
+            offset += n
+        self.pointers = [t.data_ptr() for t in self.params]
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the gradients in place (``data.grad`` stays ``grad``, the layers' views stay)."""
+        self.data.grad = self.grad
+        self.grad.zero_()
+
+    def serves(self, params) -> bool:
+        """Whether these are still the network's parameters (``plan(net).parameters()``), in
+        this storage."""
+        ordered = params[0::2] + params[1::2]
+        return (len(ordered) == len(self.params) and all(map(operator.is_, ordered, self.params))
+                and [t.data_ptr() for t in ordered] == self.pointers)
+
+    def arrays(self, L: int, E: int, d: int, flat=None):
+        """``(W, bias)`` as numpy views ``(L, E, d, d)`` and ``(L, E, d)`` of ``flat`` (the
+        parameters by default, or a gradient of their layout)."""
+        flat = self.data.detach().numpy() if flat is None else flat
+        return flat[:self.split].reshape(L, E, d, d), flat[self.split:].reshape(L, E, d)
+
+
+@contextlib.contextmanager
+def flat_parameters(net):
+    """Within this context the network's compiled calls take and give its layer parameters as
+    one tensor (a :class:`FlatParameters`, yielded): a training loop steps ``flat.data`` with
+    its optimiser (instead of the layers' parameters) and zeroes the gradients with
+    ``flat.reset()`` (instead of setting them to None). The layers' parameters stay views
+    of that storage afterwards; their values and gradients are what they would be without
+    it, on either path (a generic call accumulates into the same gradient views)."""
+    flat = FlatParameters(net)
+    net._flat_parameters = flat
+    try:
+        yield flat
+    finally:
+        net.__dict__.pop("_flat_parameters", None)
+
+
 def trajectory(net, y0: torch.Tensor) -> torch.Tensor:
     """Every hidden state ``(L + 1, E, B, d)`` of ``net`` (an ensemble, or one network with
     ``E = 1``) from ``y0`` ``(E, B, d)``, differentiable when grad mode is on. Blocks with
@@ -212,11 +278,15 @@ def trajectory(net, y0: torch.Tensor) -> torch.Tensor:
     p = plan(net)
     params = p.parameters()
     keep = any(block.keep_iterates for block in p.blocks)
+    flat = net.__dict__.get("_flat_parameters")
+    if flat is not None and not flat.serves(params):
+        flat = None
     if torch.is_grad_enabled() and (y0.requires_grad or any(w.requires_grad for w in params)):
-        states, means = _Network.apply(p, keep, y0, *params)
+        inputs = params if flat is None else (flat.data,)
+        states, means = _Network.apply(p, keep, flat, y0, *inputs)
     else:
         with torch.no_grad():
-            Y, saved = _forward(p, y0, params, keep)
+            Y, saved = _forward(p, y0, params, keep, flat)
             states, means = _states(Y), torch.from_numpy(saved[-1])
     if keep:
         _keep_means(p, means)
@@ -258,7 +328,17 @@ def _run(name, members, *arrays):
             numba.set_num_threads(previous)
 
 
-def _forward(p: Plan, y0: torch.Tensor, params, keep: bool = False):
+def _weights(p: Plan, params, flat, d: int):
+    """The layers' ``(W, bias)`` as numpy arrays ``(L, E, d, d)`` and ``(L, E, d)``."""
+    L, E = len(p.blocks), p.members
+    if flat is not None:
+        return flat.arrays(L, E, d)
+    with torch.no_grad():
+        return (torch.stack(params[0::2]).numpy().reshape(L, E, d, d),
+                torch.stack(params[1::2]).numpy().reshape(L, E, d))
+
+
+def _forward(p: Plan, y0: torch.Tensor, params, keep: bool = False, flat=None):
     """Run the forward kernel and report its statistics to the blocks (warnings, errors);
     returns ``(Y, saved)``: the states and what the backward needs, as numpy arrays with the
     samples last (``irn._kernels``); with ``keep`` the iterates, their values of ``F``, the
@@ -267,9 +347,7 @@ def _forward(p: Plan, y0: torch.Tensor, params, keep: bool = False):
     dtype = y0.detach().numpy().dtype
     x = y0.detach().numpy().reshape(E, -1, y0.shape[-1])
     B, d = x.shape[1:]
-    with torch.no_grad():
-        W = torch.stack(params[0::2]).numpy().reshape(L, E, d, d)
-        bias = torch.stack(params[1::2]).numpy().reshape(L, E, d)
+    W, bias = _weights(p, params, flat, d)
     Y = np.empty((L + 1, E, d, B), dtype)
     Y[0] = x.transpose(0, 2, 1)
     Ystar, Fx, Fstar = (np.empty((L, E, d, B), dtype) for _ in range(3))
@@ -322,13 +400,14 @@ def _report(p: Plan, what: str, iters, resid, converged, fail, reversed_order: b
 class _Network(torch.autograd.Function):
     """Every hidden state of the network, forward and backward in one compiled call each;
     with ``keep``, also the means of the iterates' residual norms ``(L, K, E)`` (their
-    gradient goes through the kept iterates)."""
+    gradient goes through the kept iterates). The parameters come as the layers' tensors
+    ``[W_0, b_0, W_1, ...]``, or as one (``flat``, a :class:`FlatParameters`: its ``data``)."""
 
     @staticmethod
-    def forward(ctx, p: Plan, keep: bool, y0, *params):
-        Y, saved = _forward(p, y0, params, keep)
+    def forward(ctx, p: Plan, keep: bool, flat, y0, *params):
+        Y, saved = _forward(p, y0, params, keep, flat)
         states, means = _states(Y), torch.from_numpy(saved[-1])
-        ctx.plan, ctx.keep, ctx.arrays = p, keep, (Y,) + saved[:-1]
+        ctx.plan, ctx.keep, ctx.flat, ctx.arrays = p, keep, flat, (Y,) + saved[:-1]
         ctx.stats = [block.record.stats for block in p.blocks]
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(states, y0, *params)
@@ -337,18 +416,26 @@ class _Network(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_states, grad_means):
         states, y0, *params = ctx.saved_tensors
-        p = ctx.plan
+        p, flat = ctx.plan, ctx.flat
         keep = ctx.keep and grad_means is not None
         if grad_states is None:
             grad_states = torch.zeros_like(states)
         if torch.is_grad_enabled():  # a second derivative: the generic path's graph
-            return (None, None) + _generic_gradients(p, y0, params, grad_states,
-                                                     grad_means if keep else None)
+            layers = p.parameters() if flat is not None else params
+            grads = _generic_gradients(p, y0, layers, grad_states, grad_means if keep else None)
+            if flat is not None:  # the layers' gradients in the flat layout
+                weights, biases = grads[1:][0::2], grads[1:][1::2]
+                grads = grads[:1] + (torch.cat([g.reshape(-1) for g in weights + biases]),)
+            return (None, None, None) + grads
         Y, Ystar, Fx, Fstar, W, Yk, Fk, counts = ctx.arrays  # (states: autograd's in-place check)
         L, E, d, B = Ystar.shape
         G = np.ascontiguousarray(grad_states.detach().numpy().transpose(0, 1, 3, 2))
         gmeans = grad_means.detach().numpy() if keep else np.zeros((1, 1, 1), Y.dtype)
-        dW, db = np.zeros_like(W), np.zeros((L, E, d), Y.dtype)
+        if flat is not None:  # the gradients written straight into the flat layout
+            dflat = np.zeros(flat.data.shape[0], Y.dtype)
+            dW, db = flat.arrays(L, E, d, dflat)
+        else:
+            dW, db = np.zeros_like(W), np.zeros((L, E, d), Y.dtype)
         dX = np.empty((E, d, B), Y.dtype)
         iters = np.zeros((L, E), np.int64)
         resid = np.zeros((L, E), Y.dtype)
@@ -360,13 +447,16 @@ class _Network(torch.autograd.Function):
              keep, Yk, Fk, gmeans, counts)
         _report(p, "backward", iters, resid, converged, fail, reversed_order=True,
                 stats=ctx.stats)
-        shape = (L,) + tuple(params[0].shape)
-        grads = [None] * len(params)  # views, one per layer: [dW_0, db_0, dW_1, ...]
-        grads[0::2] = torch.from_numpy(dW).reshape(shape).unbind(0)
-        grads[1::2] = torch.from_numpy(db).reshape(shape[:-1]).unbind(0)
+        if flat is not None:
+            grads = [torch.from_numpy(dflat)]
+        else:
+            shape = (L,) + tuple(params[0].shape)
+            grads = [None] * len(params)  # views, one per layer: [dW_0, db_0, dW_1, ...]
+            grads[0::2] = torch.from_numpy(dW).reshape(shape).unbind(0)
+            grads[1::2] = torch.from_numpy(db).reshape(shape[:-1]).unbind(0)
         dx = (torch.from_numpy(np.ascontiguousarray(dX.transpose(0, 2, 1))).reshape(y0.shape)
-              if ctx.needs_input_grad[2] else None)
-        return (None, None, dx, *grads)
+              if ctx.needs_input_grad[3] else None)
+        return (None, None, None, dx, *grads)
 
 
 def _generic_gradients(p: Plan, y0, params, grad_states, grad_means=None):

@@ -119,3 +119,13 @@ def test_jax_reference_computes_irn_loss_and_gradients(workload):
                                    rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(torch.tensor(np.asarray(gb)), linear.bias.grad,
                                    rtol=1e-4, atol=1e-7)
+
+
+def test_harness_step_times_its_kernels_inside_the_step():
+    model, step = bench.harness_step("function_approximator", "sine",
+                                     dict(num_layers=2, theta=0.5), "mse", 2,
+                                     dict(fp_weight=1.0, fp_alpha=0.5))
+    whole, kernels = bench.step_and_kernel_times({"R_fp": step}, rounds=2, per_round=1)
+    assert 0 < kernels["R_fp"] < whole["R_fp"]
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.net.blocks[0].record.iterate_means is not None  # R_fp ran, compiled

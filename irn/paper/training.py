@@ -3,6 +3,7 @@ regularisers, and a per-epoch record of losses and solver statistics."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ try:
 except ImportError as err:  # the examples' dependencies: pip install 'irn[examples]'
     raise missing_extra("irn.paper.training", err) from err
 
-from .. import regularizers
+from .. import compiled, regularizers
 from .._checks import choice, integer, per_member, require
 from .history import per_layer
 from .losses import LOSSES
@@ -28,26 +29,53 @@ from ..models import ImplicitModel
 MODE_DEPENDENT = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
 
 
-def _mean_abs_gradients(blocks, members: int | None) -> np.ndarray:
+class _MeanAbsGradients:
     """Mean absolute gradient entry of each block's parameters, shape ``(L,)`` (``(E, L)`` for
     an ensemble, member by member): the gradients joined into one ``(E, N)`` tensor, one
-    reduction per layer's columns on the host (one transfer)."""
-    grads, owner = [], []
-    count = members or 1
-    for l, block in enumerate(blocks):
-        for p in block.parameters():
-            if p.grad is not None:
-                grads.append(p.grad.reshape(count, -1))
-                owner += [l] * grads[-1].shape[1]
-    if not grads:
-        return np.zeros(len(blocks)) if members is None else np.zeros((members, len(blocks)))
-    with torch.no_grad():
-        flat = torch.cat(grads, dim=1).abs().cpu().numpy()  # (E, N)
-    owner = np.array(owner)
-    sums = np.stack([np.bincount(owner, weights=row, minlength=len(blocks)) for row in flat])
-    sizes = np.bincount(owner, minlength=len(blocks))
-    means = sums / np.maximum(sizes, 1)
-    return means[0] if members is None else means
+    reduction per layer's columns on the host (one transfer). The parameters are listed
+    once (walking the modules at every step cost more than a compiled step)."""
+
+    def __init__(self, blocks, members: int | None):
+        self.members, self.layers = members, len(blocks)
+        self.params = [(l, p) for l, block in enumerate(blocks) for p in block.parameters()]
+        self.columns = [p.numel() // (members or 1) for _, p in self.params]
+        self.all_owners = self._owners([True] * len(self.params))
+
+    def _owners(self, present):
+        """The layer of each column of the joined gradients, and each layer's column count."""
+        owner = np.repeat([l for (l, _), kept in zip(self.params, present) if kept],
+                          [c for c, kept in zip(self.columns, present) if kept])
+        return owner, np.bincount(owner, minlength=self.layers)
+
+    def __call__(self) -> np.ndarray:
+        members, count = self.members, self.members or 1
+        grads = [p.grad for _, p in self.params]
+        present = [g is not None for g in grads]
+        if not any(present):
+            return np.zeros(self.layers) if members is None else np.zeros((members, self.layers))
+        owner, sizes = self.all_owners if all(present) else self._owners(present)
+        with torch.no_grad():
+            flat = torch.cat([g.reshape(count, -1) for g in grads if g is not None],
+                             dim=1).abs().cpu().numpy()  # (E, N)
+        sums = np.stack([np.bincount(owner, weights=row, minlength=self.layers) for row in flat])
+        means = sums / np.maximum(sizes, 1)
+        return means[0] if members is None else means
+
+
+def _optimizer(model: ImplicitModel, flat, lr: float):
+    """``(optimizer, zero_grad)`` of a training run: Adam over the model's parameters, where
+    ``flat`` (an ``irn.compiled.FlatParameters`` of its network, or None) stands for the
+    network's layers as one tensor."""
+    if flat is None:
+        optimizer = optimizer_for(model.parameters(), lr)
+        return optimizer, lambda: optimizer.zero_grad(set_to_none=True)
+    layers = {id(t) for t in flat.params}
+    optimizer = optimizer_for([flat.data] + [p for p in model.parameters() if id(p) not in layers], lr)
+
+    def zero_grad():
+        optimizer.zero_grad(set_to_none=True)
+        flat.reset()  # the layers' gradients are views of flat.grad: zeroed, not dropped
+    return optimizer, zero_grad
 
 
 def optimizer_for(parameters, lr: float) -> torch.optim.Adam:
@@ -120,7 +148,6 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
     member.
     """
     members = model.members
-    count = members or 1
     seeds = per_member("seed", seed, members)
     regularizer = check_settings(members, epochs=epochs, lr=lr, loss=loss, val_every=val_every,
                                  stab_weight=stab_weight, stab_sigma=stab_sigma,
@@ -133,7 +160,20 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
     model.net.keep_iterates = regularizer.fp_on
     model.net.keep_solution = regularizer.jac_on
     regularizer = regularizer.on(dtype, device)
-    optimizer = optimizer_for(model.parameters(), lr)
+    # on the compiled path the layers train as one tensor (irn.compiled.flat_parameters)
+    flat_context = (compiled.flat_parameters(model.net) if torch.device(device).type == "cpu"
+                    and compiled.reason(model.net) is None else contextlib.nullcontext())
+    with flat_context as flat:
+        return _train(model, data, flat, epochs, lr, lr_step, lr_gamma, loss, batch_size,
+                      regularizer, seeds, val_every, device, progress, desc)
+
+
+def _train(model, data, flat, epochs, lr, lr_step, lr_gamma, loss, batch_size, regularizer,
+           seeds, val_every, device, progress, desc):
+    """:func:`train`'s loop, its settings checked (``flat``: see :func:`_optimizer`)."""
+    members = model.members
+    count = members or 1
+    optimizer, zero_grad = _optimizer(model, flat, lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step, gamma=lr_gamma)
     member_seeds = seeds if members else [seeds]
     generators = [torch.Generator(device=torch.device(device)).manual_seed(s) for s in member_seeds]
@@ -143,6 +183,7 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
 
     # train/eval switches walk every module; skip them when no module's forward depends on it
     switch_modes = any(isinstance(m, MODE_DEPENDENT) for m in model.modules())
+    gradients = _MeanAbsGradients(model.net.blocks, members)
     model.train()
     rows = [[] for _ in range(count)]
     bar = tqdm(range(epochs), desc=desc, disable=not progress, mininterval=1.0)
@@ -150,8 +191,8 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
         if switch_modes:
             model.train()
         totals = _epoch(model, data, _order(n, batch_size, order_generators).to(device),
-                        batch_size, optimizer, loss, regularizer,
-                        generators if members else generators[0])
+                        batch_size, optimizer, zero_grad, loss, regularizer,
+                        generators if members else generators[0], gradients)
         scheduler.step()
         if switch_modes:
             model.eval()
@@ -251,17 +292,18 @@ def _order(n: int, batch_size: int, generators) -> torch.Tensor:
     return torch.arange(n).expand(len(generators), n)
 
 
-def _epoch(model, data, order, batch_size, optimizer, loss, regularizer, generator):
+def _epoch(model, data, order, batch_size, optimizer, zero_grad, loss, regularizer, generator,
+           gradients: _MeanAbsGradients):
     """One epoch of Adam steps over the minibatches of ``order`` (one row of sample indices per
     member); returns its :class:`_EpochTotals`."""
     members, blocks = model.members, list(model.net.blocks)
-    totals = _EpochTotals(members or 1, len(blocks))
+    totals = _EpochTotals(members or 1, len(blocks), gradients)
     for start in range(0, order.shape[1], batch_size):
         index = order[:, start:start + batch_size]
         if members is None:
             index = index[0]
         x, y = data.x_train[index], data.y_train[index]  # (E,) B, ...
-        optimizer.zero_grad(set_to_none=True)
+        zero_grad()
         data_loss, reg, out = _losses(model, x, y, LOSSES[loss], regularizer, generator)
         (data_loss + reg).sum().backward()
         optimizer.step()
@@ -296,7 +338,8 @@ class _EpochTotals:
     forward and backward iterations and mean absolute gradients; whether every solve
     converged."""
 
-    def __init__(self, count: int, layers: int):
+    def __init__(self, count: int, layers: int, mean_abs_gradients: _MeanAbsGradients):
+        self.mean_abs_gradients = mean_abs_gradients
         self.train_loss, self.reg_loss, self.correct = (np.zeros(count) for _ in range(3))
         self.fwd, self.bwd, self.grad = (np.zeros((count, layers)) for _ in range(3))
         self.converged, self.steps = np.ones(count, dtype=bool), 0
@@ -317,7 +360,7 @@ class _EpochTotals:
             if bconv is not None:
                 converged &= [ok is not False for ok in (bconv if isinstance(bconv, list) else [bconv])]
         self.converged &= converged
-        self.grad += _mean_abs_gradients(blocks, members)
+        self.grad += self.mean_abs_gradients()
 
     def row(self, e: int, epoch: int, val: dict, n: int, classify: bool) -> dict:
         """Member ``e``'s row of the history for this epoch (``val``: its validation result)."""
