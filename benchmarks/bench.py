@@ -349,11 +349,12 @@ def harness_step(factory, data_name, settings, loss, members, train_settings=Non
 
     context = (C.flat_parameters(model.net) if C.reason(model.net) is None
                else contextlib.nullcontext())
-    optimizer, zero_grad = training._optimizer(model, context.__enter__(), lr=1e-5)
+    flat = context.__enter__()
+    optimizer, zero_grad = training._optimizer(model, flat, lr=1e-5)
     n, count = batch or data.x_train.shape[0], members or 1
     generators = [torch.Generator().manual_seed(seed) for seed in range(count)]
     order = torch.arange(n).expand(count, n)
-    gradients = training._MeanAbsGradients(model.net.blocks, members)
+    gradients = training._MeanAbsGradients(model.net.blocks, members, flat)
 
     def step():
         training._epoch(model, data, order, n, optimizer, zero_grad, loss, regularizer,

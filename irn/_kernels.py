@@ -148,45 +148,36 @@ def _accumulate_parameters(s, v, y, dW, db):
 
 
 @njit(cache=True)
-def _mixing_weights(Rw, b, n, head, regularization, floor, G, C, a):
+def _mixing_weights(Gs, b, n, regularization, floor, C, a):
     """Anderson's weights for sample ``b``: ``a = M^{-1} 1 / (1^T M^{-1} 1)`` with
-    ``M = Gram + max(regularization min_i |R_i|^2, floor) I`` of the window's residuals
-    (``Rw``: a ring of slots from ``head``, ``n`` filled, oldest first), by a Cholesky
-    solve ``M = C C^T``; False where ``M`` is not positive definite."""
-    m, d = Rw.shape[0], Rw.shape[1]
-    for p in range(n):
-        for q in range(p + 1):
-            dot = Rw.dtype.type(0)
-            for i in range(d):
-                dot += Rw[(head + p) % m, i, b] * Rw[(head + q) % m, i, b]
-            G[p, q] = G[q, p] = dot
-    smallest = G[0, 0]
+    ``M = Gram + max(regularization min_i |R_i|^2, floor) I`` (``Gs[:, :, b]`` holds the
+    window's Gram matrix, lower triangle), by a Cholesky solve ``M = C C^T``; False where
+    ``M`` is not positive definite."""
+    smallest = Gs[0, 0, b]
     for p in range(1, n):
-        if G[p, p] < smallest:
-            smallest = G[p, p]
+        if Gs[p, p, b] < smallest:
+            smallest = Gs[p, p, b]
     ridge = regularization * smallest
     if ridge < floor:
         ridge = floor
-    for p in range(n):
-        G[p, p] += ridge
     for j in range(n):
-        pivot = G[j, j]
+        pivot = Gs[j, j, b] + ridge
         for t in range(j):
             pivot -= C[j, t] * C[j, t]
         if not pivot > 0:
             return False
         C[j, j] = math.sqrt(pivot)
         for i in range(j + 1, n):
-            entry = G[i, j]
+            entry = Gs[i, j, b]
             for t in range(j):
                 entry -= C[i, t] * C[j, t]
             C[i, j] = entry / C[j, j]
     for p in range(n):  # C z = 1, then C^T a = z
-        entry = Rw.dtype.type(1)
+        entry = Gs.dtype.type(1)
         for t in range(p):
             entry -= C[p, t] * a[t]
         a[p] = entry / C[p, p]
-    total = Rw.dtype.type(0)
+    total = Gs.dtype.type(0)
     for p in range(n - 1, -1, -1):
         entry = a[p]
         for t in range(p + 1, n):
@@ -206,7 +197,8 @@ def _anderson_step(y, gy, acc, Rw, Vw, n, head, m, regularization, tol, floor):
     ``n`` filled, oldest first), then ``y = sum_i a_i g(y^{k-i})`` (:func:`_mixing_weights`);
     the plain step ``g(y)`` where the sample is within ``tol`` (``acc`` holds its squared
     residual norm), the window has one entry, or the weights' system is not positive
-    definite. Returns the window's ``(n, head)``."""
+    definite. The Gram matrices and the mixing run over the samples in the inner loop.
+    Returns the window's ``(n, head)``."""
     d, B = y.shape
     if n < m:
         slot = (head + n) % m
@@ -221,19 +213,33 @@ def _anderson_step(y, gy, acc, Rw, Vw, n, head, m, regularization, tol, floor):
     if n == 1:
         y[:, :] = gy
         return n, head
-    G, C = np.empty((n, n), y.dtype), np.empty((n, n), y.dtype)
-    a = np.empty(n, y.dtype)
-    for b in range(B):
-        if not math.sqrt(acc[b]) > tol or not _mixing_weights(Rw, b, n, head, regularization,
-                                                               floor, G, C, a):
+    slots = np.empty(n, np.int64)
+    for p in range(n):
+        slots[p] = (head + p) % m
+    Gs = np.zeros((n, n, B), y.dtype)  # each sample's Gram matrix (lower triangle)
+    for p in range(n):
+        for q in range(p + 1):
             for i in range(d):
+                for b in range(B):
+                    Gs[p, q, b] += Rw[slots[p], i, b] * Rw[slots[q], i, b]
+    C = np.empty((n, n), y.dtype)
+    a = np.empty(n, y.dtype)
+    weights = np.empty((n, B), y.dtype)
+    plain = np.empty(B, np.bool_)
+    for b in range(B):
+        plain[b] = not math.sqrt(acc[b]) > tol or not _mixing_weights(
+            Gs, b, n, regularization, floor, C, a)
+        for p in range(n):
+            weights[p, b] = a[p]
+    for i in range(d):
+        for b in range(B):
+            if plain[b]:
                 y[i, b] = gy[i, b]
-            continue
-        for i in range(d):
-            mixed = y.dtype.type(0)
-            for p in range(n):
-                mixed += a[p] * Vw[(head + p) % m, i, b]
-            y[i, b] = mixed
+            else:
+                mixed = y.dtype.type(0)
+                for p in range(n):
+                    mixed += weights[p, b] * Vw[slots[p], i, b]
+                y[i, b] = mixed
     return n, head
 
 
@@ -406,7 +412,10 @@ def _through_iterates(e, l, Y, Yk, Fk, gmeans, W, ci, count, kind, dW, db, v, dx
     adjoint of ``explicit``) to ``v`` and ``a_0`` to ``dx``."""
     d, B = v.shape
     a[:, :] = 0
-    for k in range(count - 1, -1, -1):
+    last = count - 1  # past the last iterate with a gradient every term is zero: skipped
+    while last >= 0 and gmeans[l, last, e] == 0:
+        last -= 1
+    for k in range(last, -1, -1):
         after = Yk[l, e, k + 1] if k + 1 < count else Y[l + 1, e]  # g(y^k)
         y = Yk[l, e, k]
         weight = gmeans[l, k, e] / B

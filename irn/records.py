@@ -80,12 +80,19 @@ class SolveRecord:
         iterates, ``record``, when kept); warns (or raises) per unconverged member."""
         self.iterate_means = None if record is None else self._means(record, info)
         self.backward_converged = None
-        self.stats = self._new_stats()  # explicit members: those of an explicit block
-        for e in self.solving:
-            self.stats[e] = SolveStats(info.iterations[e], info.residual[e], info.converged[e],
-                                       solver=None if info.solver is None else info.solver[e])
-            if not info.converged[e]:
-                self._nonconvergence(name, "forward", info.iterations[e], info.residual[e], e)
+        solvers = info.solver or [None] * self.members
+        if len(self.solving) == self.members:  # every member solves (one object each)
+            self.stats = list(map(SolveStats, info.iterations, info.residual, info.converged,
+                                  [None] * self.members, [None] * self.members, solvers))
+        else:
+            self.stats = self._new_stats()  # explicit members: those of an explicit block
+            for e in self.solving:
+                self.stats[e] = SolveStats(info.iterations[e], info.residual[e],
+                                           info.converged[e], solver=solvers[e])
+        if not all(info.converged[e] for e in self.solving):
+            for e in self.solving:
+                if not info.converged[e]:
+                    self._nonconvergence(name, "forward", info.iterations[e], info.residual[e], e)
 
     @property
     def iterate_residuals(self) -> list[torch.Tensor] | None:
@@ -112,20 +119,18 @@ class SolveRecord:
         recorded nowhere), for the members that solve, and to ``backward_converged`` when that
         forward is the latest one and solved something; warn (or raise) per unconverged
         member."""
-        entries = [(e, info.iterations[e], info.residual[e], info.converged[e])
-                   for e in self.solving]
+        iterations, residuals, converged = info.iterations, info.residual, info.converged
         if stats is not None:
-            for member, iterations, residual, _ in entries:
-                stats[member].backward_iterations = iterations
-                stats[member].backward_residual = residual
-            if stats is self.stats and any(ok is not None for *_, ok in entries):
-                converged = [None] * self.members
-                for member, *_, ok in entries:
-                    converged[member] = ok
-                self.backward_converged = converged
-        for member, iterations, residual, ok in entries:
-            if ok is False:
-                self._nonconvergence(name, "backward", iterations, residual, member)
+            for e in self.solving:
+                stats[e].backward_iterations, stats[e].backward_residual = iterations[e], residuals[e]
+            if stats is self.stats and any(converged[e] is not None for e in self.solving):
+                self.backward_converged = [converged[e] if e in self.solving else None
+                                           for e in range(self.members)] \
+                    if len(self.solving) < self.members else list(converged)
+        if any(converged[e] is False for e in self.solving):
+            for e in self.solving:
+                if converged[e] is False:
+                    self._nonconvergence(name, "backward", iterations[e], residuals[e], e)
 
     def _nonconvergence(self, name: str, what: str, iterations: int, residual: float,
                         member: int) -> None:
