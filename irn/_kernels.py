@@ -191,14 +191,15 @@ def _mixing_weights(Gs, b, n, regularization, floor, C, a):
 
 
 @njit(cache=True)
-def _anderson_step(y, gy, acc, Rw, Vw, n, head, m, regularization, tol, floor):
+def _anderson_step(y, gy, acc, Rw, Vw, n, head, m, regularization, tol, floor, work):
     """Anderson's step (``irn.solvers.Anderson``) in place of ``y``, per sample: ``g(y)`` and
     ``R = g(y) - y`` join the window (``Rw``, ``Vw``: a ring of ``m`` slots from ``head``,
     ``n`` filled, oldest first), then ``y = sum_i a_i g(y^{k-i})`` (:func:`_mixing_weights`);
     the plain step ``g(y)`` where the sample is within ``tol`` (``acc`` holds its squared
     residual norm), the window has one entry, or the weights' system is not positive
-    definite. The Gram matrices and the mixing run over the samples in the inner loop.
-    Returns the window's ``(n, head)``."""
+    definite. The Gram matrices and the mixing run over the samples in the inner loop
+    (``work``: the caller's scratch arrays, made once per member). Returns the window's
+    ``(n, head)``."""
     d, B = y.shape
     if n < m:
         slot = (head + n) % m
@@ -213,19 +214,15 @@ def _anderson_step(y, gy, acc, Rw, Vw, n, head, m, regularization, tol, floor):
     if n == 1:
         y[:, :] = gy
         return n, head
-    slots = np.empty(n, np.int64)
+    slots, Gs, C, a, weights, plain = work
     for p in range(n):
         slots[p] = (head + p) % m
-    Gs = np.zeros((n, n, B), y.dtype)  # each sample's Gram matrix (lower triangle)
-    for p in range(n):
+    for p in range(n):  # each sample's Gram matrix (lower triangle)
         for q in range(p + 1):
+            Gs[p, q, :] = 0
             for i in range(d):
                 for b in range(B):
                     Gs[p, q, b] += Rw[slots[p], i, b] * Rw[slots[q], i, b]
-    C = np.empty((n, n), y.dtype)
-    a = np.empty(n, y.dtype)
-    weights = np.empty((n, B), y.dtype)
-    plain = np.empty(B, np.bool_)
     for b in range(B):
         plain[b] = not math.sqrt(acc[b]) > tol or not _mixing_weights(
             Gs, b, n, regularization, floor, C, a)
@@ -259,8 +256,10 @@ def forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind
     z, y = np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype)
     gy, explicit = np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype)
     acc = np.empty(B, Y.dtype)
-    slots = max(1, memory.max())
-    Rw, Vw = np.empty((slots, d, B), Y.dtype), np.empty((slots, d, B), Y.dtype)
+    m = max(1, memory.max())
+    Rw, Vw = np.empty((m, d, B), Y.dtype), np.empty((m, d, B), Y.dtype)
+    work = (np.empty(m, np.int64), np.empty((m, m, B), Y.dtype), np.empty((m, m), Y.dtype),
+            np.empty(m, Y.dtype), np.empty((m, B), Y.dtype), np.empty(B, np.bool_))
     for l in range(L):
         x, out, fx, fy = Y[l, e], Y[l + 1, e], Fx[l, e], Fstar[l, e]
         Wl, bl = W[l, e], bias[l, e]
@@ -298,7 +297,7 @@ def forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind
                 break
             if solver[l] == ANDERSON:
                 n, head = _anderson_step(y, gy, acc, Rw, Vw, n, head, memory[l],
-                                         regularization[l], tol[l], floor)
+                                         regularization[l], tol[l], floor, work)
             else:
                 y[:, :] = gy
             _evaluate(Wl, bl, y, kind, z, fy)

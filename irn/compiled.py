@@ -64,6 +64,7 @@ DTYPES = (torch.float32, torch.float64)
 #: compiled / generic 0.43 at width 16, 0.71 at 32, 2.1 at 64, 1.7 at 128)
 AUTO_MAX_WIDTH = 32
 _PARALLEL = threading.Lock()  # one parallel kernel at a time per process
+_KEEPS, _REQUIRES_GRAD = operator.attrgetter("keep_iterates"), operator.attrgetter("requires_grad")
 
 
 def default_backend() -> str:
@@ -120,7 +121,8 @@ def not_applicable(net, y0: torch.Tensor) -> str | None:
     if y0.dtype not in DTYPES or weight.dtype != y0.dtype:
         return (f"dtypes {y0.dtype} (input) and {weight.dtype} (weights): the compiled path "
                 f"needs both float32 or both float64")
-    if any(block.keep_iterates and block.solver != "fixed_point" for block in net.blocks):
+    if any(map(_KEEPS, net.blocks)) and any(b.keep_iterates and b.solver != "fixed_point"
+                                            for b in net.blocks):
         return "keep_iterates with solver 'anderson' (R_fp through its steps: the generic path)"
     if torch._C._are_functorch_transforms_active():
         return "a torch.func transform is active"
@@ -277,11 +279,11 @@ def trajectory(net, y0: torch.Tensor) -> torch.Tensor:
     (``record.iterate_means``, differentiable too: the fixed-point regulariser)."""
     p = plan(net)
     params = p.parameters()
-    keep = any(block.keep_iterates for block in p.blocks)
+    keep = any(map(_KEEPS, p.blocks))
     flat = net.__dict__.get("_flat_parameters")
     if flat is not None and not flat.serves(params):
         flat = None
-    if torch.is_grad_enabled() and (y0.requires_grad or any(w.requires_grad for w in params)):
+    if torch.is_grad_enabled() and (y0.requires_grad or any(map(_REQUIRES_GRAD, params))):
         inputs = params if flat is None else (flat.data,)
         states, means = _Network.apply(p, keep, flat, y0, *inputs)
     else:
@@ -371,13 +373,14 @@ def _report(p: Plan, what: str, iters, resid, converged, fail, reversed_order: b
     """Hand each layer's statistics to its block, in the order the generic path solves them
     (last layer first for the backward), through the block's policy; raise the error the
     generic path raises first (by layer, iteration, member) when a member failed."""
-    failing = [e for e in range(len(fail)) if fail[e, 0] >= 0]
+    failing = [e for e, layer in enumerate(fail[:, 0].tolist()) if layer >= 0]
     first = None
     if failing:
         order = (lambda e: (-fail[e, 0], fail[e, 1], fail[e, 2] != K.SINGULAR, e)) \
             if reversed_order else (lambda e: (fail[e, 0], fail[e, 1], e))
         first = min(failing, key=order)
     layers = range(len(p.blocks) - 1, -1, -1) if reversed_order else range(len(p.blocks))
+    iters, resid, converged = iters.tolist(), resid.tolist(), converged.tolist()  # one each
     for l in layers:
         block = p.blocks[l]
         if first is not None and fail[first, 0] == l:
@@ -390,7 +393,7 @@ def _report(p: Plan, what: str, iters, resid, converged, fail, reversed_order: b
             if what == "forward":
                 record.no_solve(False)
             continue
-        info = SolveInfo(iters[l].tolist(), resid[l].tolist(), converged[l].tolist())
+        info = SolveInfo(iters[l], resid[l], converged[l])
         if what == "forward":
             record.forward(info, None, block.name)
         else:

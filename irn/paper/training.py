@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from .history import per_layer
 from .losses import LOSSES
 from ..models import ImplicitModel
 
+_ITERATIONS, _CONVERGED = operator.attrgetter("iterations"), operator.attrgetter("converged")
 # modules whose forward depends on train()/eval()
 MODE_DEPENDENT = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
 
@@ -360,14 +362,15 @@ class _EpochTotals:
         self.reg_loss += reg.detach().cpu().numpy()
         if classify:
             self.correct += (out.detach().argmax(dim=-1) == y).reshape(count, -1).sum(dim=1).cpu().numpy()
-        stats = [block.last_stats if members else [block.last_stats] for block in blocks]
-        self.fwd += np.array([[s.iterations for s in layer] for layer in stats]).T
-        self.bwd += np.array([[s.backward_iterations or 0 for s in layer] for layer in stats]).T
-        converged = np.array([[s.converged for s in layer] for layer in stats]).all(axis=0)
-        for block in blocks:
-            bconv = block.backward_converged  # None until a backward solve ran (per member)
+        records = [block.record for block in blocks]  # each member's statistics, per layer
+        stats = [s for record in records for s in record.stats]  # layer by layer
+        self.fwd += np.reshape(list(map(_ITERATIONS, stats)), (-1, count)).T
+        self.bwd += np.reshape([s.backward_iterations or 0 for s in stats], (-1, count)).T
+        converged = np.reshape(list(map(_CONVERGED, stats)), (-1, count)).all(axis=0)
+        for record in records:
+            bconv = record.backward_converged  # None until a backward solve ran (per member)
             if bconv is not None:
-                converged &= [ok is not False for ok in (bconv if isinstance(bconv, list) else [bconv])]
+                converged &= [ok is not False for ok in bconv]
         self.converged &= converged
         self.grad += self.mean_abs_gradients()
 
