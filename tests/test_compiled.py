@@ -419,7 +419,7 @@ def test_training_on_flat_parameters_changes_no_number(monkeypatch, factory, dat
     (flat_histories, flat_weights), (histories, weights) = runs
     for a, b in zip(flat_histories, histories):
         assert list(a.columns) == list(b.columns)
-        assert all(close(a[c].to_numpy(dtype=float), b[c].to_numpy(dtype=float), 1e-12)
+        assert all(close(a[c].to_numpy(dtype=float, copy=True), b[c].to_numpy(dtype=float, copy=True), 1e-12)
                    for c in a.columns)
     assert all(close(a, b, 1e-14) for a, b in zip(flat_weights, weights))
 
@@ -489,3 +489,4 @@ def test_the_parallel_kernels_compute_what_the_serial_ones_do(backward):
         torch.set_num_threads(previous)
     assert_same(parallel, serial, rel=0)
     assert_same(parallel, run(ens.with_settings(backend="torch"), y0))
+
