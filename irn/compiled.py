@@ -200,10 +200,9 @@ def plan(net) -> Plan:
     """The network's :class:`Plan`, cached on it (rebuilt when a block, its ``F`` or its
     settings change)."""
     cached = net.__dict__.get("_compiled_plan")
-    if cached is None or any(a[0] is not b[0] or a[1] is not b[1] or a[2] is not b[2]
-                             or a[3] != b[3] or a[4] != b[4]
-                             for a, b in zip(cached.key, _key(net.blocks))) \
-            or len(cached.key) != len(net.blocks):
+    # tuples compare in C (each entry by identity, then ==: the same blocks and F, equal
+    # settings and steps)
+    if cached is None or cached.key != _key(net.blocks):
         cached = Plan(net.blocks)
         net._compiled_plan = cached
     return cached
