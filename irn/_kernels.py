@@ -534,3 +534,42 @@ def backward_parallel(Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, m
         backward_member(e, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, method,
                         lin_tol, lin_max_iters, dW, db, dX, iters, resid, converged, fail,
                         keep, Yk, Fk, gmeans, counts)
+
+
+@njit(cache=True)
+def distances(Y, batch, D):
+    """``D[l, e, s, b] = ||Y[l, e, :, (s + 1) B + b] - Y[l, e, :, b]||`` for states ``Y`` of
+    shape ``(L + 1, E, d, (S + 1) B)``: the distances of ``S`` perturbed copies of ``B = batch``
+    samples to the clean ones (the first ``B``) at every state, for the perturbation
+    regulariser (the sum over ``d`` in order)."""
+    L1, E, S, B = D.shape
+    acc = np.empty(B, Y.dtype)
+    for l in range(L1):
+        for e in range(E):
+            for s in range(S):
+                acc[:] = 0
+                for i in range(Y.shape[2]):
+                    for b in range(B):
+                        diff = Y[l, e, i, (s + 1) * B + b] - Y[l, e, i, b]
+                        acc[b] += diff * diff
+                for b in range(B):
+                    D[l, e, s, b] = math.sqrt(acc[b])
+
+
+@njit(cache=True)
+def distances_backward(Y, D, gD, G):
+    """Adds to ``G`` (shaped like ``Y``) the gradient of ``sum gD * D`` for the distances of
+    :func:`distances`, as autograd's norm writes it: ``diff (gD / D)`` (zero where ``D = 0``)
+    to the perturbed copy, its negative to the clean sample."""
+    L1, E, S, B = D.shape
+    w = np.empty(B, Y.dtype)
+    for l in range(L1):
+        for e in range(E):
+            for s in range(S):
+                for b in range(B):
+                    w[b] = gD[l, e, s, b] / D[l, e, s, b] if D[l, e, s, b] != 0 else 0
+                for i in range(Y.shape[2]):
+                    for b in range(B):
+                        t = (Y[l, e, i, (s + 1) * B + b] - Y[l, e, i, b]) * w[b]
+                        G[l, e, i, (s + 1) * B + b] += t
+                        G[l, e, i, b] -= t

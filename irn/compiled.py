@@ -4,12 +4,12 @@ The paper's networks are tiny (width 2 to 32), so on the generic path a training
 mostly the cost of calling PyTorch once per solver iteration and layer. Here a network of
 :class:`irn.functions.Perceptron` layers (``F_l(y) = act(W_l y + b_l)``) and its stacked
 ensembles run forward in one compiled call (fixed-point or Anderson iteration, every layer,
-every member)
-and backward in another (``neumann`` or ``direct``), wrapped in one ``autograd.Function`` that
-returns every hidden state, so ``net(y0)``, ``net.trajectory(y0)`` and the perturbation
-regulariser all use it. It computes what the generic path computes: outputs, gradients, the
-blocks' ``last_stats`` per layer and member, the same warnings and errors (tested to 1e-10
-relative in float64).
+every member) and backward in another (``neumann`` or ``direct``), wrapped in one
+``autograd.Function`` that returns every hidden state, so ``net(y0)`` and
+``net.trajectory(y0)`` use it; for the perturbation regulariser it returns the distances of
+the perturbed copies instead (:func:`trajectory` with ``batch``). It computes what the
+generic path computes: outputs, gradients, the blocks' ``last_stats`` per layer and member,
+the same warnings and errors (tested to 1e-10 relative in float64).
 
 ``ImplicitResNet(backend=...)``: ``"auto"`` (default) takes this path where it applies and the
 generic one elsewhere, ``"torch"`` always the generic one, ``"compiled"`` this one or a
@@ -271,11 +271,17 @@ def flat_parameters(net):
         net.__dict__.pop("_flat_parameters", None)
 
 
-def trajectory(net, y0: torch.Tensor) -> torch.Tensor:
+def trajectory(net, y0: torch.Tensor, batch: int | None = None):
     """Every hidden state ``(L + 1, E, B, d)`` of ``net`` (an ensemble, or one network with
     ``E = 1``) from ``y0`` ``(E, B, d)``, differentiable when grad mode is on. Blocks with
     ``keep_iterates`` get the batch means of their iterates' residual norms
-    (``record.iterate_means``, differentiable too: the fixed-point regulariser)."""
+    (``record.iterate_means``, differentiable too: the fixed-point regulariser).
+
+    With ``batch``, ``y0`` holds ``B = batch`` clean samples followed by ``S`` perturbed copies
+    of them, and the result is ``(D, clean)`` instead: the distances
+    ``D[l, e, s, b] = ||y~_l^{s,b} - y_l^b||`` ``(L + 1, E, S, B)`` and the clean samples' last
+    states ``(E, B, d)`` (``irn.regularizers.perturbation_distances``, without the states of
+    every copy passing through autograd)."""
     p = plan(net)
     params = p.parameters()
     keep = any(map(_KEEPS, p.blocks))
@@ -284,14 +290,26 @@ def trajectory(net, y0: torch.Tensor) -> torch.Tensor:
         flat = None
     if torch.is_grad_enabled() and (y0.requires_grad or any(map(_REQUIRES_GRAD, params))):
         inputs = params if flat is None else (flat.data,)
-        states, means = _Network.apply(p, keep, flat, y0, *inputs)
+        first, clean, means = _Network.apply(p, keep, flat, batch, y0, *inputs)
     else:
         with torch.no_grad():
             Y, saved = _forward(p, y0, params, keep, flat)
-            states, means = _states(Y), torch.from_numpy(saved[-1])
+            (first, clean), means = _outputs(Y, batch), torch.from_numpy(saved[-1])
     if keep:
         _keep_means(p, means)
-    return states
+    return first if batch is None else (first, clean)
+
+
+def _outputs(Y, batch):
+    """``(states, None)`` from the kernels' states, or with ``batch`` the distances and the
+    clean samples' last states (:func:`trajectory`)."""
+    if batch is None:
+        return _states(Y), None
+    L1, E, d, N = Y.shape
+    D = np.empty((L1, E, N // batch - 1, batch), Y.dtype)
+    K.distances(Y, batch, D)
+    clean = np.ascontiguousarray(Y[-1, :, :, :batch].transpose(0, 2, 1))
+    return torch.from_numpy(D), torch.from_numpy(clean)
 
 
 def _keep_means(p: Plan, means: torch.Tensor) -> None:
@@ -400,38 +418,40 @@ def _report(p: Plan, what: str, iters, resid, converged, fail, reversed_order: b
 
 
 class _Network(torch.autograd.Function):
-    """Every hidden state of the network, forward and backward in one compiled call each;
-    with ``keep``, also the means of the iterates' residual norms ``(L, K, E)`` (their
+    """Every hidden state of the network (or, with ``batch``, the perturbation distances and
+    the clean last states, :func:`trajectory`), forward and backward in one compiled call
+    each; with ``keep``, also the means of the iterates' residual norms ``(L, K, E)`` (their
     gradient goes through the kept iterates). The parameters come as the layers' tensors
     ``[W_0, b_0, W_1, ...]``, or as one (``flat``, a :class:`FlatParameters`: its ``data``)."""
 
     @staticmethod
-    def forward(ctx, p: Plan, keep: bool, flat, y0, *params):
+    def forward(ctx, p: Plan, keep: bool, flat, batch, y0, *params):
         Y, saved = _forward(p, y0, params, keep, flat)
-        states, means = _states(Y), torch.from_numpy(saved[-1])
-        ctx.plan, ctx.keep, ctx.flat, ctx.arrays = p, keep, flat, (Y,) + saved[:-1]
+        first, clean = _outputs(Y, batch)
+        means = torch.from_numpy(saved[-1])
+        ctx.plan, ctx.keep, ctx.flat, ctx.batch = p, keep, flat, batch
+        ctx.arrays = (Y,) + saved[:-1]
         ctx.stats = [block.record.stats for block in p.blocks]
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(states, y0, *params)
-        return states, means
+        ctx.save_for_backward(first, y0, *params)
+        return (first, clean, means) if batch is not None else (first, torch.empty(0), means)
 
     @staticmethod
-    def backward(ctx, grad_states, grad_means):
-        states, y0, *params = ctx.saved_tensors
-        p, flat = ctx.plan, ctx.flat
+    def backward(ctx, grad_first, grad_clean, grad_means):
+        first, y0, *params = ctx.saved_tensors
+        p, flat, batch = ctx.plan, ctx.flat, ctx.batch
         keep = ctx.keep and grad_means is not None
-        if grad_states is None:
-            grad_states = torch.zeros_like(states)
+        Y, Ystar, Fx, Fstar, W, Yk, Fk, counts = ctx.arrays  # (first: autograd's in-place check)
+        L, E, d, B = Ystar.shape
         if torch.is_grad_enabled():  # a second derivative: the generic path's graph
             layers = p.parameters() if flat is not None else params
-            grads = _generic_gradients(p, y0, layers, grad_states, grad_means if keep else None)
+            grads = _generic_gradients(p, y0, layers, batch, grad_first, grad_clean,
+                                       grad_means if keep else None)
             if flat is not None:  # the layers' gradients in the flat layout
                 weights, biases = grads[1:][0::2], grads[1:][1::2]
                 grads = grads[:1] + (torch.cat([g.reshape(-1) for g in weights + biases]),)
-            return (None, None, None) + grads
-        Y, Ystar, Fx, Fstar, W, Yk, Fk, counts = ctx.arrays  # (states: autograd's in-place check)
-        L, E, d, B = Ystar.shape
-        G = np.ascontiguousarray(grad_states.detach().numpy().transpose(0, 1, 3, 2))
+            return (None, None, None, None) + grads
+        G = _state_gradient(Y, first, batch, grad_first, grad_clean)
         gmeans = grad_means.detach().numpy() if keep else np.zeros((1, 1, 1), Y.dtype)
         if flat is not None:  # the gradients written straight into the flat layout
             dflat = np.zeros(flat.data.shape[0], Y.dtype)
@@ -457,24 +477,49 @@ class _Network(torch.autograd.Function):
             grads[0::2] = torch.from_numpy(dW).reshape(shape).unbind(0)
             grads[1::2] = torch.from_numpy(db).reshape(shape[:-1]).unbind(0)
         dx = (torch.from_numpy(np.ascontiguousarray(dX.transpose(0, 2, 1))).reshape(y0.shape)
-              if ctx.needs_input_grad[3] else None)
-        return (None, None, None, dx, *grads)
+              if ctx.needs_input_grad[4] else None)
+        return (None, None, None, None, dx, *grads)
 
 
-def _generic_gradients(p: Plan, y0, params, grad_states, grad_means=None):
+def _state_gradient(Y, first, batch, grad_first, grad_clean):
+    """The gradient of the states, in the kernels' layout ``(L + 1, E, d, N)`` (contiguous),
+    from those of :func:`trajectory`'s outputs."""
+    if batch is None:
+        if grad_first is None:
+            return np.zeros(Y.shape, Y.dtype)
+        return np.ascontiguousarray(grad_first.detach().numpy().transpose(0, 1, 3, 2))
+    G = np.zeros(Y.shape, Y.dtype)
+    if grad_first is not None:
+        K.distances_backward(Y, first.numpy(), np.ascontiguousarray(grad_first.numpy()), G)
+    if grad_clean is not None:
+        G[-1, :, :, :batch] += grad_clean.numpy().transpose(0, 2, 1)
+    return G
+
+
+def _generic_gradients(p: Plan, y0, params, batch, grad_first, grad_clean, grad_means=None):
     """The gradients of a compiled forward through the generic path, differentiable
-    (``create_graph``): the forward solved again on the generic path (with ``grad_means``,
+    (``create_graph``): the forward solved again on the generic path, the outputs of
+    :func:`trajectory` computed from its states by tensor operations (with ``grad_means``,
     the gradient of the iterates' residual means, through its recorded iterates)."""
     net_states = [y0]
     for block in p.blocks:
         net_states.append(block.solve_members(net_states[-1]))
-    outputs, grad_outputs = [torch.stack(net_states)], [grad_states]
+    states = torch.stack(net_states)
+    if batch is None:
+        outputs, grad_outputs = [states], [grad_first]
+    else:
+        clean, copies = states[:, :, :batch], states[:, :, batch:]
+        copies = copies.reshape(copies.shape[:2] + (-1, batch) + copies.shape[-1:])
+        outputs = [torch.linalg.vector_norm(copies - clean.unsqueeze(2), dim=-1), clean[-1]]
+        grad_outputs = [grad_first, grad_clean]
     if grad_means is not None:
         kept = [(l, block.record.iterate_means) for l, block in enumerate(p.blocks)
                 if block.keep_iterates]
         outputs += [m for _, m in kept]
         grad_outputs += [grad_means[l, :len(m)] for l, m in kept]
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
     wanted = [t for t in (y0, *params) if t.requires_grad]
-    grads = iter(torch.autograd.grad(outputs, wanted, grad_outputs, create_graph=True,
-                                     allow_unused=True, materialize_grads=True))
+    grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                     create_graph=True, allow_unused=True,
+                                     materialize_grads=True))
     return tuple(next(grads) if t.requires_grad else None for t in (y0, *params))

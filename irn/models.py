@@ -156,6 +156,15 @@ class ImplicitResNet(nn.Module):
         require(self.backend != "compiled", f"backend='compiled' cannot run this call: {reason}")
         return None
 
+    def _compiled_distances(self, y: torch.Tensor, batch: int):
+        """``(D, clean last states)`` of :func:`irn.compiled.trajectory` for ``y`` (``(E, N, dim)``:
+        ``batch`` clean samples, then their perturbed copies) on the compiled path, or None
+        where this call takes the states instead (the generic path, or kept solutions)."""
+        if self.backend == "torch" or any(block.keep_solution for block in self.blocks) \
+                or compiled.reason(self, y) is not None:
+            return None
+        return compiled.trajectory(self, y, batch)
+
     def with_settings(self, **block_kwargs) -> "ImplicitResNet":
         """The same network (the same residual functions ``F_l`` and parameters, shared, not
         copied) with other block settings, see :meth:`irn.ImplicitResidualBlock.with_settings`,

@@ -100,7 +100,11 @@ def _member_distances(net, y0, sigma, streams, generator):
         xi = noise((count,) + shape, y0, generator)
     sigma = sigma.reshape((-1,) + (1,) * (xi.dim() - 1))
     inputs = torch.cat([y0.unsqueeze(1), y0.unsqueeze(1) + sigma * xi], dim=1)
-    states = net.states(inputs.reshape(count, (streams + 1) * batch, -1))
+    inputs = inputs.reshape(count, (streams + 1) * batch, -1)
+    fused = net._compiled_distances(inputs, batch) if inputs.dim() == 3 else None
+    if fused is not None:  # the compiled path: no state of a copy passes through autograd
+        return fused
+    states = net.states(inputs)
     states = states.reshape(states.shape[0], count, streams + 1, batch, -1)
     d = per_sample_norm(states[:, :, 1:] - states[:, :, :1], 4)  # (L + 1, E, S, B)
     return d, states[-1, :, 0]

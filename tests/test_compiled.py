@@ -191,16 +191,29 @@ def test_trajectory_and_no_grad_forward():
     assert single.trajectory(y0[0]).shape == (5, 5, 3)
 
 
-def test_perturbation_regularizer_same_values_and_gradients():
-    for net in (network(0.5, 0.5), network(None, None, members=MEMBERS)):
-        y0 = torch.randn(*((len(MEMBERS),) if net.members else ()), 6, 3, dtype=DT)
-        values = []
+@pytest.mark.parametrize("with_output", [False, True])
+def test_perturbation_regularizer_same_values_and_gradients(with_output):
+    """R_stab on the compiled path (its distances and the clean output from the kernels'
+    states, their gradient straight into the backward kernel): value, clean output, input
+    and parameter gradients, and a second derivative, against the generic path."""
+    # second derivatives go through solves of tolerance tol on both paths: a tight one
+    for net in (network(0.5, 0.5, tol=1e-12, max_iters=500),
+                network(None, None, members=MEMBERS, tol=1e-12, max_iters=500)):
+        y0 = torch.randn(*((len(MEMBERS),) if net.members else ()), 6, 3, dtype=DT,
+                         generator=torch.Generator().manual_seed(8))
+        results = []
         for candidate in (net, net.with_settings(backend="torch")):
-            value = regularizers.perturbation(candidate, y0, 0.1, 1.0, 2,
-                                              generator=torch.Generator().manual_seed(5))
-            values.append((value.detach(), torch.autograd.grad(value.sum(), list(net.parameters()))))
-        assert close(values[0][0], values[1][0])
-        assert all(close(a, b) for a, b in zip(values[0][1], values[1][1]))
+            x = y0.clone().requires_grad_()
+            value, out = regularizers.perturbation(candidate, x, 0.1, 1.0, 2, return_output=True,
+                                                   generator=torch.Generator().manual_seed(5))
+            loss = value.sum() + (out.pow(2).sum() if with_output else 0)
+            grads = torch.autograd.grad(loss, [x, *net.parameters()], create_graph=True)
+            second = torch.autograd.grad(grads[0].pow(2).sum(), list(net.parameters()))
+            results.append((value.detach(), out.detach(), grads, second))
+        (value, out, grads, second), (value_t, out_t, grads_t, second_t) = results
+        assert close(value, value_t) and close(out, out_t)
+        assert all(close(a, b) for a, b in zip(grads, grads_t))
+        assert all(close(a, b, 1e-8) for a, b in zip(second, second_t))
 
 
 @pytest.mark.parametrize("members, activation, backward, memory", [
