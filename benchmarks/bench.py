@@ -711,8 +711,12 @@ def main():
     parser.add_argument("--device", default="cpu",
                         help="where the steps run; on 'cuda' only the step-time table (the "
                              "other sections time CPU kernels)")
-    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results.md")
+    parser.add_argument("--output", type=Path, help="results file (default: results.md, "
+                        "results_steps.md with --only-steps)")
     args = parser.parse_args()
+    if args.output is None:
+        args.output = Path(__file__).parent / ("results_steps.md" if args.only_steps
+                                               else "results.md")
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     load_before = wait_for_quiet()
