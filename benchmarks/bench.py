@@ -733,9 +733,10 @@ def main():
              + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
              + "  ", f"Load average before: {load_before:.2f}", ""]
 
-    lines += ["## Time per training step (forward + MSE + backward), float32", "",
-              "| workload | method | ms / step | vs explicit | vs plain | vs unrolled "
-              "| fwd iters / layer | bwd iters / layer |", "|---|---|---|---|---|---|---|---|"]
+    if workloads:
+        lines += ["## Time per training step (forward + MSE + backward), float32", "",
+                  "| workload | method | ms / step | vs explicit | vs plain | vs unrolled "
+                  "| fwd iters / layer | bwd iters / layer |", "|---|---|---|---|---|---|---|---|"]
     all_built, all_times = {}, {}
     for workload in workloads:
         built = {method: build(workload, method, args.device) for method in methods_for(workload)
