@@ -427,6 +427,19 @@ def training_step_table(rounds=15, per_round=3, members=50):
                              f"| {whole[variant] / kernels[variant]:.2f}x "
                              f"| {whole[variant] / whole['plain']:.2f}x |")
                 print(lines[-1], flush=True)
+    # both cores on one ensemble: the compiled kernels give each thread whole members
+    step = harness_step("function_approximator", "sine",
+                        dict(num_layers=20, theta=0.5, T=5.0, layout="state"), "mse", members)[1]
+    threads = torch.get_num_threads()
+    per_threads = {}
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        per_threads[n] = step_and_kernel_times({"plain": step}, rounds, per_round)[0]["plain"]
+    torch.set_num_threads(threads)
+    lines.append(f"| Example 1, L = 20, state, E = {members}, two threads | plain "
+                 f"| {1e3 * per_threads[2] / members:.3f} | | | {per_threads[2] / per_threads[1]:.2f}x "
+                 f"of one thread |")
+    print(lines[-1], flush=True)
     singles = {workload: harness_step(factory, data_name, settings, loss, None)[1]
                for workload, (factory, data_name, settings, loss) in ENSEMBLE_WORKLOADS.items()}
     whole, kernels = step_and_kernel_times(singles, rounds, 10 * per_round)
