@@ -132,3 +132,16 @@ def test_seeds_needed_gives_the_power_it_promises():
     assert statistics.seeds_needed([1.0, 1.0, 1.0], effect=1.0) == 6   # 2/2^6 <= 0.05 < 2/2^5
     with pytest.raises(ValueError, match="effect"):
         statistics.seeds_needed([1.0, 2.0], effect=0.0)
+
+
+@pytest.mark.parametrize("scale, effect, alpha", [(1.0, 0.5, 0.05), (2.0, 0.01, 0.05 / 14),
+                                                   (0.1, 3.0, 0.05 / 4), (5.0, 0.2, 0.05 / 6)])
+def test_seeds_needed_is_the_smallest_n_that_meets_the_requirement(scale, effect, alpha):
+    """The search (doubling, then bisection) returns what counting up from the smallest
+    testable n returns."""
+    values = scale * np.random.default_rng(3).normal(size=10)
+    ratio = values.std(ddof=1) / effect
+    n = max(2, math.ceil(math.log2(2 / alpha)))
+    while n < ((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(0.8, n - 1)) * ratio) ** 2 * math.pi / 3:
+        n += 1
+    assert statistics.seeds_needed(values, effect, alpha=alpha) == n

@@ -126,7 +126,21 @@ def seeds_needed(values, effect: float, *, alpha: float = 0.05, power: float = 0
     require(len(values) >= 2, f"values must hold at least two numbers, got {len(values)}")
     require(effect > 0, f"effect must be positive, got {effect!r}")
     ratio = values.std(ddof=1) / effect
-    n = max(2, math.ceil(math.log2(2 / alpha)))
-    while n < ((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * ratio) ** 2 / _EFFICIENCY:
-        n += 1
-    return n
+
+    def enough(n: int) -> bool:
+        required = (stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * ratio
+        return n >= required ** 2 / _EFFICIENCY
+
+    # the requirement falls as n grows (t quantiles above the median shrink with the degrees of
+    # freedom), so the smallest n that meets it is found by doubling, then bisection: the
+    # answer of counting up one by one, in a few dozen quantiles instead of up to thousands
+    low = max(2, math.ceil(math.log2(2 / alpha)))
+    if enough(low):
+        return low
+    high = 2 * low
+    while not enough(high):
+        low, high = high, 2 * high
+    while high - low > 1:  # enough(high), not enough(low)
+        middle = (low + high) // 2
+        low, high = (low, middle) if enough(middle) else (middle, high)
+    return high
