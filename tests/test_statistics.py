@@ -134,7 +134,7 @@ def test_seeds_needed_gives_the_power_it_promises():
         statistics.seeds_needed([1.0, 2.0], effect=0.0)
 
 
-@pytest.mark.parametrize("scale, effect, alpha", [(1.0, 0.5, 0.05), (2.0, 0.01, 0.05 / 14),
+@pytest.mark.parametrize("scale, effect, alpha", [(1.0, 0.5, 0.05), (2.0, 0.1, 0.05 / 14),
                                                    (0.1, 3.0, 0.05 / 4), (5.0, 0.2, 0.05 / 6)])
 def test_seeds_needed_is_the_smallest_n_that_meets_the_requirement(scale, effect, alpha):
     """The search (doubling, then bisection) returns what counting up from the smallest
