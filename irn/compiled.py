@@ -158,7 +158,9 @@ class Plan:
         anderson = [Anderson.__init__.__kwdefaults__ | b.config.solver_options
                     if b.solver == "anderson" else {"memory": 1, "regularization": 0.0}
                     for b in blocks]
-        self.memory = np.array([o["memory"] for o in anderson], dtype=np.int64)
+        # a window never holds more than the iterations done (a larger memory needs no room)
+        self.memory = np.array([min(o["memory"], b.max_iters) for o, b in zip(anderson, blocks)],
+                               dtype=np.int64)
         self.regularization = np.array([o["regularization"] for o in anderson], dtype=np.float64)
         h = np.array([np.broadcast_to(b.h, E) for b in blocks], dtype=np.float64)
         theta = np.array([np.broadcast_to(b.theta, E) for b in blocks], dtype=np.float64)
@@ -219,27 +221,39 @@ class FlatParameters:
     than the kernels of a small network). The values, and so every number, are unchanged."""
 
     def __init__(self, net):
-        p = plan(net)
-        require(p.unsupported is None, f"flat parameters need the compiled path: {p.unsupported}")
-        params = p.parameters()
+        reason = flat_unsupported(net)
+        require(reason is None, f"flat parameters: {reason}")
+        params = plan(net).parameters()
         self.params = params[0::2] + params[1::2]  # the weights, then the biases
         with torch.no_grad():
             data = torch.cat([t.reshape(-1) for t in self.params])
         self.data, self.grad = data.requires_grad_(), torch.zeros_like(data)
         self.split = sum(t.numel() for t in params[0::2])  # where the biases start
-        offset, storage = 0, data.detach()
+        offset, storage, self.views = 0, data.detach(), []
         for t in self.params:
             n = t.numel()
             t.data = storage[offset:offset + n].view_as(t)
-            t.grad = self.grad[offset:offset + n].view_as(t)
+            self.views.append(self.grad[offset:offset + n].view_as(t))
             offset += n
         self.pointers = [t.data_ptr() for t in self.params]
         self.reset()
 
     def reset(self) -> None:
-        """Zero the gradients in place (``data.grad`` stays ``grad``, the layers' views stay)."""
+        """Zero the gradients in place: ``data.grad`` is ``grad`` and every layer's ``.grad``
+        its view again (whatever set them to None or replaced them since)."""
         self.data.grad = self.grad
+        for t, view in zip(self.params, self.views):
+            if t.grad is not view:
+                t.grad = view
         self.grad.zero_()
+
+    def release(self) -> None:
+        """Give every layer parameter and gradient its own storage again (their values kept)."""
+        with torch.no_grad():
+            for t in self.params:
+                t.data = t.data.clone()
+                if t.grad is not None:
+                    t.grad = t.grad.clone()
 
     def serves(self, params) -> bool:
         """Whether these are still the network's parameters (``plan(net).parameters()``), in
@@ -260,15 +274,34 @@ def flat_parameters(net):
     """Within this context the network's compiled calls take and give its layer parameters as
     one tensor (a :class:`FlatParameters`, yielded): a training loop steps ``flat.data`` with
     its optimiser (instead of the layers' parameters) and zeroes the gradients with
-    ``flat.reset()`` (instead of setting them to None). The layers' parameters stay views
-    of that storage afterwards; their values and gradients are what they would be without
-    it, on either path (a generic call accumulates into the same gradient views)."""
+    ``flat.reset()`` (instead of setting them to None). The layers' values and gradients are
+    what they would be without it, on either path (a generic call accumulates into the same
+    gradient views); moving or replacing the network's parameters inside the context is a
+    ``RuntimeError`` at the next call. On exit every parameter gets its own storage again.
+    See :func:`flat_unsupported` for the networks it takes."""
+    require("_flat_parameters" not in net.__dict__, "flat_parameters is already active on this network")
     flat = FlatParameters(net)
     net._flat_parameters = flat
     try:
         yield flat
     finally:
         net.__dict__.pop("_flat_parameters", None)
+        flat.release()
+
+
+def flat_unsupported(net) -> str | None:
+    """Why ``net``'s layers cannot train as one tensor (None: they can): the compiled path must
+    cover the network, every layer parameter must require grad (a frozen one would be
+    stepped) and none may be shared between layers (a tied weight would be laid out twice)."""
+    p = plan(net)
+    if p.unsupported is not None:
+        return p.unsupported
+    params = p.parameters()
+    if not all(t.requires_grad for t in params):
+        return "a layer parameter does not require grad"
+    if len({id(t) for t in params}) != len(params):
+        return "layers share a parameter"
+    return None
 
 
 def trajectory(net, y0: torch.Tensor, batch: int | None = None):
@@ -286,8 +319,9 @@ def trajectory(net, y0: torch.Tensor, batch: int | None = None):
     params = p.parameters()
     keep = any(map(_KEEPS, p.blocks))
     flat = net.__dict__.get("_flat_parameters")
-    if flat is not None and not flat.serves(params):
-        flat = None
+    if flat is not None and not flat.serves(params):  # the optimiser would step a stale copy
+        raise RuntimeError("the network's layer parameters were moved or replaced inside "
+                           "irn.compiled.flat_parameters; leave the context first")
     if torch.is_grad_enabled() and (y0.requires_grad or any(map(_REQUIRES_GRAD, params))):
         inputs = params if flat is None else (flat.data,)
         first, clean, means = _Network.apply(p, keep, flat, batch, y0, *inputs)
@@ -350,8 +384,9 @@ def _run(name, members, *arrays):
 def _weights(p: Plan, params, flat, d: int):
     """The layers' ``(W, bias)`` as numpy arrays ``(L, E, d, d)`` and ``(L, E, d)``."""
     L, E = len(p.blocks), p.members
-    if flat is not None:
-        return flat.arrays(L, E, d)
+    if flat is not None:  # a copy: an in-place edit of a layer before the backward must not reach it
+        W, bias = flat.arrays(L, E, d)
+        return W.copy(), bias
     with torch.no_grad():
         return (torch.stack(params[0::2]).numpy().reshape(L, E, d, d),
                 torch.stack(params[1::2]).numpy().reshape(L, E, d))

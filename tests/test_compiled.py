@@ -455,6 +455,44 @@ def test_flat_parameters_keep_the_layers_gradients_on_both_paths():
     assert close(run(ens, y0)[0], run(ens.with_settings(backend="torch"), y0)[0])
 
 
+def test_flat_parameters_guard_their_views_and_refuse_what_they_cannot_hold():
+    ens = network(None, None, "tanh", members=MEMBERS)
+    y0 = torch.randn(len(MEMBERS), 5, 3, dtype=DT, generator=torch.Generator().manual_seed(9))
+    with compiled.flat_parameters(ens) as flat:
+        with pytest.raises(ValueError, match="already active"):
+            with compiled.flat_parameters(ens):
+                pass
+        ens.zero_grad(set_to_none=True)  # the layers' gradient views dropped ...
+        flat.reset()  # ... and re-attached
+        ens(y0).sum().backward()
+        assert all(p.grad.data_ptr() >= flat.grad.data_ptr() for p in ens.parameters())
+        assert close(torch.cat([p.grad.reshape(-1) for p in ens.parameters()]).abs().sum(),
+                     flat.grad.abs().sum())
+        ens.to(torch.float32)  # the parameters moved: the optimiser would step a stale copy
+        with pytest.raises(RuntimeError, match="moved or replaced inside"):
+            ens(y0.float())
+        ens.to(DT)
+    pointers = [p.data_ptr() for p in ens.parameters()]  # own storage again after the context
+    assert len(set(pointers)) == len(pointers) and "_flat_parameters" not in ens.__dict__
+    frozen = network(0.5, 0.5)
+    frozen.blocks[1].F.linear.weight.requires_grad_(False)
+    assert compiled.flat_unsupported(frozen) == "a layer parameter does not require grad"
+    with pytest.raises(ValueError, match="does not require grad"):
+        compiled.FlatParameters(frozen)
+    tied = network(0.5, 0.5)
+    tied.blocks[1].F = tied.blocks[0].F
+    assert compiled.flat_unsupported(tied) == "layers share a parameter"
+
+
+def test_training_leaves_a_frozen_layer_untouched():
+    model = experiments.build_model("function_approximator", 0, num_layers=3, theta=0.5).to(DT)
+    weight = model.net.blocks[1].F.linear.weight
+    weight.requires_grad_(False)
+    before = weight.detach().clone()
+    training.train(model, experiments.DATASETS["sine"](), epochs=3, progress=False)
+    assert torch.equal(weight, before)
+
+
 def test_example_1_state_layout_gradients_agree_to_rounding():
     data = experiments.DATASETS["sine"]().to(dtype=DT)
     grads = []

@@ -109,14 +109,14 @@ def _run_jobs(jobs: list[dict]):
     if len(jobs) == 1:
         history = train(models[0], data, seed=jobs[0]["seed"], progress=False,
                         **jobs[0]["train_kwargs"])
-        return [(history, {k: v.cpu() for k, v in models[0].state_dict().items()})]
+        return [(history, {k: v.detach().cpu().clone() for k, v in models[0].state_dict().items()})]
     ensemble = ImplicitModel.stack(models)
     shared = {k: v for k, v in jobs[0]["train_kwargs"].items() if k not in MEMBER_TRAIN_SETTINGS}
     per_member = {name: [job["train_kwargs"].get(name, TRAIN_DEFAULTS[name]) for job in jobs]
                   for name in MEMBER_TRAIN_SETTINGS}
     histories = train(ensemble, data, seed=[job["seed"] for job in jobs], progress=False,
                       **shared, **per_member)
-    return [(history, {k: v.cpu() for k, v in ensemble.member(e).state_dict().items()})
+    return [(history, {k: v.detach().cpu().clone() for k, v in ensemble.member(e).state_dict().items()})
             for e, history in enumerate(histories)]
 
 

@@ -125,7 +125,9 @@ def seeds_needed(values, effect: float, *, alpha: float = 0.05, power: float = 0
     values = _finite(values)
     require(len(values) >= 2, f"values must hold at least two numbers, got {len(values)}")
     require(effect > 0, f"effect must be positive, got {effect!r}")
+    require(0 < alpha < 1 and 0 < power < 1, f"alpha and power must lie in (0, 1), got {alpha!r}, {power!r}")
     ratio = values.std(ddof=1) / effect
+    require(math.isfinite(ratio), f"the spread over the effect must be finite, got {ratio!r}")
 
     def enough(n: int) -> bool:
         required = (stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * ratio

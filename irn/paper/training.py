@@ -172,7 +172,8 @@ def train(model: ImplicitModel, data, *, epochs: int, lr: float = 1e-2, lr_step:
     regularizer = regularizer.on(dtype, device)
     # on the compiled path the layers train as one tensor (irn.compiled.flat_parameters)
     flat_context = (compiled.flat_parameters(model.net) if torch.device(device).type == "cpu"
-                    and compiled.reason(model.net) is None else contextlib.nullcontext())
+                    and compiled.reason(model.net) is None
+                    and compiled.flat_unsupported(model.net) is None else contextlib.nullcontext())
     with flat_context as flat:
         return _train(model, data, flat, epochs, lr, lr_step, lr_gamma, loss, batch_size,
                       regularizer, seeds, val_every, device, progress, desc)
