@@ -19,6 +19,7 @@ One layout (docs/design.md, section 5): inside the block every state has shape
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 
@@ -198,6 +199,8 @@ class ImplicitResidualBlock(nn.Module):
         if self.members is not None and not (x.dim() >= 2 and x.shape[0] == self.members):
             raise ValueError(f"x must have shape (members={self.members}, batch, ...) for an "
                              f"ensemble block, got {tuple(x.shape)}")
+        if not INPUT_CHECKED.get():  # a network checks its input once, not per layer
+            check_finite("x", x, self.members is not None)
 
     def _coefficients(self, x: torch.Tensor):
         """:func:`coefficients` for ``x``'s dtype, device and rank, made once."""
@@ -260,6 +263,23 @@ class ImplicitResidualBlock(nn.Module):
         # one more application of the map at y*, with the backward strategy attached
         return strategy.output(self._adjoint(), explicit, y_star, h_implicit, self.record.stats,
                                evaluate_F)
+
+
+#: set while a network runs its blocks on an input it has checked already
+INPUT_CHECKED = contextvars.ContextVar("irn_input_checked", default=False)
+
+
+def check_finite(name: str, x: torch.Tensor, ensemble: bool) -> None:
+    """A ``ValueError`` naming ``name`` and the first sample (and member, for an ensemble's
+    input ``(E, B, ...)``) that holds a NaN or inf: one reduction when all are finite. (Under
+    a ``torch.func`` transform the check is left to the solver, which names the iteration.)"""
+    if x.numel() == 0 or torch._C._are_functorch_transforms_active() or bool(torch.isfinite(x).all()):
+        return
+    lead = 2 if ensemble and x.dim() >= 2 else 1
+    bad = (~torch.isfinite(x)).reshape(x.shape[:lead] + (-1,)).any(dim=-1).nonzero()[0].tolist()
+    where = f"member {bad[0]}, sample {bad[1]}" if lead == 2 else f"sample {bad[0]}"
+    raise ValueError(f"{name} holds a non-finite value (NaN or inf) at {where}: the input, not "
+                     f"the solver")
 
 
 def resnet_step(x: torch.Tensor, c, fx: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 from . import compiled
 from ._checks import choice, require
 from .functions import ACTIVATIONS, Perceptron, StackedPerceptron
-from .layers import ImplicitResidualBlock
+from .layers import INPUT_CHECKED, ImplicitResidualBlock, check_finite
 
 INITS = ("stationary", "random", "pytorch")
 
@@ -268,6 +268,7 @@ class ImplicitResNet(nn.Module):
         elif not (y0.dim() == 3 and y0.shape[0] == members and y0.shape[2] == self.dim):
             raise ValueError(f"y0 must have shape (members={members}, batch, {self.dim}) for an "
                              f"ensemble, got {tuple(y0.shape)}")
+        check_finite("y0", y0, members is not None)  # once per call, on every path
 
     def _run(self, y0: torch.Tensor, every: bool) -> torch.Tensor:
         """The network on ``y0`` in the public layout: its last state, or with ``every`` all
@@ -279,10 +280,14 @@ class ImplicitResNet(nn.Module):
             states = states[:, 0] if one else states
             return states if every else states[-1]
         kept = [y0]
-        for block in self.blocks:
-            y0 = block(y0)
-            if every:
-                kept.append(y0)
+        token = INPUT_CHECKED.set(True)  # the blocks need not check it again
+        try:
+            for block in self.blocks:
+                y0 = block(y0)
+                if every:
+                    kept.append(y0)
+        finally:
+            INPUT_CHECKED.reset(token)
         return torch.stack(kept) if every else y0
 
     def states(self, y: torch.Tensor) -> torch.Tensor:
@@ -292,6 +297,7 @@ class ImplicitResNet(nn.Module):
         if not (y.dim() == 3 and y.shape[0] == count and y.shape[2] == self.dim):
             raise ValueError(f"y must have shape (members={count}, batch, {self.dim}), got "
                              f"{tuple(y.shape)}")
+        check_finite("y", y, True)
         return self._run(y, every=True) if self.members else self._run(y[0], every=True)[:, None]
 
     def forward(self, y0: torch.Tensor) -> torch.Tensor:

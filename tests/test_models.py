@@ -238,3 +238,42 @@ def test_digits_dataset_and_classifier():
     model = examples.digits_classifier(num_layers=2, theta=0.5, T=1.0, dim=8).double()
     assert model(dataset.x_val[:5]).shape == (5, 10)
     assert model.embed.in_features == 64 and model.net.dim == 8
+
+
+@pytest.mark.parametrize("theta", [0.0, 0.5])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_a_non_finite_input_is_named_as_the_input(theta, backend):
+    """A NaN or inf in the input is a ValueError naming the sample (and member), on every path,
+    the explicit network included (there it passed through silently); a NaN that appears in an
+    iterate stays the solver's SolverError (tests/test_block.py)."""
+    net = irn.ImplicitResNet(3, 4, 0.5, theta, backend=backend).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    x[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"y0 holds a non-finite value \(NaN or inf\) at sample 3"):
+        net(x)
+    ens = irn.ImplicitResNet.stack([irn.ImplicitResNet(3, 4, 0.5, theta, backend=backend)
+                                    for _ in range(2)]).double()
+    xe = torch.randn(2, 5, 3, dtype=torch.float64)
+    xe[1, 4, 0] = float("inf")
+    with pytest.raises(ValueError, match="at member 1, sample 4"):
+        ens(xe)
+    with pytest.raises(ValueError, match="at member 1, sample 4"):
+        ens.trajectory(xe)
+    block = irn.ImplicitResidualBlock(irn.functions.Perceptron(3), 0.5, theta).double()
+    with pytest.raises(ValueError, match=r"x holds a non-finite value \(NaN or inf\) at sample 3"):
+        block(x)
+
+
+def test_a_network_checks_its_input_once_not_per_layer(monkeypatch):
+    from irn import layers, models
+
+    calls = []
+    for module in (layers, models):
+        original = module.check_finite
+        monkeypatch.setattr(module, "check_finite",
+                            lambda *args, original=original: calls.append(args[0]) or original(*args))
+    net = irn.ImplicitResNet(3, 6, 0.5, 0.5, backend="torch").double()
+    net(torch.randn(4, 3, dtype=torch.float64))
+    assert calls == ["y0"]
+    net.blocks[0](torch.randn(4, 3, dtype=torch.float64))  # a block called alone checks its own
+    assert calls == ["y0", "x"]
