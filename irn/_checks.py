@@ -3,6 +3,9 @@ and says what is allowed."""
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
 import numbers
 
@@ -51,3 +54,29 @@ def missing_extra(user: str, err: ImportError) -> ImportError:
     dependencies are not installed: ``import irn`` and its layers need only torch and numpy."""
     return ImportError(f"{user} needs {err.name or err}, one of the optional dependencies of "
                        f"irn's examples: pip install 'irn[examples]'")
+
+
+def keywords(*also: str):
+    """Decorate a function (a constructor, a ``with_settings``) so that an unknown keyword
+    argument is a ``TypeError`` naming the allowed keywords (its own and ``also``, those it
+    passes on through ``**kwargs``) and the closest one. The signature stays the function's own
+    (``inspect.signature`` and ``help`` follow ``__wrapped__``)."""
+    def decorate(function):
+        parameters = inspect.signature(function).parameters
+        own = [n for n, p in parameters.items() if n != "self"
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        allowed = own + [n for n in also if n not in own]
+        known = frozenset(allowed)
+        name = function.__qualname__.removesuffix(".__init__")
+
+        @functools.wraps(function)
+        def checked(*args, **kwargs):
+            for key in kwargs:
+                if key not in known:
+                    close = difflib.get_close_matches(key, allowed, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise TypeError(f"{name}() got an unexpected keyword argument {key!r}{hint}; "
+                                    f"allowed: {', '.join(allowed)}")
+            return function(*args, **kwargs)
+        return checked
+    return decorate

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from . import solvers  # noqa: F401 (registers the forward solvers)
-from ._checks import choice, integer, number, require
+from ._checks import choice, integer, keywords, number, require
 from .backward import BACKWARDS
 from .driver import FORWARD_SOLVERS, check_options
 
@@ -81,3 +81,8 @@ class SolveConfig:
                 changes.setdefault(backward, None)
         return dataclasses.replace(self, **changes)
 
+
+
+SolveConfig.__init__ = keywords()(SolveConfig.__init__)  # a misspelled setting names the right one
+#: the settings a block passes to its SolveConfig
+SOLVE_SETTINGS = tuple(f.name for f in dataclasses.fields(SolveConfig))

@@ -26,9 +26,9 @@ import functools
 import torch
 from torch import nn
 
-from ._checks import number, per_member, require
+from ._checks import keywords, number, per_member, require
 from .backward import BACKWARDS, Adjoint, axpy, on_members
-from .config import SolveConfig
+from .config import SOLVE_SETTINGS, SolveConfig
 from .driver import labelled, solve
 from .errors import ConvergenceWarning, SolverError  # noqa: F401 (public here)
 from .precision import under_autocast
@@ -102,6 +102,7 @@ class ImplicitResidualBlock(nn.Module):
     :func:`irn.regularizers.jacobian`.
     """
 
+    @keywords()
     def __init__(self, F: nn.Module, h: float = 1.0, theta: float = 0.5, *,
                  solver: str = "fixed_point", backward: str = "neumann", tol: float = 1e-6,
                  max_iters: int = 50, lin_tol: float | None = None,
@@ -138,6 +139,7 @@ class ImplicitResidualBlock(nn.Module):
     settings = property(lambda self: dataclasses.asdict(self.config),
                         doc="The solver settings (:class:`SolveConfig`'s fields) as a dict.")
 
+    @keywords("h", "theta", *SOLVE_SETTINGS)
     def with_settings(self, **block_kwargs) -> "ImplicitResidualBlock":
         """A block on the same ``F`` (shared, not copied) with some settings changed (any
         keyword of the constructor but ``F``), see :meth:`irn.SolveConfig.changed`."""
@@ -194,14 +196,6 @@ class ImplicitResidualBlock(nn.Module):
             self._checked_shape = check_shape(fy, y, self.members is None)
         return fy
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        require(x.dim() >= 1, "x must be batch-first with at least one dimension")
-        if self.members is not None and not (x.dim() >= 2 and x.shape[0] == self.members):
-            raise ValueError(f"x must have shape (members={self.members}, batch, ...) for an "
-                             f"ensemble block, got {tuple(x.shape)}")
-        if not INPUT_CHECKED.get():  # a network checks its input once, not per layer
-            check_finite("x", x, self.members is not None)
-
     def _coefficients(self, x: torch.Tensor):
         """:func:`coefficients` for ``x``'s dtype, device and rank, made once."""
         key = (x.dtype, x.device, x.dim(), self.hs, self.thetas)  # h, theta may be reassigned
@@ -222,7 +216,7 @@ class ImplicitResidualBlock(nn.Module):
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        check_input(x, self.members)
         if self.members is None:  # the public layout's boundary: one network is one member
             return self.solve_members(x.unsqueeze(0))[0]
         return self.solve_members(x)
@@ -265,15 +259,27 @@ class ImplicitResidualBlock(nn.Module):
                                evaluate_F)
 
 
+def check_input(x: torch.Tensor, members: int | None) -> None:
+    """A block's input: batch-first, ``(E, B, ...)`` for an ensemble block of ``E`` members,
+    finite (:func:`check_finite`)."""
+    require(x.dim() >= 1, "x must be batch-first with at least one dimension")
+    if members is not None and not (x.dim() >= 2 and x.shape[0] == members):
+        raise ValueError(f"x must have shape (members={members}, batch, ...) for an "
+                         f"ensemble block, got {tuple(x.shape)}")
+    check_finite("x", x, members is not None)
+
+
 #: set while a network runs its blocks on an input it has checked already
 INPUT_CHECKED = contextvars.ContextVar("irn_input_checked", default=False)
 
 
 def check_finite(name: str, x: torch.Tensor, ensemble: bool) -> None:
     """A ``ValueError`` naming ``name`` and the first sample (and member, for an ensemble's
-    input ``(E, B, ...)``) that holds a NaN or inf: one reduction when all are finite. (Under
-    a ``torch.func`` transform the check is left to the solver, which names the iteration.)"""
-    if x.numel() == 0 or torch._C._are_functorch_transforms_active() or bool(torch.isfinite(x).all()):
+    input ``(E, B, ...)``) that holds a NaN or inf: one reduction when all are finite; none
+    while a network runs its blocks on an input it checked (:data:`INPUT_CHECKED`), nor under a
+    ``torch.func`` transform (the solver's check then names the iteration)."""
+    if (INPUT_CHECKED.get() or x.numel() == 0 or torch._C._are_functorch_transforms_active()
+            or bool(torch.isfinite(x).all())):
         return
     lead = 2 if ensemble and x.dim() >= 2 else 1
     bad = (~torch.isfinite(x)).reshape(x.shape[:lead] + (-1,)).any(dim=-1).nonzero()[0].tolist()

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from . import compiled
-from ._checks import choice, require
+from ._checks import choice, keywords, require
+from .config import SOLVE_SETTINGS
 from .functions import ACTIVATIONS, Perceptron, StackedPerceptron
 from .layers import INPUT_CHECKED, ImplicitResidualBlock, check_finite
 
@@ -90,6 +91,7 @@ class ImplicitResNet(nn.Module):
     ``tol``, ...) go to every block.
     """
 
+    @keywords(*SOLVE_SETTINGS)
     def __init__(self, dim: int, num_layers: int, h: float = 1.0, theta: float = 0.0, *,
                  activation: str = "relu", init: str = "stationary", backend: str = "auto",
                  **block_kwargs):
@@ -165,6 +167,7 @@ class ImplicitResNet(nn.Module):
             return None
         return compiled.trajectory(self, y, batch)
 
+    @keywords("backend", "h", "theta", *SOLVE_SETTINGS)
     def with_settings(self, **block_kwargs) -> "ImplicitResNet":
         """The same network (the same residual functions ``F_l`` and parameters, shared, not
         copied) with other block settings, see :meth:`irn.ImplicitResidualBlock.with_settings`,

@@ -1,5 +1,7 @@
 """ImplicitResNet, the example models and data, and the training loop."""
 
+import inspect
+import re
 import numpy as np
 import pandas as pd
 import pytest
@@ -265,15 +267,33 @@ def test_a_non_finite_input_is_named_as_the_input(theta, backend):
 
 
 def test_a_network_checks_its_input_once_not_per_layer(monkeypatch):
-    from irn import layers, models
-
-    calls = []
-    for module in (layers, models):
-        original = module.check_finite
-        monkeypatch.setattr(module, "check_finite",
-                            lambda *args, original=original: calls.append(args[0]) or original(*args))
+    reductions = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: reductions.append(t.shape) or isfinite(t))
     net = irn.ImplicitResNet(3, 6, 0.5, 0.5, backend="torch").double()
-    net(torch.randn(4, 3, dtype=torch.float64))
-    assert calls == ["y0"]
+    net(torch.randn(4, 3, dtype=torch.float64))  # the generic path calls its six blocks
+    assert len(reductions) == 1
     net.blocks[0](torch.randn(4, 3, dtype=torch.float64))  # a block called alone checks its own
-    assert calls == ["y0", "x"]
+    assert len(reductions) == 2
+
+
+@pytest.mark.parametrize("make, where", [
+    (lambda: irn.ImplicitResNet(2, 3, max_iter=5), "ImplicitResNet()"),
+    (lambda: irn.ImplicitResidualBlock(irn.functions.Perceptron(2), 0.5, 0.5, max_iter=5),
+     "ImplicitResidualBlock()"),
+    (lambda: irn.SolveConfig(max_iter=5), "SolveConfig()"),
+    (lambda: irn.ImplicitResNet(2, 3).with_settings(max_iter=5), "ImplicitResNet.with_settings()"),
+    (lambda: irn.ImplicitResNet(2, 3).blocks[0].with_settings(max_iter=5),
+     "ImplicitResidualBlock.with_settings()"),
+])
+def test_a_misspelled_keyword_names_the_closest_and_the_allowed_ones(make, where):
+    with pytest.raises(TypeError, match=rf"{re.escape(where)} got an unexpected keyword argument "
+                                        r"'max_iter' \(did you mean 'max_iters'\?\); allowed: .*tol"):
+        make()
+
+
+def test_the_keyword_check_keeps_the_signatures():
+    assert "max_iters" in inspect.signature(irn.ImplicitResidualBlock.__init__).parameters
+    assert "max_iters" in inspect.signature(irn.SolveConfig).parameters
+    with pytest.raises(TypeError, match="'zzz'; allowed: dim, num_layers"):
+        irn.ImplicitResNet(2, 3, zzz=1)  # nothing close: no suggestion
