@@ -1,5 +1,7 @@
 """Using the layers costs torch and numpy only: the examples' dependencies are an extra."""
 
+import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -24,13 +26,46 @@ def run(code):
                           cwd=ROOT)
 
 
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~ ]", requirement, maxsplit=1)[0]
+
+
 def test_the_package_requires_torch_and_numpy_only():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert [d.split("==")[0] for d in project["dependencies"]] == ["torch", "numpy"]
-    extra = {d.split("==")[0] for d in project["optional-dependencies"]["examples"]}
+    assert [_name(d) for d in project["dependencies"]] == ["torch", "numpy"]
+    extra = {_name(d) for d in project["optional-dependencies"]["examples"]}
     assert extra == {"pandas", "matplotlib", "seaborn", "tqdm", "scikit-learn"}
-    compiled = {d.split("==")[0] for d in project["optional-dependencies"]["compiled"]}
+    compiled = {_name(d) for d in project["optional-dependencies"]["compiled"]}
     assert compiled == {"numba", "llvmlite"}
+
+
+def test_the_library_asks_for_ranges_and_the_lock_pins_each_exactly():
+    """``pip install irn`` keeps a user's torch; the Makefile applies requirements.lock, which
+    pins every dependency of the package and its extras (torch included) to the versions the
+    tests and the figures ran with."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [
+        d for extra in project["optional-dependencies"].values() for d in extra]
+    assert not [d for d in requirements if "==" in d], "exact pins belong in requirements.lock"
+    locked = {line.split("==")[0].lower() for line in (ROOT / "requirements.lock").read_text().splitlines()
+              if "==" in line}
+    assert {_name(d).lower() for d in requirements} <= locked
+    assert "torch==2.13.0" in (ROOT / "requirements.lock").read_text().splitlines()
+
+
+def test_the_wheel_installs_into_the_pinned_environment_without_replacing_torch(tmp_path):
+    """The package built as a wheel and installed (a dry run, offline) into this environment,
+    which holds the locked torch: pip installs irn alone."""
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                            "-q", "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = tmp_path.glob("irn-*.whl")
+    check = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "-q",
+                            "--report", str(tmp_path / "resolved.json"), str(wheel)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr  # torch and numpy satisfied as installed
+    resolved = json.loads((tmp_path / "resolved.json").read_text())["install"]
+    assert [item["metadata"]["name"] for item in resolved] == ["irn"]
 
 
 def test_layers_solvers_regularizers_and_ensembles_work_without_the_examples_extra():
