@@ -10,9 +10,9 @@ from . import regularizers, stability
 from .config import SolveConfig
 from .errors import ConvergenceWarning, SolverError
 from .layers import ImplicitResidualBlock
-from .models import ImplicitResNet
+from .models import ImplicitModel, ImplicitResNet
 from .records import SolveStats
 
 __version__ = "0.1.0"
-__all__ = ["ImplicitResidualBlock", "ImplicitResNet", "SolveConfig", "SolveStats", "ConvergenceWarning",
-           "SolverError", "regularizers", "stability", "__version__"]
+__all__ = ["ImplicitResidualBlock", "ImplicitResNet", "ImplicitModel", "SolveConfig", "SolveStats",
+           "ConvergenceWarning", "SolverError", "regularizers", "stability", "__version__"]

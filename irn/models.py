@@ -80,7 +80,16 @@ def normalized_gaussian(dim: int, generator: torch.Generator | None = None) -> t
 
 
 class ImplicitResNet(nn.Module):
-    """``L`` implicit residual blocks ``y_{l+1} = y_l + h((1-theta) F_l(y_l) + theta F_l(y_{l+1}))``.
+    """``L`` implicit residual blocks ``y_{l+1} = y_l + h((1-theta) F_l(y_l) + theta F_l(y_{l+1}))``
+    with ``F_l(y) = act(W_l y + b_l)`` (:class:`irn.functions.Perceptron`).
+
+    Args:
+        dim: width of the state ``y`` (inputs ``(B, dim)``; an ensemble's ``(E, B, dim)``).
+        num_layers: ``L``, the number of blocks.
+        h: step size of every block, > 0.
+        theta: implicitness in [0, 1]. The network's default, 0.0, is the explicit ResNet (no
+            solve); the block's own default is 0.5 (the trapezoidal rule).
+        activation: ``act``, one of ``irn.functions.ACTIVATIONS``.
 
     ``init="stationary"`` (the paper's): one N(0,1) matrix divided by its spectral radius,
     ``b = 0``, copied into every layer; ``"random"``: an independent such matrix per layer;

@@ -297,3 +297,17 @@ def test_the_keyword_check_keeps_the_signatures():
     assert "max_iters" in inspect.signature(irn.SolveConfig).parameters
     with pytest.raises(TypeError, match="'zzz'; allowed: dim, num_layers"):
         irn.ImplicitResNet(2, 3, zzz=1)  # nothing close: no suggestion
+
+
+def test_implicit_model_is_public_and_stacks():
+    """``irn.ImplicitModel``: an embedding, a network and a readout, stacked into an ensemble
+    whose members compute what the models compute alone."""
+    assert "ImplicitModel" in irn.__all__ and irn.ImplicitModel is models.ImplicitModel
+    torch.manual_seed(0)
+    singles = [irn.ImplicitModel(torch.nn.Linear(1, 3), irn.ImplicitResNet(3, 2, 0.5, 0.5),
+                                 torch.nn.Linear(3, 1)).double() for _ in range(2)]
+    ensemble = irn.ImplicitModel.stack(singles)
+    x = torch.randn(4, 1, dtype=torch.float64)
+    out = ensemble(x.expand(2, 4, 1))
+    for e, single in enumerate(singles):
+        torch.testing.assert_close(out[e], single(x), rtol=1e-12, atol=1e-12)
