@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from ._checks import per_member, require
 from .driver import per_sample_norm
+from .layers import ImplicitResidualBlock
 
 
 def _setting(name: str, value, members: int | None, like: torch.Tensor, check, allowed: str):
@@ -28,26 +30,43 @@ def _setting(name: str, value, members: int | None, like: torch.Tensor, check, a
     return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
+def implicit_blocks(model: nn.Module) -> tuple[list[ImplicitResidualBlock], int | None]:
+    """The implicit residual blocks of ``model`` (an ``ImplicitResNet``, an ``ImplicitModel``,
+    an ``nn.Sequential``, any module), in the order of ``model.modules()``, and their number of
+    members (None: one network); a ``ValueError`` where there is none or they mix one network
+    with ensembles."""
+    blocks = model.__dict__.get("_modules", {}).get("blocks")  # a network's, without a walk
+    blocks = (list(blocks) if isinstance(blocks, nn.ModuleList) else
+              [m for m in model.modules() if isinstance(m, ImplicitResidualBlock)])
+    require(blocks, f"{type(model).__name__} holds no irn.ImplicitResidualBlock")
+    members = {block.members for block in blocks}
+    require(len(members) == 1, f"the blocks of {type(model).__name__} mix ensembles of different "
+                               f"sizes and single networks: members {sorted(members, key=str)}")
+    return blocks, members.pop()
+
+
 def _public(net, values: torch.Tensor) -> torch.Tensor:
     """Per-member values (leading dimension ``E``) as the public layout shows them: the one
     member's for one network."""
     return values[0] if net.members is None else values
 
 
-def fixed_point(net, alpha: float) -> torch.Tensor:
+def fixed_point(model, alpha: float) -> torch.Tensor:
     """Fixed-point regulariser (paper eq. 9)::
 
         R_fp = (1/L) sum_l sum_{k=1}^{K_l - 1} relu(r_l^k - alpha r_l^{k-1})
 
     with ``r_l^k`` the batch mean of ``||y_l^{k+1} - y_l^k||`` over the iterates of layer
     ``l`` in the latest forward. Zero when every layer contracts at rate ``alpha`` or faster.
-    Needs ``net.keep_iterates = True`` during that forward (``ValueError`` otherwise). On an
+    Needs ``net.keep_iterates = True`` during that forward (``ValueError`` otherwise);
+    ``model`` is any module holding implicit blocks (:func:`implicit_blocks`). On an
     ensemble: shape ``(E,)``, each member's own sum (its recorded residuals are zero past its
     own iteration count, where ``relu(0 - alpha r) = 0`` adds nothing).
     """
-    p = next(net.parameters())
-    alpha = _setting("alpha", alpha, net.members, p, lambda a: 0 < a < 1, "in (0, 1)")
-    means = [block.record.iterate_means for block in net.blocks]  # (K_l, E) each
+    blocks, members = implicit_blocks(model)
+    p = next(model.parameters())
+    alpha = _setting("alpha", alpha, members, p, lambda a: 0 < a < 1, "in (0, 1)")
+    means = [block.record.iterate_means for block in blocks]  # (K_l, E) each
     require(any(m is not None for m in means),
             "no iterates recorded: set net.keep_iterates = True and run a forward pass "
             "before calling irn.regularizers.fixed_point")
@@ -55,7 +74,7 @@ def fixed_point(net, alpha: float) -> torch.Tensor:
     for r in means:
         if r is not None and len(r) > 1:  # a layer that converged at its first iterate adds 0
             total = total + torch.relu(r[1:] - alpha * r[:-1]).sum(dim=0)
-    return _public(net, total / len(means))
+    return total[0] / len(means) if members is None else total / len(means)
 
 
 def noise(shape, like: torch.Tensor, generator: torch.Generator | None = None,
@@ -145,14 +164,14 @@ def jacobian(model, probes: int = 1, generator: torch.Generator | None = None) -
     ``||J_F||`` keeps ``h theta J_F`` a contraction, so fixed-point solves keep converging.
     ``y*_l`` is block ``l``'s output (its fixed point within ``tol``), kept when
     ``net.keep_solution = True`` was set before the forward (``ValueError`` otherwise);
-    ``model`` is an ``ImplicitResNet`` or a model with one as ``.net``. Differentiable in the
+    ``model`` is any module holding implicit blocks (:func:`implicit_blocks`: an
+    ``ImplicitResNet``, an ``ImplicitModel``, an ``nn.Sequential`` of blocks). Differentiable in the
     parameters, directly and through ``y*_l`` (the implicit backward). On an ensemble:
     shape ``(E,)``, each member's own value.
     """
-    net = getattr(model, "net", model)
     require(isinstance(probes, int) and not isinstance(probes, bool) and probes >= 1,
             f"probes must be an int >= 1, got {probes!r}")
-    blocks = list(net.blocks)
+    blocks, members = implicit_blocks(model)
     require(all(block.record.solution is not None for block in blocks),
             "no solutions kept: set net.keep_solution = True and run a forward pass before "
             "calling irn.regularizers.jacobian")
@@ -166,7 +185,8 @@ def jacobian(model, probes: int = 1, generator: torch.Generator | None = None) -
                 eps = _rademacher(y, generator)
                 row = torch.autograd.grad(fy, y_in, eps, create_graph=True)[0]  # eps^T J
                 total = total + per_sample_norm(row).pow(2).mean(dim=-1)
-    return _public(net, total / (probes * len(blocks)))
+    total = total / (probes * len(blocks))
+    return total[0] if members is None else total
 
 
 def _rademacher(like: torch.Tensor, generator) -> torch.Tensor:

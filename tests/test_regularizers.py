@@ -233,3 +233,22 @@ def test_training_with_the_jacobian_regularizer_keeps_solves_converging():
                                       jac_weight=weight, progress=False)
     assert not runs[0.0].converged.iloc[-1] and runs[0.0].converged.iloc[:200].all()
     assert runs[1.0].converged.all() and (runs[1.0].reg_loss > 0).all()
+
+
+def test_the_regularizers_find_the_blocks_in_any_module():
+    """``nn.Sequential`` of blocks, an ``ImplicitModel`` and the network itself give the same
+    R_J and R_fp (the blocks found in ``model.modules()``); a module without blocks is a
+    ValueError."""
+    torch.manual_seed(0)
+    net = irn.ImplicitResNet(3, 3, 0.5, 0.5).double()
+    net.keep_solution = net.keep_iterates = True
+    net(torch.randn(5, 3, dtype=torch.float64))
+    sequential = torch.nn.Sequential(*net.blocks)
+    model = irn.ImplicitModel(torch.nn.Identity(), net, torch.nn.Identity())
+    values = [irn.regularizers.jacobian(m, generator=torch.Generator().manual_seed(1))
+              for m in (net, sequential, model)]
+    assert values[0].dim() == 0 and values[0] == values[1] == values[2]
+    fp = [irn.regularizers.fixed_point(m, 0.1) for m in (net, sequential, model)]
+    assert fp[0] == fp[1] == fp[2]
+    with pytest.raises(ValueError, match="Linear holds no irn.ImplicitResidualBlock"):
+        irn.regularizers.jacobian(torch.nn.Linear(3, 3))
