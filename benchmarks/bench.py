@@ -14,6 +14,7 @@ same bursts, which blocks of calls per method (an earlier version) did not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import math
 import os
@@ -26,6 +27,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import irn
+import irn.compiled as C
 from irn import solvers as S
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -344,9 +346,6 @@ def harness_step(factory, data_name, settings, loss, members, train_settings=Non
     regularizer = training.check_settings(members, epochs=1, loss=loss,
                                           **(train_settings or {})).on(torch.float64, "cpu")
     model.net.keep_iterates = regularizer.fp_on
-    import contextlib
-    import irn.compiled as C
-
     context = (C.flat_parameters(model.net) if C.reason(model.net) is None
                else contextlib.nullcontext())
     flat = context.__enter__()
@@ -363,36 +362,44 @@ def harness_step(factory, data_name, settings, loss, members, train_settings=Non
     return model, step
 
 
+@contextlib.contextmanager
+def timed_kernels():
+    """While active, every compiled kernel call (``irn.compiled._run``) appends its seconds to
+    the yielded ``{"forward": [...], "backward": [...]}``."""
+    spent = {"forward": [], "backward": []}
+    run = C._run
+
+    def timed(name, members, *arrays):
+        start = time.perf_counter()
+        try:
+            return run(name, members, *arrays)
+        finally:
+            spent[name].append(time.perf_counter() - start)
+
+    C._run = timed
+    try:
+        yield spent
+    finally:
+        C._run = run
+
+
 def step_and_kernel_times(steps, rounds, per_round):
     """Median seconds per call of each of ``steps`` and of the compiled kernels inside those
     calls, in ``rounds`` rounds of ``per_round`` calls of every step (interleaved)."""
-    import irn.compiled as C
-
-    inside = [0.0]
-    run = C._run
-
-    def timed(*args):
-        start = time.perf_counter()
-        try:
-            return run(*args)
-        finally:
-            inside[0] += time.perf_counter() - start
-
     whole, kernels = ({name: [] for name in steps} for _ in range(2))
-    C._run = timed
     gc.disable()
     try:
-        for step in steps.values():
-            step()
-        for _ in range(rounds):
-            for name, step in steps.items():
-                inside[0], start = 0.0, time.perf_counter()
-                for _ in range(per_round):
-                    step()
-                whole[name].append((time.perf_counter() - start) / per_round)
-                kernels[name].append(inside[0] / per_round)
+        with timed_kernels() as spent:
+            for step in steps.values():
+                step()
+            for _ in range(rounds):
+                for name, step in steps.items():
+                    before, start = sum(map(sum, spent.values())), time.perf_counter()
+                    for _ in range(per_round):
+                        step()
+                    whole[name].append((time.perf_counter() - start) / per_round)
+                    kernels[name].append((sum(map(sum, spent.values())) - before) / per_round)
     finally:
-        C._run = run
         gc.enable()
     return ({name: median(v) for name, v in whole.items()},
             {name: median(v) for name, v in kernels.items()})
@@ -475,27 +482,12 @@ def summary_rows(workload, times):
 
 def compiled_bounds(workload, model, step, repeats=200):
     """One row of the bounds table: the compiled step's parts, timed (see ensemble_table)."""
-    import irn.compiled as C
-
-    spent = {"forward": [], "backward": []}
-    run = C._run
-
-    def timed(name, members, *arrays):
-        start = time.perf_counter()
-        try:
-            return run(name, members, *arrays)
-        finally:
-            spent[name].append(time.perf_counter() - start)
-
     whole, adam = [], []
-    C._run = timed
-    try:
+    with timed_kernels() as spent:
         for _ in range(repeats):
             start = time.perf_counter()
             step()
             whole.append(time.perf_counter() - start)
-    finally:
-        C._run = run
     for _ in range(repeats):
         start = time.perf_counter()
         step.optimizer.step()

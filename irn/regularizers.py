@@ -45,10 +45,10 @@ def implicit_blocks(model: nn.Module) -> tuple[list[ImplicitResidualBlock], int 
     return blocks, members.pop()
 
 
-def _public(net, values: torch.Tensor) -> torch.Tensor:
+def _public(members: int | None, values: torch.Tensor) -> torch.Tensor:
     """Per-member values (leading dimension ``E``) as the public layout shows them: the one
-    member's for one network."""
-    return values[0] if net.members is None else values
+    member's for one network (``members`` None)."""
+    return values[0] if members is None else values
 
 
 def fixed_point(model, alpha: float) -> torch.Tensor:
@@ -74,7 +74,7 @@ def fixed_point(model, alpha: float) -> torch.Tensor:
     for r in means:
         if r is not None and len(r) > 1:  # a layer that converged at its first iterate adds 0
             total = total + torch.relu(r[1:] - alpha * r[:-1]).sum(dim=0)
-    return total[0] / len(means) if members is None else total / len(means)
+    return _public(members, total / len(means))
 
 
 def noise(shape, like: torch.Tensor, generator: torch.Generator | None = None,
@@ -144,10 +144,10 @@ def perturbation(net, y0: torch.Tensor, sigma: float, beta: float, streams: int,
     d, output = _member_distances(net, y0, sigma, streams, generator)  # d[l, e, s, b]
     num_layers = d.shape[0] - 1
     beta = beta.reshape(1, -1, 1, 1)
-    value = _public(net, torch.relu(d[1:] - beta * d[:-1]).mean(dim=3).sum(dim=(0, 2))
+    value = _public(net.members, torch.relu(d[1:] - beta * d[:-1]).mean(dim=3).sum(dim=(0, 2))
                     / (num_layers * streams))
     if return_output:
-        return value, _public(net, output)
+        return value, _public(net.members, output)
     return value
 
 
@@ -185,8 +185,7 @@ def jacobian(model, probes: int = 1, generator: torch.Generator | None = None) -
                 eps = _rademacher(y, generator)
                 row = torch.autograd.grad(fy, y_in, eps, create_graph=True)[0]  # eps^T J
                 total = total + per_sample_norm(row).pow(2).mean(dim=-1)
-    total = total / (probes * len(blocks))
-    return total[0] if members is None else total
+    return _public(members, total / (probes * len(blocks)))
 
 
 def _rademacher(like: torch.Tensor, generator) -> torch.Tensor:
