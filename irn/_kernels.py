@@ -105,14 +105,34 @@ def _max_norm(a, c, acc):
         for b in range(B):
             diff = a[i, b] - c[i, b]
             acc[b] += diff * diff
-    largest = a.dtype.type(0)
-    for b in range(B):
-        norm = math.sqrt(acc[b])
-        if not norm <= largest:  # larger, or NaN (which stays)
-            largest = norm
-            if norm != norm:
-                return norm
+    return _max_excess(acc, acc, False)
+
+
+@njit(cache=True)
+def _max_excess(squares, slack, relative=True):
+    """``max_b (sqrt(squares[b]) - slack[b])`` (``max_b sqrt(squares[b])`` unless
+    ``relative``): what a relative rule compares with its absolute part (``squares`` the
+    squared residual norms, ``slack[b] = rtol ||ref_b||``); a NaN is returned as it is met."""
+    largest = -math.inf
+    for b in range(squares.shape[0]):
+        excess = math.sqrt(squares[b]) - slack[b] if relative else math.sqrt(squares[b])
+        if not excess <= largest:  # larger, or NaN (which stays)
+            largest = excess
+            if excess != excess:
+                return excess
     return largest
+
+
+@njit(cache=True)
+def _scaled_norms(a, scale, out):
+    """``out[b] = scale ||a_b||_2`` over the sample columns."""
+    d, B = a.shape
+    out[:] = 0
+    for i in range(d):
+        for b in range(B):
+            out[b] += a[i, b] * a[i, b]
+    for b in range(B):
+        out[b] = scale * math.sqrt(out[b])
 
 
 @njit(cache=True)
@@ -191,12 +211,12 @@ def _mixing_weights(Gs, b, n, regularization, floor, C, a):
 
 
 @njit(cache=True)
-def _anderson_step(y, gy, acc, Rw, Vw, n, head, m, regularization, tol, floor, work):
+def _anderson_step(y, gy, acc, Rw, Vw, n, head, m, regularization, limit, floor, work):
     """Anderson's step (``irn.solvers.Anderson``) in place of ``y``, per sample: ``g(y)`` and
     ``R = g(y) - y`` join the window (``Rw``, ``Vw``: a ring of ``m`` slots from ``head``,
     ``n`` filled, oldest first), then ``y = sum_i a_i g(y^{k-i})`` (:func:`_mixing_weights`);
-    the plain step ``g(y)`` where the sample is within ``tol`` (``acc`` holds its squared
-    residual norm), the window has one entry, or the weights' system is not positive
+    the plain step ``g(y)`` where the sample is within its threshold ``limit[b]`` (``acc``
+    holds its squared residual norm), the window has one entry, or the weights' system is not positive
     definite. The Gram matrices and the mixing run over the samples in the inner loop
     (``work``: the caller's scratch arrays, made once per member). Returns the window's
     ``(n, head)``."""
@@ -224,7 +244,7 @@ def _anderson_step(y, gy, acc, Rw, Vw, n, head, m, regularization, tol, floor, w
                 for b in range(B):
                     Gs[p, q, b] += Rw[slots[p], i, b] * Rw[slots[q], i, b]
     for b in range(B):
-        plain[b] = not math.sqrt(acc[b]) > tol or not _mixing_weights(
+        plain[b] = not math.sqrt(acc[b]) > limit[b] or not _mixing_weights(
             Gs, b, n, regularization, floor, C, a)
         for p in range(n):
             weights[p, b] = a[p]
@@ -241,9 +261,9 @@ def _anderson_step(y, gy, acc, Rw, Vw, n, head, m, regularization, tol, floor, w
 
 
 @njit(cache=True)
-def forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
-                   max_iters, iters, resid, fail, keep, Yk, Fk, means, solver, memory,
-                   regularization, floor):
+def forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, atol,
+                   rtol, max_iters, iters, resid, converged, fail, keep, Yk, Fk, means, solver,
+                   memory, regularization, floor):
     """Member ``e`` through every layer: ``Y[l + 1] = x + h(1-theta)F(x) + h theta F(y*)``,
     ``y*`` by fixed-point iteration from ``x`` (section 2's rule: ``K`` iterations evaluate
     the residuals of ``y^0..y^{K-1}``, ``y* = y^{K-1}``). Keeps ``Fx[l] = F(x)`` and
@@ -251,8 +271,11 @@ def forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind
     With ``keep`` (the fixed-point regulariser) also every iterate ``Yk[l, e, k] = y^k``,
     ``Fk[l, e, k] = F(y^k)`` and the batch mean of the residual norms
     ``means[l, k, e] = mean_b ||y^k_b - g(y^k)_b||``. Layers with ``solver[l] == ANDERSON``
-    take Anderson's step (:func:`_anderson_step`, window ``memory[l]``) instead of ``g(y)``."""
+    take Anderson's step (:func:`_anderson_step`, window ``memory[l]``) instead of ``g(y)``.
+    A layer stops when every sample's ``||R_b|| <= atol[l] + rtol[l] ||y_b||``
+    (:class:`irn.config.Stopping`)."""
     L, d, B = W.shape[0], Y.shape[2], Y.shape[3]
+    slack, limit = np.zeros(B, Y.dtype), np.empty(B, Y.dtype)
     z, y = np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype)
     gy, explicit = np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype)
     acc = np.empty(B, Y.dtype)
@@ -270,7 +293,7 @@ def forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind
                 for b in range(B):
                     out[i, b] = x[i, b] + ce * fx[i, b]
             Ystar[l, e], fy[:, :] = x, fx
-            iters[l, e], resid[l, e] = 0, 0
+            iters[l, e], resid[l, e], converged[l, e] = 0, 0, True
             continue
         for i in range(d):
             for b in range(B):
@@ -293,17 +316,21 @@ def forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind
             if not math.isfinite(res):
                 fail[e, 0], fail[e, 1], fail[e, 2] = l, k, NON_FINITE
                 return
-            if res <= tol[l] or k >= max_iters[l]:
+            if rtol[l] > 0:  # the relative rule: rtol ||y_b|| in slack
+                _scaled_norms(y, rtol[l], slack)
+            test = _max_excess(acc, slack) if rtol[l] > 0 else res
+            if test <= atol[l] or k >= max_iters[l]:
                 break
             if solver[l] == ANDERSON:
+                limit[:] = atol[l] + slack
                 n, head = _anderson_step(y, gy, acc, Rw, Vw, n, head, memory[l],
-                                         regularization[l], tol[l], floor, work)
+                                         regularization[l], limit, floor, work)
             else:
                 y[:, :] = gy
             _evaluate(Wl, bl, y, kind, z, fy)
         Ystar[l, e] = y
         out[:, :] = gy
-        iters[l, e], resid[l, e] = k, res
+        iters[l, e], resid[l, e], converged[l, e] = k, res, test <= atol[l]
 
 
 @njit(cache=True)
@@ -339,10 +366,12 @@ def _solve_dense(A, rhs, out):
 
 
 @njit(cache=True)
-def _neumann(s, g, W, threshold, cap, v, work, row):
+def _neumann(s, g, W, threshold, slack, relative, cap, v, work, row):
     """``v`` solving ``(I - J^T) v = g`` by ``v_{k+1} = g + J^T v_k`` from ``v_0 = g``,
-    stopping when ``max_b ||v_{k+1} - v_k|| <= threshold`` or at ``cap`` (``v`` keeps the last
-    step). Returns ``(iterations, residual)``; a non-finite residual stops it."""
+    stopping when every sample's ``||v_{k+1} - v_k|| <= threshold (+ slack[b], where
+    ``relative``)`` or at ``cap`` (``v`` keeps the last step). Returns ``(iterations,
+    residual, tested)``, ``tested`` what the rule compared with ``threshold``; a non-finite
+    residual stops it."""
     d, B = g.shape
     v[:, :] = g
     k = 0
@@ -353,9 +382,10 @@ def _neumann(s, g, W, threshold, cap, v, work, row):
                 work[i, b] += g[i, b]
         k += 1
         res = _max_norm(work, v, row)
+        test = _max_excess(row, slack) if relative else res
         v[:, :] = work
-        if not math.isfinite(res) or res <= threshold or k >= cap:
-            return k, res
+        if not math.isfinite(res) or test <= threshold or k >= cap:
+            return k, res, test
 
 
 @njit(cache=True)
@@ -366,14 +396,7 @@ def _max_column_norm(a, row):
     for i in range(d):
         for b in range(B):
             row[b] += a[i, b] * a[i, b]
-    largest = a.dtype.type(0)
-    for b in range(B):
-        norm = math.sqrt(row[b])
-        if not norm <= largest:
-            largest = norm
-            if norm != norm:
-                return norm
-    return largest
+    return _max_excess(row, row, False)
 
 
 @njit(cache=True)
@@ -445,8 +468,8 @@ def _through_iterates(e, l, Y, Yk, Fk, gmeans, W, ci, count, kind, dW, db, v, dx
 
 @njit(cache=True)
 def backward_member(e, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, method,
-                    lin_tol, lin_max_iters, dW, db, dX, iters, resid, converged, fail,
-                    keep, Yk, Fk, gmeans, counts):
+                    lin_atol, lin_rtol, lin_max_iters, dW, db, dX, iters, resid, converged,
+                    fail, keep, Yk, Fk, gmeans, counts):
     """Member ``e``'s gradients, last layer first: ``G[l]`` is the incoming gradient of state
     ``l``; per layer ``v`` solves ``(I - h theta J_F(y*)^T) v = g`` (``v = g`` for an explicit
     step), then ``dL/dx = v + h(1-theta) J_F(x)^T v`` and
@@ -457,25 +480,31 @@ def backward_member(e, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, 
     s, v, work = np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype)
     a, c, extra = (np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype),
                    np.zeros((d, B), Y.dtype))
-    row = np.empty(B, Y.dtype)
+    row, slack = np.empty(B, Y.dtype), np.zeros(B, Y.dtype)
     g = G[L, e].copy()
     for l in range(L - 1, -1, -1):
         x, Wl = Y[l, e], W[l, e]
         if implicit[l, e]:
             largest = _max_column_norm(g, row)
-            threshold = lin_tol[l] * (largest if largest > 1 else 1)  # max(1, .), NaN -> 1
+            threshold = lin_atol[l] * (largest if largest > 1 else 1)  # max(1, .), NaN -> 1
+            relative = lin_rtol[l] > 0
+            if relative:  # lin_rtol ||g_b||, from the squared norms in row
+                for b in range(B):
+                    slack[b] = lin_rtol[l] * math.sqrt(row[b])
             _slope(Fstar[l, e], kind, c_imp[l, e], s)
             if method[l] == NEUMANN:
-                k, res = _neumann(s, g, Wl, threshold, lin_max_iters[l], v, work, row)
+                k, res, test = _neumann(s, g, Wl, threshold, slack, relative, lin_max_iters[l],
+                                        v, work, row)
             else:
                 k, res = 0, _direct(s, g, Wl, v, work, row)
                 if res < 0:
                     fail[e, 0], fail[e, 1], fail[e, 2] = l, 0, SINGULAR
                     return
+                test = _max_excess(row, slack) if relative else res
             if not math.isfinite(res):
                 fail[e, 0], fail[e, 1], fail[e, 2] = l, k, NON_FINITE
                 return
-            iters[l, e], resid[l, e], converged[l, e] = k, res, res <= threshold
+            iters[l, e], resid[l, e], converged[l, e] = k, res, test <= threshold
             _accumulate_parameters(s, v, Ystar[l, e], dW[l, e], db[l, e])
             if keep and counts[l, e] > 0:
                 extra[:, :] = 0
@@ -497,43 +526,43 @@ def backward_member(e, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, 
 # one call for every member: serially, or one member per thread (members are independent,
 # so both give the same numbers)
 @njit(cache=True)
-def forward_serial(Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
-                   max_iters, iters, resid, fail, keep, Yk, Fk, means, solver, memory,
-                   regularization, floor):
+def forward_serial(Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, atol,
+                   rtol, max_iters, iters, resid, converged, fail, keep, Yk, Fk, means, solver,
+                   memory, regularization, floor):
     for e in range(Y.shape[1]):
-        forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
-                       max_iters, iters, resid, fail, keep, Yk, Fk, means, solver, memory,
-                       regularization, floor)
+        forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, atol,
+                       rtol, max_iters, iters, resid, converged, fail, keep, Yk, Fk, means,
+                       solver, memory, regularization, floor)
 
 
 @njit(cache=True, parallel=True)
-def forward_parallel(Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
-                     max_iters, iters, resid, fail, keep, Yk, Fk, means, solver, memory,
-                     regularization, floor):
+def forward_parallel(Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, atol,
+                     rtol, max_iters, iters, resid, converged, fail, keep, Yk, Fk, means,
+                     solver, memory, regularization, floor):
     for e in prange(Y.shape[1]):
-        forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, tol,
-                       max_iters, iters, resid, fail, keep, Yk, Fk, means, solver, memory,
-                       regularization, floor)
+        forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind, atol,
+                       rtol, max_iters, iters, resid, converged, fail, keep, Yk, Fk, means,
+                       solver, memory, regularization, floor)
 
 
 @njit(cache=True)
 def backward_serial(Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, method,
-                    lin_tol, lin_max_iters, dW, db, dX, iters, resid, converged, fail,
-                    keep, Yk, Fk, gmeans, counts):
+                    lin_atol, lin_rtol, lin_max_iters, dW, db, dX, iters, resid, converged,
+                    fail, keep, Yk, Fk, gmeans, counts):
     for e in range(Y.shape[1]):
         backward_member(e, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, method,
-                        lin_tol, lin_max_iters, dW, db, dX, iters, resid, converged, fail,
-                        keep, Yk, Fk, gmeans, counts)
+                        lin_atol, lin_rtol, lin_max_iters, dW, db, dX, iters, resid,
+                        converged, fail, keep, Yk, Fk, gmeans, counts)
 
 
 @njit(cache=True, parallel=True)
 def backward_parallel(Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, method,
-                      lin_tol, lin_max_iters, dW, db, dX, iters, resid, converged, fail,
-                      keep, Yk, Fk, gmeans, counts):
+                      lin_atol, lin_rtol, lin_max_iters, dW, db, dX, iters, resid, converged,
+                      fail, keep, Yk, Fk, gmeans, counts):
     for e in prange(Y.shape[1]):
         backward_member(e, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, implicit, kind, method,
-                        lin_tol, lin_max_iters, dW, db, dX, iters, resid, converged, fail,
-                        keep, Yk, Fk, gmeans, counts)
+                        lin_atol, lin_rtol, lin_max_iters, dW, db, dX, iters, resid,
+                        converged, fail, keep, Yk, Fk, gmeans, counts)
 
 
 @njit(cache=True)

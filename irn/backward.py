@@ -107,8 +107,8 @@ def linearize(F, y: torch.Tensor, scale: float = 1.0, create_graph: bool = False
 @dataclass(frozen=True)
 class Adjoint:
     """What the backward of a block needs: its residual function ``F`` on the member layout
-    ``(E, B, *)``, its ``backward`` strategy, the linear solve's ``lin_tol`` and
-    ``lin_max_iters``, ``implicit`` (one bool per member: who solves), ``name`` and ``labels``
+    ``(E, B, *)``, its ``backward`` strategy, the linear solve's stopping rule ``lin_atol``,
+    ``lin_rtol`` (:class:`irn.config.Stopping`) and ``lin_max_iters``, ``implicit`` (one bool per member: who solves), ``name`` and ``labels``
     (how errors name the block, and whether they name the member: an ensemble's) and
     ``report(info, stats)``, which hands a backward's :class:`irn.driver.SolveInfo` to the
     statistics of its forward (``stats``; None for a solve of second derivatives) and applies
@@ -116,7 +116,8 @@ class Adjoint:
 
     F: object
     backward: "Backward"
-    lin_tol: float
+    lin_atol: float
+    lin_rtol: float
     lin_max_iters: int
     implicit: tuple[bool, ...]
     name: str
@@ -167,8 +168,9 @@ class ImplicitDifferentiation(Backward):
         with (torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type)
               else contextlib.nullcontext()):
             v, info = labelled(adjoint.name, "backward", adjoint.labels,
-                               LINEAR_SOLVERS[self.name], input_vjp, grad, tol=adjoint.lin_tol,
-                               max_iters=adjoint.lin_max_iters, active=adjoint.implicit)
+                               LINEAR_SOLVERS[self.name], input_vjp, grad, tol=adjoint.lin_atol,
+                               max_iters=adjoint.lin_max_iters, active=adjoint.implicit,
+                               rtol=adjoint.lin_rtol)
         if not all(adjoint.implicit):  # explicit members: v = grad (GMRES left them at zero)
             mask = torch.tensor(adjoint.implicit, device=v.device)
             v = torch.where(mask.reshape((-1,) + (1,) * (v.dim() - 1)), v, grad)

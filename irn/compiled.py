@@ -147,9 +147,8 @@ class Plan:
         first = self.blocks[0]
         self.members = E = len(first.thetas)  # one network is one member
         self.kind = K.ACTIVATION_CODES[first.F.activation]
-        self.tol = np.array([b.tol for b in blocks], dtype=np.float64)
+        self._stopping = {}  # per dtype: the layers' stopping rules, :meth:`stopping`
         self.max_iters = np.array([b.max_iters for b in blocks], dtype=np.int64)
-        self.lin_tol = np.array([b.lin_tol for b in blocks], dtype=np.float64)
         self.lin_max_iters = np.array([b.lin_max_iters for b in blocks], dtype=np.int64)
         self.method = np.array([K.NEUMANN if b.backward == "neumann" else K.DIRECT
                                 for b in blocks], dtype=np.int64)
@@ -174,6 +173,16 @@ class Plan:
         # parameter is seen; nn.Module's attribute lookup would cost more than the kernels)
         owners = [b.F.linear if isinstance(b.F, Perceptron) else b.F for b in self.blocks]
         self._owners = [owner._parameters for owner in owners]
+
+    def stopping(self, dtype: torch.dtype):
+        """The layers' stopping rules in ``dtype`` (:meth:`irn.SolveConfig.stopping`) as arrays
+        ``(atol, rtol, lin_atol, lin_rtol, eps)``, each ``(L,)``, made once per dtype."""
+        if dtype not in self._stopping:
+            rules = [b.config.stopping(dtype) for b in self.blocks]
+            self._stopping[dtype] = tuple(np.array([getattr(r, name) for r in rules])
+                                          for name in ("atol", "rtol", "lin_atol", "lin_rtol",
+                                                       "eps"))
+        return self._stopping[dtype]
 
     def coefficients(self, dtype):
         dtype = np.dtype(dtype)
@@ -407,21 +416,27 @@ def _forward(p: Plan, y0: torch.Tensor, params, keep: bool = False, flat=None):
     Ystar, Fx, Fstar = (np.empty((L, E, d, B), dtype) for _ in range(3))
     iters = np.zeros((L, E), np.int64)
     resid = np.zeros((L, E), dtype)
+    converged = np.zeros((L, E), np.bool_)
     fail = np.full((E, 3), -1, np.int64)
+    atol, rtol, _, _, eps = p.stopping(y0.dtype)
     K = int(p.max_iters.max()) if keep else 0
     shape = (L, E, K, d, B) if keep else (1, 1, 1, 1, 1)
     Yk, Fk = np.empty(shape, dtype), np.empty(shape, dtype)
     means = np.zeros((L, K, E), dtype)
     c_exp, c_imp = p.coefficients(dtype)
-    _run("forward", E, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, p.implicit, p.kind, p.tol,
-         p.max_iters, iters, resid, fail, keep, Yk, Fk, means, p.solver, p.memory,
-         p.regularization.astype(dtype), dtype.type(np.finfo(dtype).tiny ** 0.5))
-    _report(p, "forward", iters, resid, resid <= p.tol[:, None], fail, reversed_order=False)
+    _run("forward", E, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, p.implicit, p.kind, atol,
+         rtol.astype(dtype), p.max_iters, iters, resid, converged, fail, keep, Yk, Fk, means,
+         p.solver, p.memory, p.regularization.astype(dtype),
+         dtype.type(np.finfo(dtype).tiny ** 0.5))
+    # eps max_b ||y*_b||, for the warnings of layers that did not converge
+    floors = None if converged[p.solving].all() else \
+        eps[:, None] * np.sqrt(np.square(Ystar).sum(axis=2)).max(axis=-1)
+    _report(p, "forward", iters, resid, converged, fail, reversed_order=False, floors=floors)
     return Y, (Ystar, Fx, Fstar, W, Yk, Fk, iters, means)
 
 
 def _report(p: Plan, what: str, iters, resid, converged, fail, reversed_order: bool,
-            stats=None):
+            stats=None, floors=None):
     """Hand each layer's statistics to its block, in the order the generic path solves them
     (last layer first for the backward), through the block's policy; raise the error the
     generic path raises first (by layer, iteration, member) when a member failed."""
@@ -445,7 +460,8 @@ def _report(p: Plan, what: str, iters, resid, converged, fail, reversed_order: b
             if what == "forward":
                 record.no_solve(False)
             continue
-        info = SolveInfo(iters[l], resid[l], converged[l])
+        info = SolveInfo(iters[l], resid[l], converged[l],
+                         resolution=None if floors is None else floors[l].tolist())
         if what == "forward":
             record.forward(info, None, block.name)
         else:
@@ -500,8 +516,8 @@ class _Network(torch.autograd.Function):
         fail = np.full((E, 3), -1, np.int64)
         c_exp, c_imp = p.coefficients(Y.dtype)
         _run("backward", E, Y, Ystar, Fx, Fstar, G, W, c_exp, c_imp, p.implicit, p.kind,
-             p.method, p.lin_tol, p.lin_max_iters, dW, db, dX, iters, resid, converged, fail,
-             keep, Yk, Fk, gmeans, counts)
+             p.method, *p.stopping(y0.dtype)[2:4], p.lin_max_iters, dW, db, dX, iters, resid,
+             converged, fail, keep, Yk, Fk, gmeans, counts)
         _report(p, "backward", iters, resid, converged, fail, reversed_order=True,
                 stats=ctx.stats)
         if flat is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
+
 from . import solvers  # noqa: F401 (registers the forward solvers)
 from ._checks import choice, integer, keywords, number, require
 from .backward import BACKWARDS
@@ -19,19 +21,27 @@ class SolveConfig:
     where the previous one did not converge, ``irn.driver.solve``) with its
     ``solver_options`` (for a tuple: ``{name: options}``), the ``backward``
     (``neumann``, ``gmres``, ``direct``, ``unrolled``, ``jacobian_free``), the stopping rules
-    ``max_b ||R_b|| <= tol`` within ``max_iters`` (forward) and ``lin_tol``,
-    ``lin_max_iters`` (backward; None: the forward's), and the ``on_nonconvergence`` policy.
-    Every field is checked here, once, option values included; a block holds one
-    (``block.config``), and ``dataclasses.replace`` changes some fields of it."""
+    (forward within ``max_iters``, backward within ``lin_max_iters``, None: the forward's; see
+    :class:`Stopping` and :meth:`stopping`) and the ``on_nonconvergence`` policy.
+
+    Tolerances: ``tol`` given is the absolute rule ``max_b ||R_b|| <= tol`` exactly; otherwise
+    each sample's ``||R_b|| <= atol + rtol ||y_b||`` with ``atol`` (default ``1e-6``) and
+    ``rtol`` (default: 0 in float64, so that the rule is ``tol = 1e-6``; ``16 eps`` of the
+    precision ``F`` computes in otherwise, which rounding lets a solve reach). ``lin_tol``
+    given is the absolute backward rule; otherwise the backward follows the forward's
+    ``atol``, ``rtol``. Every field is checked here, once, option values included; a block
+    holds one (``block.config``), and :meth:`changed` changes some fields of it."""
 
     solver: str | tuple = "fixed_point"
     backward: str = "neumann"
-    tol: float = 1e-6
+    tol: float | None = None
     max_iters: int = 50
     lin_tol: float | None = None
     lin_max_iters: int | None = None
     solver_options: dict = field(default_factory=dict)
     on_nonconvergence: str = "warn"
+    atol: float | None = None
+    rtol: float | None = None
 
     def __post_init__(self):
         names = (self.solver,) if isinstance(self.solver, str) else self.solver
@@ -41,11 +51,19 @@ class SolveConfig:
         for name in names:
             choice("solver", name, FORWARD_SOLVERS)
         choice("backward", self.backward, BACKWARDS)
-        number("tol", self.tol, lambda v: v > 0, "a finite number > 0")
+        for name in ("tol", "lin_tol"):
+            if getattr(self, name) is not None:
+                number(name, getattr(self, name), lambda v: v > 0, "None or a finite number > 0")
+        for name in ("atol", "rtol"):
+            if getattr(self, name) is not None:
+                number(name, getattr(self, name), lambda v: v >= 0, "None or a finite number >= 0")
+        require(self.tol is None or self.atol is None and self.rtol is None,
+                f"give tol (the absolute rule max_b ||R_b|| <= tol) or atol and rtol, not both: "
+                f"tol={self.tol!r}, atol={self.atol!r}, rtol={self.rtol!r}")
+        require(self.tol is not None or self.atol is None or self.rtol is None
+                or self.atol + self.rtol > 0, "atol and rtol cannot both be 0")
         integer("max_iters", self.max_iters)
-        lin_tol = self.tol if self.lin_tol is None else self.lin_tol
         lin_max_iters = self.max_iters if self.lin_max_iters is None else self.lin_max_iters
-        number("lin_tol", lin_tol, lambda v: v > 0, "a finite number > 0")
         integer("lin_max_iters", lin_max_iters)
         require(self.solver_options is None or isinstance(self.solver_options, dict),
                 f"solver_options must be a dict or None, got {self.solver_options!r}")
@@ -59,10 +77,38 @@ class SolveConfig:
             for name, own in options.items():
                 check_options(name, own)
         choice("on_nonconvergence", self.on_nonconvergence, POLICIES)
-        for name, value in (("tol", float(self.tol)), ("lin_tol", float(lin_tol)),
-                            ("lin_max_iters", lin_max_iters), ("solver_options", options),
+        floats = {name: float(getattr(self, name)) for name in ("tol", "lin_tol", "atol", "rtol")
+                  if getattr(self, name) is not None}
+        for name, value in (*floats.items(), ("lin_max_iters", lin_max_iters),
+                            ("solver_options", options),
                             ("solver", self.solver if isinstance(self.solver, str) else tuple(names))):
             object.__setattr__(self, name, value)  # resolved once, here
+        object.__setattr__(self, "_stopping", {})  # per precision, made at the first call
+
+    def stopping(self, dtype: torch.dtype, low: torch.dtype | None = None) -> "Stopping":
+        """The stopping rules for iterates of ``dtype`` with ``F`` computed in ``low`` (a
+        ``torch.autocast`` dtype; None: ``dtype``), made once per pair. The precision that
+        bounds what a solve can reach is ``low``'s (or ``dtype``'s) machine epsilon ``eps``:
+        an ``rtol`` in ``(0, 4 eps)``, or under autocast an absolute tolerance below ``eps``,
+        is a ``ValueError`` (the solve could not converge)."""
+        key = (dtype, low)
+        if key not in self._stopping:
+            self._stopping[key] = Stopping.of(self, dtype, low)
+        return self._stopping[key]
+
+    def tolerances(self) -> str:
+        """The forward's tolerances as given: ``"tol=1e-06"``, or ``atol`` and ``rtol`` (None:
+        their defaults)."""
+        if self.tol is not None:
+            return f"tol={self.tol:g}"
+        return ", ".join(f"{name}={'default' if value is None else format(value, 'g')}"
+                         for name, value in (("atol", self.atol), ("rtol", self.rtol)))
+
+    def absolute_tolerances(self) -> tuple[float, float]:
+        """The absolute parts of the forward and backward rules, whatever the precision: ``tol``
+        (else ``atol``, else 1e-6) and ``lin_tol`` (else the forward's)."""
+        tol = self.tol if self.tol is not None else DEFAULT_ATOL if self.atol is None else self.atol
+        return tol, tol if self.lin_tol is None else self.lin_tol
 
     def solvers(self) -> tuple[tuple[str, ...], dict]:
         """The forward solvers' names, tried in order, and ``{name: options}``."""
@@ -76,11 +122,65 @@ class SolveConfig:
         follows a changed ``tol`` (``max_iters``) when it was equal to it, as the default is."""
         if "solver" in changes:
             changes.setdefault("solver_options", None)
+        if "tol" in changes and changes["tol"] is not None:  # the absolute rule replaces these
+            changes.setdefault("atol", None)
+            changes.setdefault("rtol", None)
+        if {"atol", "rtol"} & set(changes):
+            changes.setdefault("tol", None)
         for forward, backward in (("tol", "lin_tol"), ("max_iters", "lin_max_iters")):
             if forward in changes and getattr(self, backward) == getattr(self, forward):
                 changes.setdefault(backward, None)
         return dataclasses.replace(self, **changes)
 
+
+
+#: the smallest ``rtol`` a precision resolves, and the default of lower precisions, in ``eps``
+MIN_RTOL_EPS, DEFAULT_RTOL_EPS = 4, 16
+#: the absolute part of the default rule (section 2's ``tol``)
+DEFAULT_ATOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """A block's stopping rules in one precision (docs/design.md, section 2):
+
+    - forward, per sample: ``||R_b(y)|| <= atol + rtol ||y_b||`` at the iterate ``y`` whose
+      residual ``R(y) = y - g(y)`` is evaluated; a member stops when all its samples do;
+    - backward, per sample: ``||r_b|| <= lin_atol max(1, max_b ||g_b||) + lin_rtol ||g_b||``
+      for the linear solve's residual ``r`` and right-hand side ``g`` (section 1's rule when
+      ``lin_rtol = 0``).
+
+    ``eps`` is the machine epsilon of the precision ``F`` computes in (for the warning of a
+    solve that stalls at rounding level)."""
+
+    atol: float
+    rtol: float
+    lin_atol: float
+    lin_rtol: float
+    eps: float
+
+    @staticmethod
+    def of(config: SolveConfig, dtype: torch.dtype, low: torch.dtype | None) -> "Stopping":
+        eps = torch.finfo(low or dtype).eps
+        if config.tol is not None:
+            atol, rtol = config.tol, 0.0
+        else:
+            atol = DEFAULT_ATOL if config.atol is None else config.atol
+            full = dtype == torch.float64 and low in (None, torch.float64)
+            rtol = config.rtol if config.rtol is not None else 0.0 if full else DEFAULT_RTOL_EPS * eps
+        lin_atol, lin_rtol = (atol, rtol) if config.lin_tol is None else (config.lin_tol, 0.0)
+        precision = low or dtype
+        require(rtol == 0 or rtol >= MIN_RTOL_EPS * eps,
+                f"rtol={rtol:g} is below what {precision} resolves ({MIN_RTOL_EPS} x its machine "
+                f"epsilon, {MIN_RTOL_EPS * eps:.1e}): the solve could not converge; use rtol >= "
+                f"{MIN_RTOL_EPS * eps:.1e} or leave it at its default ({DEFAULT_RTOL_EPS} eps)")
+        if low is not None:  # an absolute tolerance alone under autocast
+            for name, value, relative in (("tol", atol, rtol), ("lin_tol", lin_atol, lin_rtol)):
+                require(relative > 0 or value >= eps,
+                        f"{name}={value:g} is below what {low} resolves under autocast (machine "
+                        f"epsilon {eps:.1e}), so the solve cannot converge: use {name} >= "
+                        f"{eps:.1e}, or atol and rtol")
+        return Stopping(atol, rtol, lin_atol, lin_rtol, eps)
 
 
 SolveConfig.__init__ = keywords()(SolveConfig.__init__)  # a misspelled setting names the right one

@@ -4,12 +4,14 @@ per-member stopping, the NaN check, the lowest-residual iterate and the fallback
 States have shape ``(E, B, *)``: ``E`` members (one network is ``E = 1``), ``B`` samples each.
 The stopping rule holds per member:
 
-    R(y) = y - g(y),   member e stops when  max_b ||R_{e,b}(y)||_2 <= tol,   at most max_iters,
+    R(y) = y - g(y),   member e stops when  ||R_{e,b}(y)||_2 <= tol + rtol ||y_{e,b}||_2
+                       for every sample b,   at most max_iters,
 
-after which its iterate is frozen, bit for bit, while the others go on (members with
-``active[e]`` False never move). Convergence is tested once per iteration on the ``E``
-residual maxima, which cross to the host in one transfer; that transfer is also the NaN/inf
-check.
+(``rtol = 0``: section 1's ``max_b ||R_{e,b}|| <= tol``), after which its iterate is frozen, bit
+for bit, while the others go on (members with ``active[e]`` False never move). Convergence is
+tested once per iteration on the ``E`` residual maxima (and, with ``rtol``, the ``E`` maxima
+of ``||R_{e,b}|| - rtol ||y_{e,b}||``), which cross to the host in one transfer; that transfer
+is also the NaN/inf check. The reported residual is ``max_b ||R_{e,b}||`` either way.
 
 A forward solver is a small class (:class:`ForwardSolver`): its state (attributes), how it
 evaluates the residual of the current iterate, and its step to the next one; its options are
@@ -36,12 +38,15 @@ Tensor = torch.Tensor
 @dataclass
 class SolveInfo:
     """What one solve reports, one entry per member: iterations done, final residual
-    (``max_b ||R_{e,b}||``), converged, and (from a fallback) the solver that finished."""
+    (``max_b ||R_{e,b}||``), converged, (from a fallback) the solver that finished, and (for a
+    warning, where a member did not converge) ``resolution``: ``eps max_b ||y*_{e,b}||``, the
+    residual that rounding in the precision of ``F`` alone leaves."""
 
     iterations: list[int]
     residual: list[float]
     converged: list[bool | None]
     solver: list[str] | None = None
+    resolution: list[float] | None = None
 
 
 def per_sample_norm(t: Tensor, lead: int = 2) -> Tensor:
@@ -94,51 +99,67 @@ def stops(value: float, threshold: float, iteration: int, cap: float, member: in
 
 class Monitor:
     """The stopping rule, per member: one transfer of the members' residual maxima per
-    iteration, stop at ``tol`` (one threshold, or one per member) or ``max_iters``.
+    iteration, stop at ``tol`` (one threshold, or one per member) or ``max_iters``; with
+    ``rtol``, each sample's threshold grows by ``rtol`` times the norm of a reference (the
+    iterate, for a forward solve; the right-hand side, for a linear one) given to :meth:`done`.
 
     ``running`` says who still moves, ``counts`` and ``values`` hold each member's iterations
     and final residual (``tol`` as given: a forward solve's one float), ``norms`` the latest
-    per-sample residual norms ``(E, B)`` (for solvers that need them), and :meth:`freeze`
-    keeps the stopped members' iterates where they stopped.
+    per-sample residual norms ``(E, B)`` and :meth:`within` which samples meet their threshold
+    (for solvers that need them), and :meth:`freeze` keeps the stopped members' iterates where
+    they stopped.
     An iteration in which no member stops costs one transfer and two C-level passes over the
     maxima (a stopped member's threshold is -inf, so it never stops again); a device copy of
     the running mask (``mask``) is made only when a member stops, and while every member runs
     there is none and nothing to freeze."""
 
-    def __init__(self, tol, max_iters: int, active, device=None, record: list | None = None):
+    def __init__(self, tol, max_iters: int, active, device=None, record: list | None = None,
+                 rtol: float = 0.0):
         members = len(active)
         self.tol, self.max_iters, self.record, self.device = tol, max_iters, record, device
+        self.rtol = rtol
         self.iteration = 0
-        self.norms = None
+        self.norms = self.slack = None  # slack: rtol ||reference_b||, (E, B), with rtol only
         self.running = [bool(a) for a in active]
         self.counts, self.values = [0] * members, [0.0] * members
+        self.tested = [0.0] * members  # what the rule compared with tol (values, for rtol 0)
         self.tols = list(tol) if isinstance(tol, (list, tuple)) else [tol] * members
         self.thresholds = [t if run else -math.inf for t, run in zip(self.tols, self.running)]
         self.mask = None  # device mask of the running members; None while all run
         if not all(self.running):  # members that never move (an ensemble's explicit ones)
             self.mask = torch.tensor(self.running, device=device)
 
-    def done(self, residual: Tensor) -> bool:
-        """Register the residual ``R(y^k)`` of the current iterate; True when every member
-        has stopped."""
+    def done(self, residual: Tensor, reference: Tensor | None = None) -> bool:
+        """Register the residual ``R(y^k)`` of the current iterate (and, with ``rtol``, the
+        ``reference`` its thresholds scale with); True when every member has stopped."""
         self.iteration += 1
         self.norms = norms = per_sample_norm(residual)
         if self.record is not None:
             self.record.append(norms)
         plain = norms.detach() if norms.requires_grad else norms
-        values = plain.amax(dim=1).tolist()  # the one host transfer of this iteration
+        if self.rtol:
+            self.slack = self.rtol * per_sample_norm(reference.detach())
+            values, tested = torch.stack((plain.amax(dim=1), (plain - self.slack).amax(dim=1))
+                                         ).tolist()  # the one host transfer of this iteration
+        else:
+            values = tested = plain.amax(dim=1).tolist()  # the one host transfer
         if (self.iteration < self.max_iters and math.isfinite(sum(values))
-                and not any(map(operator.le, values, self.thresholds))):
+                and not any(map(operator.le, tested, self.thresholds))):
             return False  # no member stops (the common case)
         for e, running in enumerate(self.running):
-            if running and stops(values[e], self.tols[e], self.iteration, self.max_iters, e):
+            if running and stops(tested[e], self.tols[e], self.iteration, self.max_iters, e):
                 self.running[e] = False
                 self.thresholds[e] = -math.inf
-                self.counts[e], self.values[e] = self.iteration, values[e]
+                self.counts[e], self.values[e], self.tested[e] = self.iteration, values[e], tested[e]
         if not any(self.running):
             return True
         self.mask = torch.tensor(self.running, device=self.device)
         return False
+
+    def within(self) -> Tensor:
+        """Which samples of the latest iteration meet their threshold, ``(E, B)`` (a forward
+        solve's, whose ``tol`` is one float)."""
+        return self.norms <= (self.tol if self.slack is None else self.tol + self.slack)
 
     def freeze(self, new: Tensor, old: Tensor, moving: Tensor | None = None) -> Tensor:
         """``new`` for the members that still iterate (or those in ``moving``, a mask taken
@@ -151,7 +172,7 @@ class Monitor:
 
     def info(self) -> SolveInfo:
         return SolveInfo(list(self.counts), list(self.values),
-                         [v <= t for v, t in zip(self.values, self.tols)])
+                         [v <= t for v, t in zip(self.tested, self.tols)])
 
 
 def vjp(output: Tensor, inputs: Tensor, u: Tensor, create_graph: bool = False) -> Tensor:
@@ -252,7 +273,7 @@ def iterate(solver: ForwardSolver, y0: Tensor, monitor: Monitor) -> Tensor:
     y = y0
     while True:
         residual = solver.residual(y)
-        if monitor.done(residual):
+        if monitor.done(residual, y):
             return y
         y = monitor.freeze(solver.step(y, residual, monitor), y)
 
@@ -279,10 +300,11 @@ class _Lowest:
 
 
 def solve(names: tuple[str, ...], options: dict, g: Callable, y0: Tensor, *, tol: float,
-          max_iters: int, active, differentiable: bool = False, record: list | None = None):
+          max_iters: int, active, differentiable: bool = False, record: list | None = None,
+          rtol: float = 0.0):
     """Solve ``y = g(y)`` from ``y0`` (``(E, B, *)``) with the solver ``names[0]``, or, for
     several names (a block's ``solver=("fixed_point", "anderson")``), each in order where the
-    previous one did not meet ``tol``: per member, each gets ``max_iters`` iterations from the
+    previous one did not meet its rule (``tol``, ``rtol``: :class:`Monitor`): per member, each gets ``max_iters`` iterations from the
     lowest-residual point evaluated so far, a member stops with the first solver that
     converges, and where none does the lowest-residual point is returned with its residual;
     ``SolveInfo.solver`` names the solver that finished (the last one tried where none
@@ -290,7 +312,7 @@ def solve(names: tuple[str, ...], options: dict, g: Callable, y0: Tensor, *, tol
     ``record``, when given, receives the per-sample residual norms ``(E, B)`` of every
     iterate. Returns ``(y*, SolveInfo)``."""
     def run(name, g, y0, running):
-        monitor = Monitor(tol, max_iters, running, y0.device, record)
+        monitor = Monitor(tol, max_iters, running, y0.device, record, rtol)
         solver = FORWARD_SOLVERS[name](g, differentiable, **options.get(name, {}))
         return iterate(solver, y0, monitor), monitor.info()
 

@@ -28,8 +28,8 @@ from torch import nn
 
 from ._checks import keywords, number, per_member, require
 from .backward import BACKWARDS, Adjoint, axpy, on_members
-from .config import SOLVE_SETTINGS, SolveConfig
-from .driver import labelled, solve
+from .config import SOLVE_SETTINGS, SolveConfig, Stopping
+from .driver import labelled, per_sample_norm, solve
 from .errors import ConvergenceWarning, SolverError  # noqa: F401 (public here)
 from .precision import under_autocast
 from .records import SolveRecord, SolveStats
@@ -94,7 +94,8 @@ class ImplicitResidualBlock(nn.Module):
         (A sequence of ``E`` values for ``h`` or ``theta`` makes an ensemble block of ``E``
         members: inputs ``(E, B, *)``, per-member stopping and statistics; see the module doc.)
         solver, backward, tol, max_iters, lin_tol, lin_max_iters, solver_options,
-        on_nonconvergence: how it solves, see :class:`irn.SolveConfig`.
+        on_nonconvergence, atol, rtol: how it solves, see :class:`irn.SolveConfig` (by
+            default ``max_b ||R_b|| <= 1e-6`` in float64, see its tolerances otherwise).
 
     After a forward, ``last_stats`` holds the solve's :class:`irn.SolveStats` (its backward
     fields after the backward); ``keep_iterates = True`` records ``iterate_residuals`` for
@@ -104,15 +105,16 @@ class ImplicitResidualBlock(nn.Module):
 
     @keywords()
     def __init__(self, F: nn.Module, h: float = 1.0, theta: float = 0.5, *,
-                 solver: str = "fixed_point", backward: str = "neumann", tol: float = 1e-6,
-                 max_iters: int = 50, lin_tol: float | None = None,
+                 solver: str = "fixed_point", backward: str = "neumann",
+                 tol: float | None = None, max_iters: int = 50, lin_tol: float | None = None,
                  lin_max_iters: int | None = None, solver_options: dict | None = None,
-                 on_nonconvergence: str = "warn"):
+                 on_nonconvergence: str = "warn", atol: float | None = None,
+                 rtol: float | None = None):
         super().__init__()
         require(isinstance(F, nn.Module), f"F must be a torch.nn.Module, got {type(F).__name__}")
         members, h, theta = steps(h, theta)
         self.config = SolveConfig(solver, backward, tol, max_iters, lin_tol, lin_max_iters,
-                                  solver_options, on_nonconvergence)
+                                  solver_options, on_nonconvergence, atol, rtol)
         self.F = F
         self.members = members  # None: one network (the public layout); E: an ensemble block
         self.h, self.theta = h, theta
@@ -188,7 +190,7 @@ class ImplicitResidualBlock(nn.Module):
     def extra_repr(self) -> str:
         members = "" if self.members is None else f"members={self.members}, "
         return (f"{members}h={self.h}, theta={self.theta}, solver={self.solver!r}, "
-                f"backward={self.backward!r}, tol={self.tol}, max_iters={self.max_iters}")
+                f"backward={self.backward!r}, {self.config.tolerances()}, max_iters={self.max_iters}")
 
     def _residual_function(self, y: torch.Tensor) -> torch.Tensor:
         fy = self.F_members(y)
@@ -204,12 +206,13 @@ class ImplicitResidualBlock(nn.Module):
             self.record.solving = [e for e, t in enumerate(self.thetas) if t > 0]
         return self._columns[1]
 
-    def _adjoint(self) -> Adjoint:
-        """What this block's backward needs (rebuilt with a new name, ``F`` or config)."""
-        key = (self.name, self.config, self._modules["F"], self.thetas)
+    def _adjoint(self, rules: Stopping) -> Adjoint:
+        """What the backward needs, with the forward's ``rules`` (rebuilt when they change)."""
+        key = (self.name, self.config, self._modules["F"], self.thetas, rules)
         if self.__dict__.get("_adjoint_of", (None,))[0] != key:  # one assignment: thread-safe
             self._adjoint_of = (key, Adjoint(
-                self.F_members, BACKWARDS[self.backward], self.lin_tol, self.lin_max_iters,
+                self.F_members, BACKWARDS[self.backward], rules.lin_atol, rules.lin_rtol,
+                self.lin_max_iters,
                 tuple(t > 0 for t in self.thetas), self.name, self.record.labels,
                 functools.partial(self.record.backward, name=self.name)))
         return self._adjoint_of[1]
@@ -243,20 +246,23 @@ class ImplicitResidualBlock(nn.Module):
         step, evaluate_F = fixed_point_map(self._residual_function, x, fx, explicit, h_implicit,
                                            differentiable)
         record = [] if self.keep_iterates else None
-        run = solve
+        run, low = solve, None
         if torch.is_autocast_enabled(x.device.type):  # mixed precision: see irn.precision
-            run, step = under_autocast(self, solve, step, x.device.type)
+            run, step, low = under_autocast(solve, step, x.device.type)
+        rules = self.config.stopping(x.dtype, low)
         with torch.set_grad_enabled(differentiable):
             y_star, info = labelled(self.name, "forward", self.record.labels, run,
-                                    *self.config.solvers(), step, x, tol=self.tol,
-                                    max_iters=self.max_iters, active=implicit,
+                                    *self.config.solvers(), step, x, tol=rules.atol,
+                                    rtol=rules.rtol, max_iters=self.max_iters, active=implicit,
                                     differentiable=differentiable, record=record)
+        if not all(info.converged[e] for e in self.record.solving):  # for the warning
+            info.resolution = (rules.eps * per_sample_norm(y_star.detach()).amax(dim=1)).tolist()
         self.record.forward(info, record, self.name)
         if not grad_on:
             return step(y_star)
         # one more application of the map at y*, with the backward strategy attached
-        return strategy.output(self._adjoint(), explicit, y_star, h_implicit, self.record.stats,
-                               evaluate_F)
+        return strategy.output(self._adjoint(rules), explicit, y_star, h_implicit,
+                               self.record.stats, evaluate_F)
 
 
 def check_input(x: torch.Tensor, members: int | None) -> None:
@@ -320,7 +326,11 @@ def fixed_point_map(F, x, fx, explicit, h_implicit, differentiable: bool):
     return step, evaluate_F
 
 
-# the block's settings (solver, backward, tol, ...), read from its SolveConfig
+# the block's settings (solver, backward, max_iters, ...), read from its SolveConfig
 for _name in (f.name for f in dataclasses.fields(SolveConfig)):
     setattr(ImplicitResidualBlock, _name,
             property(lambda self, _name=_name: getattr(self.config, _name)))
+ImplicitResidualBlock.tol = property(lambda self: self.config.absolute_tolerances()[0], doc=(
+    "The forward rule's absolute part: ``tol`` as given, else ``atol`` (default 1e-6)."))
+ImplicitResidualBlock.lin_tol = property(lambda self: self.config.absolute_tolerances()[1], doc=(
+    "The backward rule's absolute part: ``lin_tol`` as given, else the forward's."))

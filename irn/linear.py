@@ -4,10 +4,11 @@ Each solves ``(I - J^T) v = b`` for the Jacobian ``J`` of the map at the solutio
 the vector-Jacobian product ``vjp(u) = J^T u``, on states ``(E, B, *)`` with ``active`` (one
 bool per member: who solves)::
 
-    solver(vjp, b, *, tol, max_iters, active) -> (v, SolveInfo)
+    solver(vjp, b, *, tol, max_iters, active, rtol=0.0) -> (v, SolveInfo)
 
-stopping per member when ``max_b ||b_{e,b} - (I - J^T) v_{e,b}|| <= tol * max(1, max_b
-||b_{e,b}||)``, with the driver's stopping rule (:class:`irn.driver.Monitor`).
+stopping per member when every sample's residual ``||b_{e,b} - (I - J^T) v_{e,b}||`` is within
+``tol * max(1, max_b ||b_{e,b}||) + rtol ||b_{e,b}||`` (section 1's rule for ``rtol = 0``), with
+the driver's stopping rule (:class:`irn.driver.Monitor`).
 """
 
 from __future__ import annotations
@@ -27,22 +28,22 @@ def thresholds(b: Tensor, tol: float) -> list[float]:
     return [tol * max(1.0, norm) for norm in per_sample_norm(b).amax(dim=1).tolist()]
 
 
-def neumann(vjp, b, *, tol, max_iters, active):
+def neumann(vjp, b, *, tol, max_iters, active, rtol=0.0):
     """Neumann series for ``(I - J^T) v = b``: ``v_0 = b``, ``v_{k+1} = b + J^T v_k``,
-    stopping when ``max_b ||v_{k+1} - v_k|| <= tol * max(1, max_b ||b_b||)``
+    stopping when ``||v_{k+1} - v_k||`` is within the module's rule for every sample
     (``v_{k+1} - v_k`` is the residual of ``v_k``)."""
-    monitor = Monitor(thresholds(b, tol), max_iters, active, b.device)
+    monitor = Monitor(thresholds(b, tol), max_iters, active, b.device, rtol=rtol)
     v = b
     while True:
         v_next = b + vjp(v)
         moving = monitor.mask  # members that take this step, the last one included
-        stop = monitor.done(v_next - v)
+        stop = monitor.done(v_next - v, b)
         v = v_next if moving is None else monitor.freeze(v_next, v, moving)
         if stop:
             return v, monitor.info()
 
 
-def gmres(vjp, b, *, tol, max_iters, active, restart=30):
+def gmres(vjp, b, *, tol, max_iters, active, rtol=0.0, restart=30):
     """Matrix-free restarted GMRES for ``(I - J^T) v = b``, all samples at once.
 
     The operator is block-diagonal over the batch, so each sample has its own Krylov space;
@@ -64,14 +65,19 @@ def gmres(vjp, b, *, tol, max_iters, active, restart=30):
     b_flat = b.reshape(samples, -1)
     n = b_flat.shape[1]
     limits = thresholds(b, tol)
+    # rtol ||b_b||, per sample: the part of each sample's threshold above the member's
+    slack = rtol * torch.linalg.vector_norm(b_flat.detach(), dim=1) if rtol else None
     running = [bool(a) for a in active]
-    counts, values = [0] * groups, [0.0] * groups
+    counts, values, tests = [0] * groups, [0.0] * groups, [0.0] * groups
 
     def operator(v_flat):
         return v_flat - vjp(v_flat.reshape(shape)).reshape(samples, -1)
 
     def group_max(t):  # (samples,) -> one value per group, on the host
         return t.reshape(groups, -1).amax(dim=1).tolist()
+
+    def tested(t):  # (samples,) residual norms -> what each group's rule compares with tol
+        return group_max(t) if slack is None else group_max(t - slack)
 
     def per_sample(flags):  # one flag per group -> a (samples, 1) mask
         return torch.tensor(flags, device=b.device).repeat_interleave(per_group).unsqueeze(1)
@@ -80,13 +86,13 @@ def gmres(vjp, b, *, tol, max_iters, active, restart=30):
     r = b_flat
     while True:
         beta = torch.linalg.vector_norm(r, dim=1)
-        for e, res in enumerate(group_max(beta)):
+        for e, (res, test) in enumerate(zip(group_max(beta), tested(beta))):
             if running[e]:
-                values[e] = res
-                running[e] = not stops(res, limits[e], counts[e], max_iters, e)
+                values[e], tests[e] = res, test
+                running[e] = not stops(test, limits[e], counts[e], max_iters, e)
         if not any(running):
             return x.reshape(shape), SolveInfo(counts, values,
-                                               [v <= t for v, t in zip(values, limits)])
+                                               [v <= t for v, t in zip(tests, limits)])
         caps = [min(restart, n, max_iters - c) if go else 0 for c, go in zip(counts, running)]
         m = max(caps)
         basis = [r / torch.where(beta > 0, beta, 1).unsqueeze(1)]
@@ -118,7 +124,7 @@ def gmres(vjp, b, *, tol, max_iters, active, restart=30):
             hess[:, j + 1, j] = 0
             s[:, j + 1] = -sn[:, j] * s[:, j]
             s[:, j] = cs[:, j] * s[:, j]
-            for e, estimate in enumerate(group_max(s[:, j + 1].abs())):
+            for e, estimate in enumerate(tested(s[:, j + 1].abs())):
                 if going[e]:
                     steps[e] = j + 1  # the cycle's cap counts from this member's iterations
                     going[e] = not stops(estimate, limits[e], counts[e] + j + 1,
@@ -140,7 +146,7 @@ def gmres(vjp, b, *, tol, max_iters, active, restart=30):
         r = b_flat - operator(x)  # true residual: restart from it (not an Arnoldi step)
 
 
-def direct(vjp, b, *, tol, max_iters, active):
+def direct(vjp, b, *, tol, max_iters, active, rtol=0.0):
     """Dense solve of ``(I - J^T) v = b`` per sample: ``J^T`` is assembled from ``n``
     vector-Jacobian products with the unit vectors (all samples at once), then one batched
     ``torch.linalg.solve``. Reports 0 iterations; ``residual`` is the true residual."""
@@ -158,10 +164,13 @@ def direct(vjp, b, *, tol, max_iters, active):
     with torch.no_grad():  # a statistic, also of a differentiable (create_graph) solve
         residual = torch.linalg.vector_norm(b.reshape(samples, n, 1) - (eye - jt) @ v,
                                             dim=(1, 2))
-    values = residual.reshape(shape[0], -1).amax(dim=1).tolist()
+        if rtol:
+            excess = residual - rtol * torch.linalg.vector_norm(b.reshape(samples, n), dim=1)
+        values = residual.reshape(shape[0], -1).amax(dim=1).tolist()
+        tests = values if not rtol else excess.reshape(shape[0], -1).amax(dim=1).tolist()
     return v.reshape(shape), SolveInfo([0] * shape[0], values,
                                        [stops(v, t, 0, math.inf, e) for e, (v, t)
-                                        in enumerate(zip(values, thresholds(b, tol)))])
+                                        in enumerate(zip(tests, thresholds(b, tol)))])
 
 
 #: the linear solvers of the implicit backward by name (``irn.backward`` chooses among them)

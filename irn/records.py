@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import DEFAULT_RTOL_EPS
 from .driver import SolveInfo
 from .errors import ConvergenceWarning, SolverError
 
@@ -92,7 +93,9 @@ class SolveRecord:
         if not all(info.converged[e] for e in self.solving):
             for e in self.solving:
                 if not info.converged[e]:
-                    self._nonconvergence(name, "forward", info.iterations[e], info.residual[e], e)
+                    floor = None if info.resolution is None else info.resolution[e]
+                    self._nonconvergence(name, "forward", info.iterations[e], info.residual[e], e,
+                                         floor)
 
     @property
     def iterate_residuals(self) -> list[torch.Tensor] | None:
@@ -133,10 +136,17 @@ class SolveRecord:
                     self._nonconvergence(name, "backward", iterations[e], residuals[e], e)
 
     def _nonconvergence(self, name: str, what: str, iterations: int, residual: float,
-                        member: int) -> None:
+                        member: int, floor: float | None = None) -> None:
+        """Apply the policy to one unconverged solve; ``floor`` (``eps max_b ||y*_b||``) adds
+        that the tolerance is below the precision's resolution where the residual is within
+        ``DEFAULT_RTOL_EPS`` of it (rounding, not the solver, stopped it)."""
         label = f"{name}, member {member}" if self.labels else name
         message = (f"{label}: {what} solve did not converge in {iterations} "
                    f"iterations (residual {residual:.3e})")
+        if floor is not None and residual <= DEFAULT_RTOL_EPS * floor:
+            message += (f": the tolerance is below what the precision resolves at this |y| "
+                        f"(eps max_b ||y_b|| = {floor:.1e}); use a relative tolerance (rtol, "
+                        f"default {DEFAULT_RTOL_EPS} eps below float64) instead of tol")
         if self.policy == "raise":
             raise SolverError(message)
         if self.policy == "warn":

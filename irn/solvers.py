@@ -146,10 +146,10 @@ class Anderson(ForwardSolver):
         weights = torch.cholesky_solve(torch.ones_like(gram[:, :, :1]), factor)  # (E B, n, 1)
         weights = weights / weights.sum(dim=1, keepdim=True)
         mixed = (weights.transpose(1, 2) @ torch.stack(self.values, dim=1)).reshape(y.shape)
-        # samples already within tol (their window is numerically rank-deficient) and any
+        # samples already within their tolerance (their window is numerically rank-deficient) and any
         # system the factorisation rejects take the plain fixed-point step instead
         norms = monitor.norms
-        plain = ((norms <= monitor.tol).reshape(-1) | (failed != 0)).reshape(norms.shape)
+        plain = (monitor.within().reshape(-1) | (failed != 0)).reshape(norms.shape)
         return torch.where(plain.reshape(plain.shape + (1,) * (y.dim() - 2)), gy, mixed)
 
 

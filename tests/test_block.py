@@ -570,7 +570,7 @@ def test_the_adjoint_solve_returns_its_statistics_and_the_block_records_them():
     block(2 * x)  # a later forward: the first one's backward must not touch its stats
     latest = block.last_stats
     y_star = torch.randn(1, 4, 3, dtype=torch.float64)  # the member layout: one member
-    adjoint = block._adjoint()
+    adjoint = block._adjoint(block.config.stopping(torch.float64))
     v, grads, info = adjoint.backward.adjoint(adjoint, y_star, torch.ones(1, 4, 3, dtype=torch.float64),
                                               0.15, create_graph=False)
     assert first_stats.backward_iterations is None and latest.backward_iterations is None
@@ -612,7 +612,8 @@ def test_a_block_holds_one_frozen_settings_object_and_with_settings_replaces_fie
     config = block.config
     assert config == irn.SolveConfig(solver="anderson", backward="gmres", tol=1e-7,
                                      solver_options={"memory": 3})
-    assert config.lin_tol == 1e-7 and config.lin_max_iters == 50  # resolved from tol, max_iters
+    assert config.lin_tol is None and config.lin_max_iters == 50  # follows tol; from max_iters
+    assert block.lin_tol == 1e-7  # the backward rule's absolute part: the forward's
     assert block.settings == dataclasses.asdict(config)
     assert (block.solver, block.tol, block.solver_options) == ("anderson", 1e-7, {"memory": 3})
     with pytest.raises(dataclasses.FrozenInstanceError):

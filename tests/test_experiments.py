@@ -47,7 +47,7 @@ def test_a_jobs_solver_settings_are_typed():
 
     job = spiral_job(0, 0.5)
     assert job.solver == irn.SolveConfig(tol=1e-6, on_nonconvergence="ignore")
-    assert job.as_dict()["model_kwargs"] == dict(num_layers=2, theta=0.5,
+    assert job.as_dict()["model_kwargs"] == dict(num_layers=2, theta=0.5, tol=1e-6,
                                                  on_nonconvergence="ignore")
     assert job.replace(solver=irn.SolveConfig(max_iters=7)).solver.max_iters == 7
 
@@ -76,7 +76,8 @@ def test_as_dict_is_the_job_train_many_takes():
     job = spiral_job(3, 1.0, stab_weight=1.0)
     assert job.as_dict() == dict(
         model="spiral_classifier", seed=3, data="two_spirals",
-        model_kwargs=dict(num_layers=2, theta=1.0, on_nonconvergence="ignore"),  # non-defaults
+        model_kwargs=dict(num_layers=2, theta=1.0, tol=1e-6,
+                          on_nonconvergence="ignore"),  # non-defaults
         train_kwargs=dict(epochs=3, loss="cross_entropy", stab_weight=1.0))
 
 
