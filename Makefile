@@ -26,7 +26,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[examples,dev,compiled]"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[examples,dev,compiled,docs]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
@@ -109,9 +109,10 @@ test: $(STAMP) ## run the unit tests and the notebook regression (nbval), on two
 	$(BIN)/python scripts/code_paths.py with generic $(NOTEBOOKS_TEST)
 	@rm -rf tests/notebooks/.staging-*
 
-bench: $(STAMP) ## benchmarks: print a table and write benchmarks/results.md
+bench: $(STAMP) ## benchmarks: print tables, write benchmarks/results*.md and auto's crossover
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[examples,bench]"
 	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/crossover.py
 
 # JupyterLab where users run it: as root in a container or cloud VM it needs --allow-root, and
 # without a display --no-browser (it prints the URL with its token); it listens on localhost

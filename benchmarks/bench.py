@@ -141,7 +141,8 @@ def methods_for(workload):
                 "irn:nonlinear_cg/neumann", "irn:gradient_descent/neumann"]
     if torchdeq is not None:
         methods += ["torchdeq:fixed_point_iter", "torchdeq:anderson", "torchdeq:broyden"]
-    if dim <= irn.compiled.AUTO_MAX_WIDTH:  # wider networks: the generic path is faster
+    dim, batch = WORKLOADS[workload][:2]
+    if dim <= irn.compiled.compiled_widest(1, batch, torch.float32):  # where it is faster
         methods += ["compiled:fixed_point/neumann", "compiled:fixed_point/direct"]
     return methods
 

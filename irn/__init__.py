@@ -12,7 +12,9 @@ from .errors import ConvergenceWarning, SolverError
 from .layers import ImplicitResidualBlock
 from .models import ImplicitModel, ImplicitResNet
 from .records import SolveStats
+from .summary import SolveSummary, solve_summary
 
 __version__ = "0.1.0"
 __all__ = ["ImplicitResidualBlock", "ImplicitResNet", "ImplicitModel", "SolveConfig", "SolveStats",
-           "ConvergenceWarning", "SolverError", "regularizers", "stability", "__version__"]
+           "SolveSummary", "solve_summary", "ConvergenceWarning", "SolverError", "regularizers",
+           "stability", "__version__"]

@@ -11,7 +11,9 @@ the perturbed copies instead (:func:`trajectory` with ``batch``). It computes wh
 generic path computes: outputs, gradients, the blocks' ``last_stats`` per layer and member,
 the same warnings and errors (tested to 1e-10 relative in float64).
 
-``ImplicitResNet(backend=...)``: ``"auto"`` (default) takes this path where it applies and the
+``ImplicitResNet(backend=...)``: ``"auto"`` (default) takes this path where it applies and was
+measured faster (:func:`compiled_widest`: width, per-member batch, members and dtype against
+the crossover that ``make bench`` measures, committed as ``irn/auto_crossover.json``) and the
 generic one elsewhere, ``"torch"`` always the generic one, ``"compiled"`` this one or a
 ``ValueError`` naming what is missing. It applies to networks whose layers are all
 ``Perceptron`` (or stacked) with ``solver`` ``"fixed_point"`` or ``"anderson"`` and
@@ -26,9 +28,13 @@ compiled forward is computed by the generic path, which re-solves the forward fo
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
+import math
 import operator
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,10 +65,11 @@ BACKENDS = ("auto", "torch", "compiled")
 COVERED_SOLVERS = ("fixed_point", "anderson")
 COVERED_BACKWARDS = ("neumann", "direct")
 DTYPES = (torch.float32, torch.float64)
-#: the widest network ``backend="auto"`` compiles: beyond it the generic path's matrix
-#: products (MKL) are faster (a training step of 10 layers, batch 128, float64, 1 thread:
-#: compiled / generic 0.43 at width 16, 0.71 at 32, 2.1 at 64, 1.7 at 128)
-AUTO_MAX_WIDTH = 32
+#: where ``backend="auto"`` compiles: per dtype, member count and per-member batch, the
+#: largest width up to which the compiled training step measured faster than the generic one
+#: (``benchmarks/crossover.py``, run by ``make bench``, writes it; the table beside it is
+#: ``benchmarks/results_crossover.md``); read at the first call that needs it
+CROSSOVER_FILE = Path(__file__).with_name("auto_crossover.json")
 _PARALLEL = threading.Lock()  # one parallel kernel at a time per process
 _KEEPS, _REQUIRES_GRAD = operator.attrgetter("keep_iterates"), operator.attrgetter("requires_grad")
 
@@ -107,9 +114,40 @@ def reason(net, y0: torch.Tensor | None = None) -> str | None:
     the compiled one."""
     if net.backend == "torch":
         return "backend='torch'"
-    if net.backend == "auto" and net.dim > AUTO_MAX_WIDTH:
-        return f"width {net.dim} > {AUTO_MAX_WIDTH} (the generic path is faster there)"
-    return plan(net).unsupported or (None if y0 is None else not_applicable(net, y0))
+    why = plan(net).unsupported or (None if y0 is None else not_applicable(net, y0))
+    if why is not None or net.backend != "auto":
+        return why
+    members = plan(net).members  # one network is one member
+    if y0 is None:  # any call: compiled at some measured size
+        return None if any(net.dim <= compiled_widest(members, batch, dtype)
+                           for dtype in DTYPES for batch in (1, 2 ** 20)) else \
+            f"width {net.dim}: the generic path measured faster at every batch"
+    batch = y0.shape[-2]
+    if net.dim <= compiled_widest(members, batch, y0.dtype):
+        return None
+    return (f"width {net.dim}, batch {batch} per member, {members} member(s), {y0.dtype}: the "
+            f"generic path measured faster (backend='auto', irn/auto_crossover.json)")
+
+
+@functools.cache
+def crossover() -> dict:
+    """The measured crossover (:data:`CROSSOVER_FILE`), read once."""
+    return json.loads(CROSSOVER_FILE.read_text())
+
+
+@functools.lru_cache(maxsize=1024)
+def compiled_widest(members: int, batch: int, dtype: torch.dtype) -> int:
+    """``backend="auto"``'s rule: the widest network it compiles for ``members`` members of
+    ``batch`` samples each in ``dtype``, read from :data:`CROSSOVER` at the measured member
+    count and batch nearest on a log scale (0: none)."""
+    table = crossover()["largest_width"].get(str(dtype).removeprefix("torch."))
+    if table is None:
+        return 0
+
+    def nearest(keys, value):
+        return min(keys, key=lambda key: abs(math.log(int(key)) - math.log(max(value, 1))))
+    by_batch = table[nearest(table, members)]
+    return by_batch[nearest(by_batch, batch)]
 
 
 def not_applicable(net, y0: torch.Tensor) -> str | None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import compiled
-from ._checks import choice, keywords, require
+from ._checks import choice, integer, keywords, require
 from .config import SOLVE_SETTINGS
 from .functions import ACTIVATIONS, Perceptron, StackedPerceptron
 from .layers import INPUT_CHECKED, ImplicitResidualBlock, check_finite
@@ -128,6 +128,23 @@ class ImplicitResNet(nn.Module):
                 block.F.linear.bias.zero_()
 
     @classmethod
+    def from_blocks(cls, blocks, dim: int, *, backend: str = "auto") -> "ImplicitResNet":
+        """A network of one's own blocks: ``blocks`` a sequence of
+        :class:`irn.ImplicitResidualBlock` (any residual functions ``F``; renamed ``block 0``,
+        ``block 1``, ...), on states of width ``dim``. Ensemble blocks (``h`` or ``theta``
+        given per member, ``F`` acting on ``(E, B, dim)``) make an ensemble network. Its
+        trajectory, regularisers, statistics and ``with_settings`` are those of a built
+        network; the compiled path runs it where its layers are ``Perceptron`` layers."""
+        blocks = list(blocks) if isinstance(blocks, (list, tuple, nn.ModuleList)) else None
+        require(blocks and all(isinstance(b, ImplicitResidualBlock) for b in blocks),
+                "blocks must be a non-empty list of irn.ImplicitResidualBlock")
+        integer("dim", dim)
+        members = sorted({b.members for b in blocks}, key=str)
+        require(len(members) == 1, f"the blocks mix ensembles of different sizes and single "
+                                   f"blocks: members {members}")
+        return cls._from_blocks(dim, blocks, backend)
+
+    @classmethod
     def _from_blocks(cls, dim: int, blocks: list[ImplicitResidualBlock],
                      backend: str = "auto") -> "ImplicitResNet":
         """A network made of the given blocks (renamed ``block 0``, ``block 1``, ...)."""
@@ -156,9 +173,9 @@ class ImplicitResNet(nn.Module):
         """Every hidden state ``(L + 1, E, B, dim)`` from ``y`` ``(E, B, dim)`` on the compiled
         path, or None where the generic path runs this call (``backend="compiled"``: a
         ``ValueError`` instead)."""
-        if self.backend == "torch":
-            return None
-        reason = compiled.reason(self, y)
+        reason = "backend='torch'" if self.backend == "torch" else compiled.reason(self, y)
+        # the path this call runs, for irn.solve_summary (no nn.Module __setattr__ per call)
+        self.__dict__["_last_path"] = ("torch", reason) if reason else ("compiled", None)
         if reason is None:
             states = compiled.trajectory(self, y)
             for l, block in enumerate(self.blocks):  # what each block keeps on the generic path
@@ -174,6 +191,7 @@ class ImplicitResNet(nn.Module):
         if self.backend == "torch" or any(block.keep_solution for block in self.blocks) \
                 or compiled.reason(self, y) is not None:
             return None
+        self.__dict__["_last_path"] = ("compiled", None)
         return compiled.trajectory(self, y, batch)
 
     @keywords("backend", "h", "theta", *SOLVE_SETTINGS)

@@ -16,7 +16,7 @@ from torch import nn
 
 from ._checks import per_member, require
 from .driver import per_sample_norm
-from .layers import ImplicitResidualBlock
+from .summary import implicit_blocks
 
 
 def _setting(name: str, value, members: int | None, like: torch.Tensor, check, allowed: str):
@@ -28,21 +28,6 @@ def _setting(name: str, value, members: int | None, like: torch.Tensor, check, a
     for v in values:
         require(check(v), f"{name} must be {allowed}, got {v!r}")
     return torch.tensor(values, dtype=like.dtype, device=like.device)
-
-
-def implicit_blocks(model: nn.Module) -> tuple[list[ImplicitResidualBlock], int | None]:
-    """The implicit residual blocks of ``model`` (an ``ImplicitResNet``, an ``ImplicitModel``,
-    an ``nn.Sequential``, any module), in the order of ``model.modules()``, and their number of
-    members (None: one network); a ``ValueError`` where there is none or they mix one network
-    with ensembles."""
-    blocks = model.__dict__.get("_modules", {}).get("blocks")  # a network's, without a walk
-    blocks = (list(blocks) if isinstance(blocks, nn.ModuleList) else
-              [m for m in model.modules() if isinstance(m, ImplicitResidualBlock)])
-    require(blocks, f"{type(model).__name__} holds no irn.ImplicitResidualBlock")
-    members = {block.members for block in blocks}
-    require(len(members) == 1, f"the blocks of {type(model).__name__} mix ensembles of different "
-                               f"sizes and single networks: members {sorted(members, key=str)}")
-    return blocks, members.pop()
 
 
 def _public(members: int | None, values: torch.Tensor) -> torch.Tensor:
@@ -59,7 +44,7 @@ def fixed_point(model, alpha: float) -> torch.Tensor:
     with ``r_l^k`` the batch mean of ``||y_l^{k+1} - y_l^k||`` over the iterates of layer
     ``l`` in the latest forward. Zero when every layer contracts at rate ``alpha`` or faster.
     Needs ``net.keep_iterates = True`` during that forward (``ValueError`` otherwise);
-    ``model`` is any module holding implicit blocks (:func:`implicit_blocks`). On an
+    ``model`` is any module holding implicit blocks (:func:`irn.summary.implicit_blocks`). On an
     ensemble: shape ``(E,)``, each member's own sum (its recorded residuals are zero past its
     own iteration count, where ``relu(0 - alpha r) = 0`` adds nothing).
     """
@@ -164,7 +149,7 @@ def jacobian(model, probes: int = 1, generator: torch.Generator | None = None) -
     ``||J_F||`` keeps ``h theta J_F`` a contraction, so fixed-point solves keep converging.
     ``y*_l`` is block ``l``'s output (its fixed point within ``tol``), kept when
     ``net.keep_solution = True`` was set before the forward (``ValueError`` otherwise);
-    ``model`` is any module holding implicit blocks (:func:`implicit_blocks`: an
+    ``model`` is any module holding implicit blocks (:func:`irn.summary.implicit_blocks`: an
     ``ImplicitResNet``, an ``ImplicitModel``, an ``nn.Sequential`` of blocks). Differentiable in the
     parameters, directly and through ``y*_l`` (the implicit backward). On an ensemble:
     shape ``(E,)``, each member's own value.

@@ -1,7 +1,8 @@
 """Collect the claims rows the notebooks saved (FIGURES/claims/*.csv) into FIGURES/claims.csv,
 the values behind them (with their row's estimate, interval and verdict) into
 FIGURES/claims_per_seed.csv and, if README is given, render them into it between the lines `<!-- claims:begin -->` and
-`<!-- claims:end -->` (`make figures` runs it after the notebooks). With `--half DIR`, the
+`<!-- claims:end -->`, and the verdicts counted between `<!-- headline:begin -->` and
+`<!-- headline:end -->` (`make figures` runs it after the notebooks). With `--half DIR`, the
 rows of the same runs trained half as long (DIR/claims/*.csv, the `half` profile) add each
 row's verdict at half the budget (`verdict_half`); the README then marks rows whose verdict
 differs there as budget-dependent.
@@ -15,6 +16,29 @@ from pathlib import Path
 from irn.paper import claims
 
 BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
+HEADLINE = "<!-- headline:begin -->", "<!-- headline:end -->"
+VERDICTS = {"holds": "hold", "contradicted": "contradicted", "equivalent": "equivalent",
+            "inconclusive": "inconclusive"}  # a verdict, and how a count of rows reads it
+
+
+def headline(table) -> str:
+    """The verdicts counted, for the README's first screen."""
+    counts = table["verdict"].value_counts()
+    parts = ", ".join(f"**{counts.get(v, 0)} {word}**" for v, word in VERDICTS.items())
+    line = f"{len(table)} rows at ten seeds: {parts}"
+    if "verdict_half" in table:
+        line += (f"; {int((table['verdict'] != table['verdict_half']).sum())} of them read "
+                 f"otherwise when the same runs train half as long")
+    return line + ".\n"
+
+
+def render(text: str, markers: tuple[str, str], body: str, readme: str) -> str:
+    """``text`` with ``body`` between the lines ``markers`` (each must occur once, in order)."""
+    begin, end = markers
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        sys.exit(f"error: {readme} must hold one line {begin} followed by one line {end}")
+    head, rest = text.split(begin)
+    return f"{head}{begin}\n{body}{end}{rest.split(end)[1]}"
 
 
 def main(figures: str, readme: str | None = None, *rest: str) -> int:
@@ -31,12 +55,9 @@ def main(figures: str, readme: str | None = None, *rest: str) -> int:
     if readme is None:
         print(f"[claims] {len(table)} rows: {out}")
         return 0
-    text = Path(readme).read_text()
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        sys.exit(f"error: {readme} must hold one line {BEGIN} followed by one line {END}")
-    head, rest = text.split(BEGIN)
-    tail = rest.split(END)[1]
-    Path(readme).write_text(f"{head}{BEGIN}\n{claims.markdown(table, Path(figures).as_posix())}{END}{tail}")
+    text = render(Path(readme).read_text(), (BEGIN, END),
+                  claims.markdown(table, Path(figures).as_posix()), readme)
+    Path(readme).write_text(render(text, HEADLINE, headline(table), readme))
     print(f"[claims] {len(table)} rows: {out}, {readme}")
     return 0
 

@@ -68,14 +68,16 @@ def test_a_changed_training_source_misses_a_plotting_change_hits(tmp_path, monke
     reference = cache.key(payload)
     sources = tmp_path / "irn"
     (sources / "paper").mkdir(parents=True)
-    for path in [*cache.PACKAGE.glob("*.py"), *cache.PACKAGE.glob("paper/*.py")]:
+    for path in [*cache.PACKAGE.glob("*.py"), *cache.PACKAGE.glob("paper/*.py"),
+                 cache.PACKAGE / "auto_crossover.json"]:
         (sources / path.relative_to(cache.PACKAGE)).write_bytes(path.read_bytes())
     monkeypatch.setattr(cache, "PACKAGE", sources)
     assert cache.key(payload) == reference
     plotting = sources / "paper" / "plotting.py"
     plotting.write_text(plotting.read_text() + "\n# a colour\n")
     assert cache.key(payload) == reference
-    for changed in ("solvers.py", "paper/training.py"):
+    # a changed crossover changes which path backend="auto" trains on
+    for changed in ("solvers.py", "paper/training.py", "auto_crossover.json"):
         (sources / changed).write_text((sources / changed).read_text() + "\n# a change\n")
         assert cache.key(payload) != reference
 

@@ -343,12 +343,45 @@ def test_backend_is_checked_at_construction():
         irn.ImplicitResNet.stack([irn.ImplicitResNet(2, 3), irn.ImplicitResNet(2, 3, backend="torch")])
 
 
-def test_auto_leaves_wide_networks_to_the_generic_path():
-    wide = irn.ImplicitResNet(compiled.AUTO_MAX_WIDTH + 1, 2, theta=0.5)
-    assert "width" in compiled.reason(wide)
-    assert compiled.reason(irn.ImplicitResNet(compiled.AUTO_MAX_WIDTH, 2, theta=0.5)) is None
-    forced = wide.with_settings(backend="compiled")  # correct there, only slower
-    assert compiled.reason(forced) is None
+def _stacked(width, members, **settings):
+    nets = [irn.ImplicitResNet(width, 1, theta=0.5, **settings) for _ in range(members)]
+    return nets[0] if members == 1 else irn.ImplicitResNet.stack(nets)
+
+
+def test_auto_compiles_where_the_committed_crossover_measured_it_faster():
+    """At every measured dtype, member count and batch of irn/auto_crossover.json: compiled up
+    to the widest width that won there, the generic path one wider (and a batch between two
+    measured ones follows the nearer on a log scale)."""
+    table = compiled.crossover()["largest_width"]
+    assert set(table) == {"float32", "float64"}
+    for dtype_name, by_members in table.items():
+        dtype = getattr(torch, dtype_name)
+        for members, by_batch in by_members.items():
+            for batch, widest in by_batch.items():
+                for width in {max(widest, 1), widest + 1}:
+                    net = _stacked(width, int(members)).to(dtype)
+                    y0 = torch.zeros(*((int(members),) if int(members) > 1 else ()), int(batch),
+                                     width, dtype=dtype)
+                    why = compiled.reason(net, y0)
+                    assert (why is None) == (width <= widest), (dtype, members, batch, width, why)
+                    if why is not None:
+                        assert "the generic path measured faster" in why
+                        assert compiled.reason(net.with_settings(backend="compiled"), y0) is None
+    assert compiled.compiled_widest(1, 23, torch.float32) == table["float32"]["1"]["16"]
+    assert compiled.compiled_widest(1, 5000, torch.float32) == table["float32"]["1"]["1024"]
+
+
+def test_a_network_reports_the_path_its_last_call_ran():
+    widest = compiled.compiled_widest(1, 16, torch.float32)
+    net = irn.ImplicitResNet(widest, 2, theta=0.5, init="random")
+    net(torch.randn(16, widest))
+    assert (irn.solve_summary(net).path, irn.solve_summary(net).reason) == ("compiled", None)
+    wide = irn.ImplicitResNet(widest + 1, 2, theta=0.5, init="random")
+    wide(torch.randn(16, widest + 1))
+    summary = irn.solve_summary(wide)
+    assert summary.path == "torch" and "measured faster" in summary.reason
+    net.with_settings(backend="torch")(torch.randn(16, widest))
+    assert irn.solve_summary(net).path == "compiled"  # with_settings made another network
 
 
 def test_irn_backend_environment_variable_sets_what_auto_means(monkeypatch):

@@ -226,12 +226,18 @@ def test_claims_table_collects_the_rows_into_the_csv_and_the_readme(tmp_path):
     claims.save([claims.row("1a", "state", [-1.0, -2.0] * 5)], "02_x", figures)
     claims.save([claims.row("6a", "roll", [1.0, -1.0] * 5)], "03_y", figures)
     readme = tmp_path / "README.md"
-    readme.write_text("# title\n<!-- claims:begin -->\nold table\n<!-- claims:end -->\nrest\n")
+    readme.write_text("# title\n<!-- headline:begin -->\nold counts\n<!-- headline:end -->\n"
+                      "<!-- claims:begin -->\nold table\n<!-- claims:end -->\nrest\n")
     for _ in range(2):  # rerunning replaces the table, it does not add one
         result = run("scripts/claims_table.py", str(figures), str(readme))
         assert result.returncode == 0, result.stderr
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# title\n") and text.endswith("rest\n")
+    verdicts = [line.split("**")[-2] for line in text.splitlines() if line.startswith("| 1a.")
+                or line.startswith("| 6a.")]
+    assert (f"2 rows at ten seeds: **{verdicts.count('holds')} hold**, "
+            f"**{verdicts.count('contradicted')} contradicted**, **0 equivalent**, "
+            f"**{verdicts.count('inconclusive')} inconclusive**.") in text
     assert text.count("| 1a. [") == 1 and "**holds**" in text and "**inconclusive**" in text
     assert f"({figures.as_posix()}/figure4_losses.png)" in text
     csv = (figures / "claims.csv").read_text().splitlines()

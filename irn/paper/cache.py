@@ -36,6 +36,7 @@ PACKAGE = Path(__file__).parents[1]  # irn/: the sources below are paths within 
 #: the sources whose code determines a training result: the whole library core, and the
 #: harness modules that build, train and record a model (not plotting, not measurement)
 TRAINING_SOURCES = tuple(sorted(path.name for path in PACKAGE.glob("*.py"))) + (
+    "auto_crossover.json",  # where backend="auto" compiles: which path trains
     "paper/data.py", "paper/examples.py", "paper/experiments.py", "paper/history.py",
     "paper/losses.py", "paper/training.py")
 #: ... and the sources that determine a robustness measurement of a trained model
