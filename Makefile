@@ -17,7 +17,7 @@ export MKL_CBWR ?= AVX2
 export ONEDNN_MAX_CPU_ISA ?= AVX2
 endif
 
-.PHONY: help venv test unit figures smoke long references bench lab clean clean-cache
+.PHONY: help venv test unit figures smoke long references bench docs lab clean clean-cache
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -113,6 +113,9 @@ bench: $(STAMP) ## benchmarks: print tables, write benchmarks/results*.md and au
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[examples,bench]"
 	$(BIN)/python benchmarks/bench.py
 	$(BIN)/python benchmarks/crossover.py
+
+docs: $(STAMP) ## the API reference from the docstrings (Sphinx) -> docs/_build/html/index.html
+	$(BIN)/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 # JupyterLab where users run it: as root in a container or cloud VM it needs --allow-root, and
 # without a display --no-browser (it prints the URL with its token); it listens on localhost

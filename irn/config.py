@@ -10,7 +10,7 @@ import torch
 from . import solvers  # noqa: F401 (registers the forward solvers)
 from ._checks import choice, integer, keywords, number, require
 from .backward import BACKWARDS
-from .driver import FORWARD_SOLVERS, check_options
+from .driver import DEFAULT_RTOL_EPS, FORWARD_SOLVERS, MIN_RTOL_EPS, check_options
 
 POLICIES = ("warn", "raise", "ignore")
 
@@ -134,8 +134,6 @@ class SolveConfig:
 
 
 
-#: the smallest ``rtol`` a precision resolves, and the default of lower precisions, in ``eps``
-MIN_RTOL_EPS, DEFAULT_RTOL_EPS = 4, 16
 #: the absolute part of the default rule (section 2's ``tol``)
 DEFAULT_ATOL = 1e-6
 

@@ -33,6 +33,9 @@ from ._checks import choice, number, require
 from .errors import SolverError
 
 Tensor = torch.Tensor
+#: the smallest ``rtol`` a precision resolves, and the default of precisions below float64, in
+#: machine epsilons of the precision ``F`` computes in (docs/design.md, section 2)
+MIN_RTOL_EPS, DEFAULT_RTOL_EPS = 4, 16
 
 
 @dataclass

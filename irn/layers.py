@@ -88,14 +88,14 @@ class ImplicitResidualBlock(nn.Module):
 
     Args:
         F: module mapping a batch ``(B, *)`` to a batch of the same shape.
-        h: step size, > 0.
+        h: step size, > 0 (``E`` values, for ``h`` or ``theta``, make an ensemble block of
+            ``E`` members: inputs ``(E, B, *)``, per-member stopping; see the module doc).
         theta: implicitness in [0, 1]; 0 is the explicit ResNet step (no solve). The block's
             default is the trapezoidal rule, 0.5 (:class:`irn.ImplicitResNet`'s is 0.0).
-        (A sequence of ``E`` values for ``h`` or ``theta`` makes an ensemble block of ``E``
-        members: inputs ``(E, B, *)``, per-member stopping and statistics; see the module doc.)
-        solver, backward, tol, max_iters, lin_tol, lin_max_iters, solver_options,
-        on_nonconvergence, atol, rtol: how it solves, see :class:`irn.SolveConfig` (by
-            default ``max_b ||R_b|| <= 1e-6`` in float64, see its tolerances otherwise).
+
+    The keywords ``solver``, ``backward``, ``max_iters``, ``lin_max_iters``,
+    ``solver_options``, ``on_nonconvergence``, ``tol``, ``atol``, ``rtol``, ``lin_tol`` say how it
+    solves: :class:`irn.SolveConfig` (by default ``max_b ||R_b|| <= 1e-6`` in float64).
 
     After a forward, ``last_stats`` holds the solve's :class:`irn.SolveStats` (its backward
     fields after the backward); ``keep_iterates = True`` records ``iterate_residuals`` for

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import DEFAULT_RTOL_EPS
-from .driver import SolveInfo
+from .driver import DEFAULT_RTOL_EPS, SolveInfo
 from .errors import ConvergenceWarning, SolverError
 
 #: code a warning must not be attributed to: the library's own and PyTorch's (its module call,
