@@ -202,6 +202,9 @@ class Plan:
         h = np.array([np.broadcast_to(b.h, E) for b in blocks], dtype=np.float64)
         theta = np.array([np.broadcast_to(b.theta, E) for b in blocks], dtype=np.float64)
         self.implicit = theta > 0
+        # the forward solver each layer's members report (None: an explicit member)
+        self.solver_names = [[b.solver if solves else None for solves in row]
+                             for b, row in zip(blocks, self.implicit.tolist())]
         # h(1-theta) and h theta as the generic path rounds them (a double, then the dtype)
         self._coefficients = {np.dtype(np.float64): (h * (1 - theta), h * theta)}
         self.solving = self.implicit.any(axis=1)  # layers with a solve (a report)
@@ -498,7 +501,7 @@ def _report(p: Plan, what: str, iters, resid, converged, fail, reversed_order: b
             if what == "forward":
                 record.no_solve(False)
             continue
-        info = SolveInfo(iters[l], resid[l], converged[l],
+        info = SolveInfo(iters[l], resid[l], converged[l], p.solver_names[l],
                          resolution=None if floors is None else floors[l].tolist())
         if what == "forward":
             record.forward(info, None, block.name)

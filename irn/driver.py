@@ -320,7 +320,9 @@ def solve(names: tuple[str, ...], options: dict, g: Callable, y0: Tensor, *, tol
         return iterate(solver, y0, monitor), monitor.info()
 
     if len(names) == 1:
-        return run(names[0], g, y0, active)
+        y, info = run(names[0], g, y0, active)
+        info.solver = [names[0] if a else None for a in active]
+        return y, info
     lowest = _Lowest(g)
     running = [bool(a) for a in active]
     members = len(running)

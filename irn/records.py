@@ -36,14 +36,19 @@ def caller_stacklevel() -> int:
 
 @dataclass
 class SolveStats:
-    """Statistics of a block's latest solve (backward fields filled in by the backward pass)."""
+    """Statistics of a block's latest solve: the forward's ``iterations``, ``residual``
+    (``max_b ||R_b(y*)||``), whether it ``converged`` (met its stopping rule) and the
+    ``solver`` that finished it (with a fallback, the one that converged; None where nothing
+    was solved); the backward's fields (None until a backward of this forward runs; 0
+    iterations for backwards without a solve, whose ``backward_converged`` stays None)."""
 
     iterations: int
     residual: float
     converged: bool
     backward_iterations: int | None = None
     backward_residual: float | None = None
-    solver: str | None = None  # with a fallback (a tuple of solvers): the one that finished
+    solver: str | None = None
+    backward_converged: bool | None = None
 
 
 class SolveRecord:
@@ -125,6 +130,7 @@ class SolveRecord:
         if stats is not None:
             for e in self.solving:
                 stats[e].backward_iterations, stats[e].backward_residual = iterations[e], residuals[e]
+                stats[e].backward_converged = converged[e]
             if stats is self.stats and any(converged[e] is not None for e in self.solving):
                 self.backward_converged = [converged[e] if e in self.solving else None
                                            for e in range(self.members)] \

@@ -104,3 +104,22 @@ def test_a_network_and_an_ensemble_of_ones_own_blocks():
 def test_from_blocks_refuses_what_is_not_a_network(blocks, dim, match):
     with pytest.raises(ValueError, match=match):
         irn.ImplicitResNet.from_blocks(blocks, dim)
+
+
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_every_solve_names_its_solver_and_its_backwards_convergence(backend):
+    from irn import compiled
+
+    if backend == "compiled" and compiled.kernels() is None:
+        pytest.skip("numba is not installed")
+    nets = [irn.ImplicitResNet(3, 2, h=0.5, theta=theta, init="random", solver="anderson",
+                               backend=backend).double() for theta in (0.0, 0.5)]
+    ens = irn.ImplicitResNet.stack(nets)
+    ens(torch.randn(2, 5, 3, dtype=torch.float64)).sum().backward()
+    explicit, implicit = ens.blocks[0].last_stats
+    assert (explicit.solver, implicit.solver) == (None, "anderson")  # no fallback needed
+    assert explicit.backward_converged is None and implicit.backward_converged is True
+    single = irn.ImplicitResNet(3, 2, h=0.5, theta=0.5, init="random", backend=backend).double()
+    single(torch.randn(5, 3, dtype=torch.float64))
+    assert single.blocks[1].last_stats.solver == "fixed_point"
+    assert single.blocks[1].last_stats.backward_converged is None  # no backward yet
