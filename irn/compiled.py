@@ -94,8 +94,10 @@ def unsupported(blocks) -> str | None:
             return (f"{block.name}: F is a {type(block.F).__name__}, the compiled path covers "
                     f"irn.functions.Perceptron layers")
         if block.solver not in COVERED_SOLVERS:
-            return (f"{block.name}: solver={block.solver!r}, the compiled path covers "
-                    f"{COVERED_SOLVERS}")
+            what = ("a fallback tuple of solvers" if isinstance(block.solver, tuple)
+                    else f"solver={block.solver!r}")
+            return (f"{block.name}: {what} runs on the generic path; the compiled path covers "
+                    f"one of the solvers {COVERED_SOLVERS}")
         if block.backward not in COVERED_BACKWARDS:
             return (f"{block.name}: backward={block.backward!r}, the compiled path covers "
                     f"{COVERED_BACKWARDS}")

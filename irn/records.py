@@ -150,8 +150,9 @@ class SolveRecord:
                    f"iterations (residual {residual:.3e})")
         if floor is not None and residual <= DEFAULT_RTOL_EPS * floor:
             message += (f": the tolerance is below what the precision resolves at this |y| "
-                        f"(eps max_b ||y_b|| = {floor:.1e}); use a relative tolerance (rtol, "
-                        f"default {DEFAULT_RTOL_EPS} eps below float64) instead of tol")
+                        f"(eps max_b ||y_b|| = {floor:.1e}); give a relative tolerance, rtol >= "
+                        f"{DEFAULT_RTOL_EPS} eps (the default below float64 when no tol is "
+                        f"given)")
         if self.policy == "raise":
             raise SolverError(message)
         if self.policy == "warn":

@@ -53,8 +53,9 @@ def fixed_point(model, alpha: float) -> torch.Tensor:
     alpha = _setting("alpha", alpha, members, p, lambda a: 0 < a < 1, "in (0, 1)")
     means = [block.record.iterate_means for block in blocks]  # (K_l, E) each
     require(any(m is not None for m in means),
-            "no iterates recorded: set net.keep_iterates = True and run a forward pass "
-            "before calling irn.regularizers.fixed_point")
+            "no iterates recorded: set keep_iterates = True on the network (or on each "
+            "block of another module) and run a forward pass before calling "
+            "irn.regularizers.fixed_point")
     total = torch.zeros(alpha.shape, dtype=p.dtype, device=p.device)
     for r in means:
         if r is not None and len(r) > 1:  # a layer that converged at its first iterate adds 0
@@ -85,9 +86,18 @@ def perturbation_distances(net, y0: torch.Tensor, sigma, streams: int,
     return (d[:, 0], output[0]) if net.members is None else (d, output)
 
 
+def _check_network(net) -> None:
+    """R_stab compares the hidden states of every layer: a network's (``ImplicitResNet.states``),
+    not those of any module with blocks."""
+    require(callable(getattr(net, "states", None)) and hasattr(net, "_compiled_distances"),
+            f"net must be an irn.ImplicitResNet (ImplicitResNet.from_blocks makes one of your "
+            f"own blocks), got {type(net).__name__}")
+
+
 def _member_distances(net, y0, sigma, streams, generator):
     """:func:`perturbation_distances` in the member layout: ``d`` of shape
     ``(L + 1, E, S, B)`` and the clean output ``(E, B, dim)``, ``E = 1`` for one network."""
+    _check_network(net)
     members = net.members
     sigma = _setting("sigma", sigma, members, y0, lambda s: s >= 0, ">= 0")
     require(isinstance(streams, int) and streams >= 1,
@@ -125,6 +135,7 @@ def perturbation(net, y0: torch.Tensor, sigma: float, beta: float, streams: int,
     ``return_output=True`` returns ``(R_stab, net(y0))``, the clean output of that same
     batched pass, so the data loss needs no second forward.
     """
+    _check_network(net)
     beta = _setting("beta", beta, net.members, y0, lambda b: b > 0, "> 0")
     d, output = _member_distances(net, y0, sigma, streams, generator)  # d[l, e, s, b]
     num_layers = d.shape[0] - 1

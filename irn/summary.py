@@ -37,7 +37,8 @@ class SolveSummary:
     no ``ImplicitResNet`` ran the blocks: blocks called on their own); ``reason``: why it was
     the generic one. ``converged``: every forward solve met its rule (per member: a list);
     ``residual``: the largest forward residual; ``backward_converged``: every backward solve
-    that ran met its rule (None while no backward has run for these forwards)."""
+    met its rule (None while no backward has run for these forwards, and for a member that
+    solves nothing: an explicit network)."""
 
     path: str | None
     reason: str | None
@@ -59,20 +60,19 @@ def solve_summary(model: nn.Module) -> SolveSummary:
     def per_member(values):  # [[block 0's E values], ...] -> the public layout
         return values if members is not None else [v[0] for v in values]
 
-    def every(flags):  # per member: all of the blocks' flags (None where any is None)
-        columns = [[f[e] for f in flags] for e in range(count)]
-        out = [None if None in c else all(c) for c in columns]
+    def every(flags):  # per member: all of its flags (None where any is, or there is none)
+        columns = [[f[e] for f in flags if e in f] for e in range(count)]
+        out = [None if None in c or not c else all(c) for c in columns]
         return out if members is not None else out[0]
 
-    # an explicit member (theta = 0) solves nothing: it converged, and has no backward solve
-    backward = [b.record.backward_converged or [None] * count for b in blocks]
-    backward = [[flag if e in b.record.solving else True for e, flag in enumerate(flags)]
-                for b, flags in zip(blocks, backward)]
+    # a member's backward flags where it solves (an explicit block has no backward solve)
+    backward = [{e: (b.record.backward_converged or [None] * count)[e] for e in b.record.solving}
+                for b in blocks]
     networks = [m for m in model.modules() if "_last_path" in m.__dict__]
     paths = {m.__dict__["_last_path"] for m in networks}
     path, reason = paths.pop() if len(paths) == 1 else (None, None)
     return SolveSummary(
         path, reason, per_member([[s.iterations for s in st] for st in stats]),
         max(s.residual for st in stats for s in st),
-        every([[s.converged for s in st] for st in stats]),
+        every([dict(enumerate(s.converged for s in st)) for st in stats]),
         per_member([[s.backward_iterations for s in st] for st in stats]), every(backward))

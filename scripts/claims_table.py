@@ -27,8 +27,10 @@ def headline(table) -> str:
     parts = ", ".join(f"**{counts.get(v, 0)} {word}**" for v, word in VERDICTS.items())
     line = f"{len(table)} rows at ten seeds: {parts}"
     if "verdict_half" in table:
-        line += (f"; {int((table['verdict'] != table['verdict_half']).sum())} of them read "
-                 f"otherwise when the same runs train half as long")
+        moved = table[table["verdict"] != table["verdict_half"]]["verdict"].value_counts()
+        which = ", ".join(f"{moved[v]} of the {v}" for v in VERDICTS if moved.get(v, 0))
+        line += (f"; {int(moved.sum())} of these rows ({which}) read otherwise when the same "
+                 f"runs train half as long, and show as **budget-dependent** in the table")
     return line + ".\n"
 
 

@@ -49,10 +49,24 @@ def test_an_ensemble_reports_per_member_and_an_explicit_member_counts_as_converg
     ens(torch.randn(3, 5, 3, dtype=torch.float64)).sum().backward()
     summary = irn.solve_summary(ens)
     assert summary.converged == [True, True, False]
-    assert summary.backward_converged[:2] == [True, True]
+    assert summary.backward_converged[:2] == [None, True]  # member 0 is explicit: no solve
     first = summary.iterations[0]  # block 0, one count per member
     assert first[0] == 0 and 1 < first[1] < 12 and first[2] == 12
     assert summary.path == "torch" and summary.reason == "backend='torch'"
+
+
+def test_an_explicit_network_has_no_backward_solve_to_report():
+    net = irn.ImplicitResNet(3, 2, theta=0.0)
+    net(torch.randn(4, 3)).sum().backward()
+    summary = irn.solve_summary(net)
+    assert summary.converged is True and summary.backward_converged is None
+    assert summary.iterations == [0, 0]
+
+
+def test_r_stab_needs_a_network_and_says_so():
+    blocks = nn.Sequential(*_blocks(2))
+    with pytest.raises(ValueError, match="net must be an irn.ImplicitResNet"):
+        irn.regularizers.perturbation(blocks, torch.randn(4, 3, dtype=torch.float64), 0.1, 1.0, 2)
 
 
 def test_a_module_without_blocks_is_an_error():
