@@ -8,7 +8,7 @@ compiled step takes ``STOP_RATIO`` times the generic one); steps interleaved one
 (:func:`bench.interleaved_times`), the median kept. Writes
 
 - ``irn/auto_crossover.json``: per dtype, member count and batch, the largest width up to
-  which every measured width ran faster compiled, the table ``irn.compiled.compiled_is_faster``
+  which every measured width ran faster compiled, the table ``irn.compiled.compiled_widest``
   reads (``auto``'s rule, committed beside it);
 - ``benchmarks/results_crossover.md``: every ratio, with the machine and the command.
 

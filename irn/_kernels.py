@@ -299,6 +299,7 @@ def forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind
             for b in range(B):
                 explicit[i, b] = x[i, b] + ce * fx[i, b]
         y[:, :], fy[:, :] = x, fx
+        slack[:] = 0  # this layer's own rule (an earlier layer may have been relative)
         k, n, head = 0, 0, 0  # iterations; Anderson's window
         while True:
             for i in range(d):
@@ -316,7 +317,7 @@ def forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind
             if not math.isfinite(res):
                 fail[e, 0], fail[e, 1], fail[e, 2] = l, k, NON_FINITE
                 return
-            if rtol[l] > 0:  # the relative rule: rtol ||y_b|| in slack
+            if rtol[l] > 0:  # the relative rule: rtol ||y_b|| in slack (zero for rtol = 0)
                 _scaled_norms(y, rtol[l], slack)
             test = _max_excess(acc, slack) if rtol[l] > 0 else res
             if test <= atol[l] or k >= max_iters[l]:

@@ -116,10 +116,11 @@ def reason(net, y0: torch.Tensor | None = None) -> str | None:
     the compiled one."""
     if net.backend == "torch":
         return "backend='torch'"
-    why = plan(net).unsupported or (None if y0 is None else not_applicable(net, y0))
+    p = plan(net)
+    why = p.unsupported or (None if y0 is None else not_applicable(net, y0))
     if why is not None or net.backend != "auto":
         return why
-    members = plan(net).members  # one network is one member
+    members = p.members  # one network is one member
     if y0 is None:  # any call: compiled at some measured size
         return None if any(net.dim <= compiled_widest(members, batch, dtype)
                            for dtype in DTYPES for batch in (1, 2 ** 20)) else \
@@ -221,7 +222,7 @@ class Plan:
         """The layers' stopping rules in ``dtype`` (:meth:`irn.SolveConfig.stopping`) as arrays
         ``(atol, rtol, lin_atol, lin_rtol, eps)``, each ``(L,)``, made once per dtype."""
         if dtype not in self._stopping:
-            rules = [b.config.stopping(dtype) for b in self.blocks]
+            rules = [b.config.stopping(dtype, None, b.name) for b in self.blocks]
             self._stopping[dtype] = tuple(np.array([getattr(r, name) for r in rules])
                                           for name in ("atol", "rtol", "lin_atol", "lin_rtol",
                                                        "eps"))
@@ -472,8 +473,9 @@ def _forward(p: Plan, y0: torch.Tensor, params, keep: bool = False, flat=None):
          p.solver, p.memory, p.regularization.astype(dtype),
          dtype.type(np.finfo(dtype).tiny ** 0.5))
     # eps max_b ||y*_b||, for the warnings of layers that did not converge
-    floors = None if converged[p.solving].all() else \
-        eps[:, None] * np.sqrt(np.square(Ystar).sum(axis=2)).max(axis=-1)
+    floors = None if converged[p.solving].all() else np.where(  # absolute rules only
+        (rtol == 0)[:, None], eps[:, None] * np.sqrt(np.square(Ystar).sum(axis=2)).max(axis=-1),
+        np.nan)
     _report(p, "forward", iters, resid, converged, fail, reversed_order=False, floors=floors)
     return Y, (Ystar, Fx, Fstar, W, Yk, Fk, iters, means)
 
@@ -504,7 +506,8 @@ def _report(p: Plan, what: str, iters, resid, converged, fail, reversed_order: b
                 record.no_solve(False)
             continue
         info = SolveInfo(iters[l], resid[l], converged[l], p.solver_names[l],
-                         resolution=None if floors is None else floors[l].tolist())
+                         resolution=None if floors is None or np.isnan(floors[l, 0])
+                         else floors[l].tolist())
         if what == "forward":
             record.forward(info, None, block.name)
         else:

@@ -85,15 +85,19 @@ class SolveConfig:
             object.__setattr__(self, name, value)  # resolved once, here
         object.__setattr__(self, "_stopping", {})  # per precision, made at the first call
 
-    def stopping(self, dtype: torch.dtype, low: torch.dtype | None = None) -> "Stopping":
+    def stopping(self, dtype: torch.dtype, low: torch.dtype | None = None,
+                 name: str | None = None) -> "Stopping":
         """The stopping rules for iterates of ``dtype`` with ``F`` computed in ``low`` (a
         ``torch.autocast`` dtype; None: ``dtype``), made once per pair. The precision that
         bounds what a solve can reach is ``low``'s (or ``dtype``'s) machine epsilon ``eps``:
         an ``rtol`` in ``(0, 4 eps)``, or under autocast an absolute tolerance below ``eps``,
-        is a ``ValueError`` (the solve could not converge)."""
+        is a ``ValueError`` (the solve could not converge), naming the block ``name``."""
         key = (dtype, low)
         if key not in self._stopping:
-            self._stopping[key] = Stopping.of(self, dtype, low)
+            try:
+                self._stopping[key] = Stopping.of(self, dtype, low)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}" if name else str(err)) from None
         return self._stopping[key]
 
     def tolerances(self) -> str:
@@ -168,6 +172,8 @@ class Stopping:
             rtol = config.rtol if config.rtol is not None else 0.0 if full else DEFAULT_RTOL_EPS * eps
         lin_atol, lin_rtol = (atol, rtol) if config.lin_tol is None else (config.lin_tol, 0.0)
         precision = low or dtype
+        require(atol + rtol > 0, f"atol={atol:g} with rtol={rtol:g} in {precision}: a rule no "
+                                 f"solve can meet; give atol > 0 or rtol > 0")
         require(rtol == 0 or rtol >= MIN_RTOL_EPS * eps,
                 f"rtol={rtol:g} is below what {precision} resolves ({MIN_RTOL_EPS} x its machine "
                 f"epsilon, {MIN_RTOL_EPS * eps:.1e}): the solve could not converge; use rtol >= "

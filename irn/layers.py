@@ -249,13 +249,14 @@ class ImplicitResidualBlock(nn.Module):
         run, low = solve, None
         if torch.is_autocast_enabled(x.device.type):  # mixed precision: see irn.precision
             run, step, low = under_autocast(solve, step, x.device.type)
-        rules = self.config.stopping(x.dtype, low)
+            low = low if x.dtype == torch.float32 else None  # autocast casts float32 only
+        rules = self.config.stopping(x.dtype, low, self.name)
         with torch.set_grad_enabled(differentiable):
             y_star, info = labelled(self.name, "forward", self.record.labels, run,
                                     *self.config.solvers(), step, x, tol=rules.atol,
                                     rtol=rules.rtol, max_iters=self.max_iters, active=implicit,
                                     differentiable=differentiable, record=record)
-        if not all(info.converged[e] for e in self.record.solving):  # for the warning
+        if rules.rtol == 0 and not all(info.converged[e] for e in self.record.solving):
             info.resolution = (rules.eps * per_sample_norm(y_star.detach()).amax(dim=1)).tolist()
         self.record.forward(info, record, self.name)
         if not grad_on:

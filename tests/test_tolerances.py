@@ -164,3 +164,43 @@ def test_the_compiled_path_applies_the_same_rules(members, solver, backward, dty
             for s, t in zip(layer, layer_t):
                 assert s.converged and t.converged and abs(s.iterations - t.iterations) <= 1
     assert any(s.residual > 1e-9 for layer in got[3] for s in layer)  # the relative part ran
+
+
+@needs_numba
+def test_a_relative_layer_does_not_leak_its_threshold_into_the_next_one():
+    """An absolute Anderson layer after a relative one: the compiled forward resets each
+    layer's relative part (it once kept the previous layer's, and Anderson stepped plainly)."""
+    from tests.test_compiled import assert_same, run
+
+    torch.manual_seed(0)
+    blocks = [irn.ImplicitResidualBlock(Perceptron(3, "tanh"), 1.0, 1.0, atol=1e-12, rtol=0.5,
+                                        on_nonconvergence="ignore"),
+              irn.ImplicitResidualBlock(Perceptron(3, "tanh"), 1.0, 1.0, solver="anderson",
+                                        tol=1e-10, max_iters=200, on_nonconvergence="ignore")]
+    net = irn.ImplicitResNet.from_blocks(blocks, 3).double()
+    with torch.no_grad():
+        for block in net.blocks:
+            block.F.linear.weight.mul_(3)
+    y0 = torch.randn(6, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    assert compiled.reason(net.with_settings(backend="compiled"), y0) is None
+    got = run(net.with_settings(backend="compiled"), y0)
+    assert_same(got, run(net.with_settings(backend="torch"), y0))
+    assert got[3][1][0].converged
+
+
+def test_autocast_leaves_float64_iterates_their_own_rule():
+    torch.manual_seed(0)
+    block = irn.ImplicitResidualBlock(Perceptron(4, "tanh"), 0.9, 1.0).double()
+    x = torch.randn(8, 4, dtype=F64)
+    plain = block(x)
+    stats = block.last_stats
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # casts float32 only: F runs in float64
+        under = block(x)
+    assert block.last_stats == stats and torch.equal(under, plain)
+
+
+def test_a_rule_no_solve_can_meet_is_an_error_naming_the_block():
+    net = irn.ImplicitResNet(3, 2, theta=0.5, atol=0.0)  # float64's default rtol is 0
+    with pytest.raises(ValueError, match=r"block 0: atol=0 with rtol=0 in torch.float64"):
+        net.double()(torch.randn(4, 3, dtype=F64))
+    net.float()(torch.randn(4, 3))  # float32's default rtol makes it a rule
