@@ -121,14 +121,18 @@ def reason(net, y0: torch.Tensor | None = None) -> str | None:
     if why is not None or net.backend != "auto":
         return why
     members = p.members  # one network is one member
-    if y0 is None:  # any call: compiled at some measured size
-        return None if any(net.dim <= compiled_widest(members, batch, dtype)
-                           for dtype in DTYPES for batch in (1, 2 ** 20)) else \
-            f"width {net.dim}: the generic path measured faster at every batch"
+    dtype = p.parameters()[0].dtype if y0 is None else y0.dtype
+    if str(dtype).removeprefix("torch.") not in crossover()["largest_width"]:
+        return f"no crossover measured for {dtype} (irn/auto_crossover.json): backend='auto'"
+    if y0 is None:  # any call: compiled at some measured batch
+        batches = crossover()["largest_width"][str(dtype).removeprefix("torch.")]["1"]
+        return None if any(net.dim <= compiled_widest(members, int(batch), dtype)
+                           for batch in batches) else \
+            f"width {net.dim}: the generic path measured faster at every measured batch"
     batch = y0.shape[-2]
-    if net.dim <= compiled_widest(members, batch, y0.dtype):
+    if net.dim <= compiled_widest(members, batch, dtype):
         return None
-    return (f"width {net.dim}, batch {batch} per member, {members} member(s), {y0.dtype}: the "
+    return (f"width {net.dim}, batch {batch} per member, {members} member(s), {dtype}: the "
             f"generic path measured faster (backend='auto', irn/auto_crossover.json)")
 
 

@@ -25,7 +25,7 @@ def headline(table) -> str:
     """The verdicts counted, for the README's first screen."""
     counts = table["verdict"].value_counts()
     parts = ", ".join(f"**{counts.get(v, 0)} {word}**" for v, word in VERDICTS.items())
-    line = f"{len(table)} rows at ten seeds: {parts}"
+    line = f"{len(table)} rows at {int(table['seeds'].max())} seeds: {parts}"
     if "verdict_half" in table:
         moved = table[table["verdict"] != table["verdict_half"]]["verdict"].value_counts()
         which = ", ".join(f"{moved[v]} of the {v}" for v in VERDICTS if moved.get(v, 0))

@@ -235,7 +235,7 @@ def test_claims_table_collects_the_rows_into_the_csv_and_the_readme(tmp_path):
     assert "old table" not in text and text.startswith("# title\n") and text.endswith("rest\n")
     verdicts = [line.split("**")[-2] for line in text.splitlines() if line.startswith("| 1a.")
                 or line.startswith("| 6a.")]
-    assert (f"2 rows at ten seeds: **{verdicts.count('holds')} hold**, "
+    assert (f"2 rows at 10 seeds: **{verdicts.count('holds')} hold**, "
             f"**{verdicts.count('contradicted')} contradicted**, **0 equivalent**, "
             f"**{verdicts.count('inconclusive')} inconclusive**.") in text
     assert text.count("| 1a. [") == 1 and "**holds**" in text and "**inconclusive**" in text
