@@ -275,10 +275,9 @@ def forward_member(e, Y, Ystar, Fx, Fstar, W, bias, c_exp, c_imp, implicit, kind
     A layer stops when every sample's ``||R_b|| <= atol[l] + rtol[l] ||y_b||``
     (:class:`irn.config.Stopping`)."""
     L, d, B = W.shape[0], Y.shape[2], Y.shape[3]
-    slack, limit = np.zeros(B, Y.dtype), np.empty(B, Y.dtype)
+    slack, limit, acc = np.zeros(B, Y.dtype), np.empty(B, Y.dtype), np.empty(B, Y.dtype)
     z, y = np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype)
     gy, explicit = np.empty((d, B), Y.dtype), np.empty((d, B), Y.dtype)
-    acc = np.empty(B, Y.dtype)
     m = max(1, memory.max())
     Rw, Vw = np.empty((m, d, B), Y.dtype), np.empty((m, d, B), Y.dtype)
     work = (np.empty(m, np.int64), np.empty((m, m, B), Y.dtype), np.empty((m, m), Y.dtype),

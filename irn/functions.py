@@ -35,6 +35,7 @@ class Perceptron(nn.Module):
         self.activation = activation
 
     def forward(self, y):
+        """``act(W y + b)`` on the last dimension."""
         # functional call: this runs once per solver iteration, a module call costs as much
         return ACTIVATIONS[self.activation](
             nn.functional.linear(y, self.linear.weight, self.linear.bias))

@@ -93,15 +93,12 @@ class ImplicitResidualBlock(nn.Module):
         theta: implicitness in [0, 1]; 0 is the explicit ResNet step (no solve). The block's
             default is the trapezoidal rule, 0.5 (:class:`irn.ImplicitResNet`'s is 0.0).
 
-    The keywords ``solver``, ``backward``, ``max_iters``, ``lin_max_iters``,
-    ``solver_options``, ``on_nonconvergence``, ``tol``, ``atol``, ``rtol``, ``lin_tol`` say how it
-    solves: :class:`irn.SolveConfig` (by default ``max_b ||R_b|| <= 1e-6`` in float64).
+    How it solves (``solver``, ``backward``, ``tol``, ``atol``, ``rtol``, ``max_iters``,
+    ``lin_tol``, ``lin_max_iters``, ``solver_options``, ``on_nonconvergence``): :class:`irn.SolveConfig`.
 
-    After a forward, ``last_stats`` holds the solve's :class:`irn.SolveStats` (its backward
-    fields after the backward); ``keep_iterates = True`` records ``iterate_residuals`` for
-    :func:`irn.regularizers.fixed_point`, ``keep_solution = True`` keeps ``solution`` for
-    :func:`irn.regularizers.jacobian`.
-    """
+    After a forward, ``last_stats`` holds the solve's :class:`irn.SolveStats`; ``keep_iterates``
+    records ``iterate_residuals`` for :func:`irn.regularizers.fixed_point`, ``keep_solution``
+    keeps ``solution`` for :func:`irn.regularizers.jacobian`."""
 
     @keywords()
     def __init__(self, F: nn.Module, h: float = 1.0, theta: float = 0.5, *,
@@ -190,7 +187,8 @@ class ImplicitResidualBlock(nn.Module):
     def extra_repr(self) -> str:
         members = "" if self.members is None else f"members={self.members}, "
         return (f"{members}h={self.h}, theta={self.theta}, solver={self.solver!r}, "
-                f"backward={self.backward!r}, {self.config.tolerances()}, max_iters={self.max_iters}")
+                f"backward={self.backward!r}, {self.config.tolerances()}, "
+                f"max_iters={self.max_iters}")
 
     def _residual_function(self, y: torch.Tensor) -> torch.Tensor:
         fy = self.F_members(y)
@@ -219,6 +217,7 @@ class ImplicitResidualBlock(nn.Module):
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + h((1-theta) F(x) + theta F(y*))`` with ``y*`` solving the block equation."""
         check_input(x, self.members)
         if self.members is None:  # the public layout's boundary: one network is one member
             return self.solve_members(x.unsqueeze(0))[0]

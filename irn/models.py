@@ -331,6 +331,7 @@ class ImplicitResNet(nn.Module):
         return self._run(y, every=True) if self.members else self._run(y[0], every=True)[:, None]
 
     def forward(self, y0: torch.Tensor) -> torch.Tensor:
+        """The last state ``y_L`` from ``y0`` (``(B, dim)``; an ensemble's ``(E, B, dim)``)."""
         self._check_input(y0)
         return self._run(y0, every=False)
 
@@ -372,6 +373,7 @@ class ImplicitModel(nn.Module):
         self.embed, self.net, self.readout = embed, net, readout
 
     def forward(self, x):
+        """``readout(net(embed(x)))``."""
         return self.readout(self.net(self.embed(x)))
 
     def trajectory(self, x):
