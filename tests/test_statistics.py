@@ -145,3 +145,99 @@ def test_seeds_needed_is_the_smallest_n_that_meets_the_requirement(scale, effect
     while n < ((stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(0.8, n - 1)) * ratio) ** 2 * math.pi / 3:
         n += 1
     assert statistics.seeds_needed(values, effect, alpha=alpha) == n
+
+
+# ----------------------------------------------------------------- one-sided tests, TOST, IU
+
+def _brute_force_one_sided(d, side):
+    """P(T+ >= t) ("greater") or P(T+ <= t) ("less") by enumerating every sign pattern."""
+    d = np.asarray(d, float)
+    d = d[d != 0]
+    ranks = stats.rankdata(np.abs(d))
+    observed = ranks[d > 0].sum()
+    sums = np.array([np.dot(ranks, signs) for signs in itertools.product((0, 1), repeat=len(d))])
+    return np.mean(sums >= observed - 1e-9) if side == "greater" else np.mean(sums <= observed + 1e-9)
+
+
+@pytest.mark.parametrize("values", [
+    [0.3, -0.1, 0.7, 0.2, 1.1, 0.5, -0.4, 0.9, 0.15, 0.6],
+    [1, 1, 2, -1, 3, 3, 0, 2, 1, -2],
+    [-2.0] * 8 + [2.0, 0.0],
+])
+@pytest.mark.parametrize("side", ["greater", "less"])
+def test_one_sided_p_matches_enumeration_and_halves_the_two_sided(values, side):
+    p = statistics.signed_rank_p(values, side=side)
+    assert p == pytest.approx(_brute_force_one_sided(values, side), abs=1e-12)
+    greater, less = (statistics.signed_rank_p(values, side=s) for s in ("greater", "less"))
+    assert statistics.signed_rank_p(values) == pytest.approx(min(1.0, 2 * min(greater, less)))
+    with pytest.raises(ValueError, match="side must be one of"):
+        statistics.signed_rank_p(values, side="larger")
+
+
+def test_counts_in_disguise_tie_exactly_with_a_resolution():
+    # accuracies of a 97-point set: 100 (a / 97 - b / 97) rounds differently for equal a - b
+    rng = np.random.default_rng(11)
+    a, b = rng.integers(60, 97, 10), rng.integers(60, 97, 10)
+    b[:4] = a[:4] - 2  # four equal differences in counts
+    points = 100 * (a / 97) - 100 * (b / 97)
+    for side in statistics.SIDES:
+        assert statistics.signed_rank_p(points, side=side, resolution=100 / 97) == \
+            pytest.approx(statistics.signed_rank_p((a - b).astype(float), side=side), abs=1e-15)
+
+
+@pytest.mark.parametrize("side", ["greater", "less"])
+def test_the_one_sided_bound_is_the_test_inverted(side):
+    x = np.random.default_rng(9).normal(0.3, 1.0, 12)
+    bound = statistics.one_sided_bound(x, side, 0.95)
+    for centre in np.linspace(-1.5, 2.0, 141):
+        rejected = statistics.signed_rank_p(x, centre, side) <= 0.05
+        outside = centre < bound if side == "greater" else centre > bound
+        if abs(centre - bound) > 1e-9:
+            assert rejected == outside, (centre, bound)
+    assert statistics.one_sided_bound(x[:3], side) in (-math.inf, math.inf)
+
+
+def _rate_and_upper_bound(hits, trials):
+    """The observed rate and its exact (Clopper-Pearson) one-sided 95% upper bound."""
+    return hits / trials, float(stats.beta.ppf(0.95, hits + 1, trials - hits))
+
+
+SIMULATED = 3000  # data sets per case: enough that a rate of 4.5% has its 95% bound under 6%
+
+
+@pytest.mark.parametrize("n", [10, 30])
+@pytest.mark.parametrize("noise", ["normal", "t3"])
+def test_equivalence_and_non_inferiority_at_the_margin_err_at_most_five_percent(n, noise):
+    """A true centre exactly at the margin: TOST (5% per side) calls it equivalent, and the
+    non-inferiority test calls it "no cost", in at most 5% of data sets."""
+    rng = np.random.default_rng(n)
+    draw = (lambda size: rng.normal(size=size)) if noise == "normal" else \
+        (lambda size: rng.standard_t(3, size=size))
+    margin = 0.5
+    tost = inferior = 0
+    for _ in range(SIMULATED):
+        x = margin + draw(n)
+        tost += statistics.tost_p(x, -margin, margin) <= 0.05
+        inferior += statistics.signed_rank_p(x, margin, "less") <= 0.05
+    for hits in (tost, inferior):
+        rate, upper = _rate_and_upper_bound(hits, SIMULATED)
+        assert upper <= 0.06, (rate, upper)
+
+
+def test_a_claim_over_every_network_is_the_intersection_union_and_keeps_its_level():
+    """Exchangeable networks (the explicit and four implicit ones from one distribution) with
+    the claim "explicit below every implicit": per-network one-sided tests combined by the
+    intersection-union rule hold in at most 5% of data sets; the order-statistic measure it
+    replaces (explicit minus the best implicit, tested as one difference) in far more."""
+    rng = np.random.default_rng(2024)
+    conjunction = best = 0
+    for _ in range(SIMULATED):
+        explicit, implicit = rng.normal(size=10), rng.normal(size=(4, 10))
+        p = [statistics.signed_rank_p(explicit - other, side="less") for other in implicit]
+        conjunction += statistics.intersection_union_p(p) <= 0.05
+        best += statistics.signed_rank_p(explicit - implicit.min(axis=0), side="greater") <= 0.05
+    rate, upper = _rate_and_upper_bound(conjunction, SIMULATED)
+    assert upper <= 0.06, (rate, upper)
+    assert best / SIMULATED > 0.3  # the biased measure "finds" the explicit network worse
+    with pytest.raises(ValueError, match="pvalues must be"):
+        statistics.intersection_union_p([])
