@@ -51,7 +51,7 @@ def main(figures: str, readme: str | None = None, *rest: str) -> int:
         table = claims.with_half_budget(table, claims.table(rest[1]))
     out = Path(figures) / "claims.csv"
     table.to_csv(out, index=False, float_format="%.6g")
-    keys, columns = ["claim", "setup"], ["estimate", "low", "high", "p", "p_holm", "seeds", "verdict"]
+    keys, columns = ["claim", "setup"], ["estimate", "bound", "p", "p_holm", "seeds", "verdict"]
     claims.table(figures, per_seed_values=True).merge(table[keys + columns], on=keys).to_csv(
         Path(figures) / "claims_per_seed.csv", index=False, float_format="%.6g")
     if readme is None:

@@ -1,23 +1,40 @@
 """The paper's claims as rows with a verdict (docs/design.md, section 7).
 
-Each claim is read as a per-seed quantity (a paired difference: the same seed, hence the same
-initial weights, under the two models compared) whose centre the paper puts on one side of a
-threshold; claim 4 as a share of runs. :func:`row` and :func:`share_row` estimate it with an
-interval that keeps its coverage at ten seeds (:mod:`irn.paper.statistics`) and a p-value;
-:func:`frame` decides the verdicts, the p-values of one claim's rows adjusted together (Holm):
-**holds** or **contradicted** when the adjusted test rejects the threshold, on the claimed or
-the other side; **equivalent** when it does not but the 95% interval lies within the claim's
-margin of the threshold (no difference of consequence either way); **inconclusive** otherwise.
-The ``*_rows`` functions compute the per-seed quantities from the notebooks' results;
-:func:`table` collects the rows every notebook saved.
+Each quoted sentence of the paper is one **family** (:data:`CLAIMS`). A row of it is a
+per-seed quantity (a paired difference: the same seed, hence the same initial weights, under
+the two models compared; for claim 4 a share of seeds), tested the way the sentence asks,
+chosen before the data:
+
+- **directional** ("more accurate", "best"): a one-sided signed-rank test toward the claimed
+  side of the threshold; **holds** when its Holm-adjusted p (over the family) is at most
+  :data:`ALPHA`, **contradicted** when the opposite one-sided test's is;
+- **equivalence** ("equally well"): two one-sided tests (TOST, :data:`ALPHA` per side) within
+  the margin; **equivalent** when they reject, **contradicted** when the centre lies beyond the
+  margin (two-sided, Holm-adjusted);
+- **non-inferiority** ("no cost"): one-sided, the centre below the threshold plus the margin;
+- **share** (claim 4): per theta, the share of seeds whose solves all converged, an exact
+  one-sided binomial test against the share named.
+
+A sentence about every network ("all implicit networks are stable") becomes one row per
+network and a **conjunction** row (``every ...``): it holds when every component's own
+one-sided test holds at :data:`ALPHA` (the intersection-union rule: no adjustment for the
+number of components), and is contradicted where a component is (Holm-adjusted). "Second
+worst" holds when all components but one hold, by their Holm-adjusted verdicts. Every row
+prints the bound that inverts its test (one-sided at the row's Holm level; for equivalence
+the 90% interval), and an inconclusive row what its data exclude. Margins are fixed with
+their reasons (:data:`MARGINS`); the seeds each row would need for 80% power against its
+margin at the family's level are given beside it (capped: more than :data:`MAX_SEEDS` reads
+as undecidable at this scale).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from . import statistics
 from .._checks import choice, missing_extra, require
@@ -27,211 +44,309 @@ try:
 except ImportError as err:  # the examples' dependencies: pip install 'irn[examples]'
     raise missing_extra("irn.paper.claims", err) from err
 
-COLUMNS = ["claim", "setup", "statement", "source", "metric", "estimate", "low", "high", "p",
-           "p_holm", "seeds", "seeds_needed", "not_converged", "trained", "runs", "verdict",
-           "figure"]
-#: family-wise error rate of the tests of one claim's rows (Holm), and the intervals' level
+COLUMNS = ["claim", "setup", "statement", "source", "metric", "test", "estimate", "bound",
+           "excludes", "p", "p_holm", "seeds", "seeds_needed", "not_converged", "trained",
+           "runs", "verdict", "figure"]
+#: the level of every test (one-sided; TOST: per side); a family's rows are Holm-adjusted
 ALPHA = 0.05
 #: fewer seeds than this give no verdict (inconclusive), whatever the test says
 MIN_SEEDS = 8
+#: the most seeds a row may plan for; a row that needs more is undecidable at this scale
+MAX_SEEDS = 50
 #: a run has finished training when its training loss moved by at most SETTLED (relative)
 #: over its last SETTLED_TAIL share of epochs
 SETTLED, SETTLED_TAIL = 0.01, 0.1
+#: accuracy points per validation point of the two spirals (97 points; the coarsest set)
+VALIDATION_POINT = 100 / 97
 
-# Margins: the smallest difference we call one (ours; reasons in docs/design.md, section 7).
-#: in decades of a loss, gain or gradient: 26%, less than the seed-to-seed spread of one model
-DECADES = 0.1
-#: in accuracy points: about one validation point of the two spirals (97 points)
-POINTS = 1.0
+#: the smallest effect of interest per quantity, and why (fixed before any seed count)
+MARGINS = {
+    "decades": (0.1, "0.1 decades (a factor 1.26) of a loss, gain or gradient ratio: below "
+                     "the seed-to-seed spread of one model in Example 1, above rounding"),
+    "points": (2 * VALIDATION_POINT, "two validation points (2.06 accuracy points): one point "
+                                     "is the resolution of a 97-point validation set"),
+    "iterations": (1.0, "one iteration per layer: the resolution of an iteration count"),
+    "growth": (0.01, "0.01 per layer of the perturbation's growth factor: 10% over ten layers"),
+    "factor 2": (math.log10(2), "a factor of 2 in training MSE between two networks (ours: "
+                                "'equally well' names no tolerance)"),
+    "share": (0.0, "none: the share 0.9 is ours"),
+}
+TESTS = ("directional", "equivalence", "non-inferiority", "share")
 
 
 @dataclass(frozen=True)
 class Claim:
-    """``statement``: the paper's words (verbatim; ``[...]`` marks our insertions) or, where
-    ``source`` starts with "ours", our reading of them. Read as: the centre over seeds of
-    ``metric`` lies on ``side`` (``"<"`` or ``">"``) of ``threshold``; ``margin`` is the
-    smallest difference from the threshold that counts (0: none, no ``equivalent`` verdict);
-    ``figure`` the figure it rests on (a file stem in ``figures/``); ``holds_as`` the word for
-    a claim that holds (``equivalent`` where the claim itself is one of equivalence)."""
+    """One quoted sentence, one family of rows. ``statement``: the paper's words (verbatim;
+    ``[...]`` marks our insertions) or, where ``source`` starts with "ours", our reading of
+    them; ``metric`` the quantity per seed; ``test`` one of :data:`TESTS`; ``side`` (``"<"``
+    or ``">"``) the claimed side of ``threshold``; ``margin`` a key of :data:`MARGINS`;
+    ``combine`` how component rows make the sentence's conjunction row (None, ``"every"`` or
+    ``"all but one"``); ``resolution`` the per-seed quantity's resolution (accuracy points:
+    ties of counts are exact); ``figure`` the figure it rests on (a file stem in
+    ``figures/``)."""
 
     statement: str
     source: str
     metric: str
+    test: str
     side: str
     threshold: float
-    margin: float
+    margin: str
     figure: str
-    holds_as: str = "holds"
+    combine: str | None = None
+    resolution: float | None = None
 
 
 _EX1, _EX2 = "Section 3, Example 1", "Section 3, Example 2"
+_UNSTABLE = ("explicit ResNet is unstable, same figure [7] shows that all implicit networks are "
+             "stable")
 CLAIMS = {
     "1a": Claim("explicit ResNet has the best training accuracy among networks with [L = 5] "
-                "layers", _EX1, "log10 train MSE: explicit minus the best implicit", "<", 0.0,
-                DECADES, "figure4_losses"),
+                "layers", _EX1, "log10 train MSE: explicit minus the implicit network named",
+                "directional", "<", 0.0, "decades", "figure4_losses", combine="every"),
     "1b": Claim("but is second worst on the validation dataset", _EX1,
-                "log10 val. MSE: explicit minus the second worst implicit (explicit worse than "
-                "3 of the 4)", ">", 0.0, DECADES, "figure4_losses"),
-    "2": Claim("explicit ResNet is unstable, same figure [7] shows that all implicit networks "
-               "are stable", _EX1, "log10 gain of a perturbation through the L = 5 layers: "
-               "explicit minus the implicit network named", ">", 0.0, DECADES,
-               "figure7_shallow_dynamics"),
-    "2-max": Claim("explicit ResNet is unstable, same figure [7] shows that all implicit networks "
-                   "are stable", f"{_EX1}; the earlier measure, kept where it alters the verdict",
-                   "log10 gain: explicit minus the largest implicit", ">", 0.0, DECADES,
-                   "figure7_shallow_dynamics"),
+                "log10 val. MSE: explicit minus the implicit network named (second worst: "
+                "worse than all but one)", "directional", ">", 0.0, "decades", "figure4_losses",
+                combine="all but one"),
+    "2": Claim(_UNSTABLE, _EX1, "log10 gain of a perturbation through the L = 5 layers: "
+               "explicit minus the implicit network named; or a network's own gain (> 0: "
+               "unstable)", "directional", ">", 0.0, "decades", "figure7_shallow_dynamics",
+               combine="every"),
     "3a": Claim("all the networks with [L = 20] layers perform equally well as expected except "
                 "the explicit ResNet which, according to Figure 6 is stuck at the local minimum",
-                _EX1, "log10 train MSE: explicit minus the median implicit", ">", 0.0, DECADES,
-                "figure4_losses"),
+                _EX1, "log10 train MSE: explicit minus the implicit network named",
+                "directional", ">", 0.0, "decades", "figure4_losses", combine="every"),
     "3b": Claim("and is struggling in propagating its gradients", _EX1,
-                "log10 of the first- to last-layer mean |gradient|: explicit minus the median "
-                "implicit", "<", 0.0, DECADES, "figure6_gradients"),
+                "log10 of the first- to last-layer mean |gradient|: explicit minus the implicit "
+                "network named", "directional", "<", 0.0, "decades", "figure6_gradients",
+                combine="every"),
     "3c": Claim("all the networks with [L = 20] layers perform equally well", _EX1,
-                "log10 train MSE: the worst minus the best implicit (equivalence margin ours: a "
-                "factor of 2)", "<", np.log10(2), 0.0, "figure4_losses", holds_as="equivalent"),
+                "log10 train MSE: one implicit network minus another", "equivalence", "<", 0.0,
+                "factor 2", "figure4_losses", combine="every"),
     "4": Claim("Figure 5 shows the convergence of fixed-point and Neumann iterations",
-               f"{_EX1}; the share 0.9 is ours",
-               "share of implicit runs whose every solve converged (unit: runs)", ">", 0.9, 0.0,
-               "figure5_iterations"),
+               f"{_EX1}; the share 0.9 is ours", "share of seeds whose every solve converged "
+               "(unit: seeds)", "share", ">", 0.9, "share", "figure5_iterations",
+               combine="every"),
     "5a": Claim("Minimization of [R_fp] leads to the reduction of the number of iterations "
                 "required for the convergence", "Section 2.1",
-                "forward iterations per layer (last 10% of epochs): with minus without R_fp",
-                "<", 0.0, 1.0, "figure5b_fixed_point_regularizer"),
+                "forward iterations per layer (last 10% of epochs): with minus without R_fp "
+                "(all runs: an unconverged run counts its cap, a lower bound; or converged "
+                "pairs only)", "directional", "<", 0.0, "iterations",
+                "figure5b_fixed_point_regularizer"),
     "5b": Claim("R_fp costs no training loss", "ours (the paper says nothing of its cost)",
-                "log10 train MSE: with minus without R_fp (equivalent: no cost)", "<", 0.0,
-                DECADES, "figure5b_fixed_point_regularizer"),
-    "5b-pooled": Claim("R_fp costs no training loss", "ours; the earlier measure, kept where it "
-                       "alters the verdict", "log10 train MSE: with minus without R_fp, averaged "
-                       "over theta", "<", 0.0, DECADES, "figure5b_fixed_point_regularizer"),
+                "log10 train MSE: with minus without R_fp", "non-inferiority", "<", 0.0,
+                "decades", "figure5b_fixed_point_regularizer"),
     "6a": Claim("the proposed regularization technique results in a more accurate [...] "
                 "networks than original ResNet", _EX2,
-                "validation accuracy (points): with minus without R_stab", ">", 0.0, POINTS,
-                "figure9_decision_regions"),
+                "validation accuracy (points): with minus without R_stab", "directional", ">",
+                0.0, "points", "figure9_decision_regions"),
     "6b": Claim("the proposed regularization technique results in a more [...] robust "
-                "networks than original ResNet", _EX2,
-                "PGD accuracy (points): with minus without R_stab", ">", 0.0, POINTS,
-                "figure9_decision_regions"),
+                "networks than original ResNet", f"{_EX2}; robust read as PGD accuracy (ours)",
+                "PGD accuracy (points): with minus without R_stab", "directional", ">", 0.0,
+                "points", "figure9_decision_regions"),
     "7a": Claim("this choice leads to the improved stability of both forward [...] propagations",
                 "Abstract (forward only: backward untested)",
                 "mean per-layer growth of a hidden-state perturbation: theta = 1 minus theta = 0",
-                "<", 0.0, 0.01, "figure_perturbation_growth"),
+                "directional", "<", 0.0, "growth", "figure_perturbation_growth"),
     "7b": Claim("fully implicit residual architecture which [...] is unconditionally stable and "
-                "robust", "Section 1", "PGD accuracy (points): theta = 1 minus theta = 0", ">",
-                0.0, POINTS, "figure_robustness_curves"),
+                "robust", "Section 1", "PGD accuracy (points): theta = 1 minus theta = 0",
+                "directional", ">", 0.0, "points", "figure_robustness_curves"),
     "7c": Claim("allows to control the robustness of the network with only a few "
                 "hyperparameters", "Abstract; R_stab's sigma as that hyperparameter is ours",
-                "PGD accuracy (points) at the theta named: with minus without R_stab", ">", 0.0,
-                POINTS, "figure_robustness_curves"),
+                "PGD accuracy (points) at the theta named: with minus without R_stab",
+                "directional", ">", 0.0, "points", "figure_robustness_curves"),
 }
-def row(claim: str, setup: str, per_seed, *, not_converged: int = 0, trained: int = 0,
-        runs: int = 0, figure: str | None = None) -> dict:
+
+
+def row(claim: str, setup: str, per_seed, *, component: str | None = None,
+        side: str | None = None, conjunction: str | None = None, not_converged: int = 0,
+        trained: int = 0, runs: int = 0, figure: str | None = None,
+        resolution: float | None = None) -> dict:
     """One row of the claims table: ``claim`` (a key of :data:`CLAIMS`) on ``setup``, from
-    the per-seed values ``per_seed`` (a Series indexed by seed, or a sequence; NaN seeds, e.g. a
-    loss that overflowed, are left out and not counted in ``seeds``): the signed-rank estimate,
-    95% interval and p-value against the claim's threshold (:mod:`irn.paper.statistics`), and the
-    seeds a test at the family's strictest Holm level would need. Of the ``runs`` behind the
-    row, ``not_converged`` count those whose solves did not all converge (kept, and counted)
-    and ``trained`` those whose training settled (:func:`settled`); ``figure`` overrides the
-    claim's. The verdict is decided by :func:`frame`, with the other rows of the claim."""
+    the per-seed values ``per_seed`` (a Series indexed by seed, or a sequence; NaN seeds are
+    left out and not counted in ``seeds``); ``component`` names the network (or pair, or
+    reading) of a sentence about several, whose conjunction (named ``conjunction``; default
+    "every network named") :func:`frame` adds; ``side`` overrides the claim's (a network's
+    own gain in claim 2). Of the ``runs`` behind the row,
+    ``not_converged`` count those whose solves did not all converge (kept, and counted) and
+    ``trained`` those whose training settled (:func:`settled`); ``figure`` overrides the
+    claim's, ``resolution`` the claim's resolution. The verdict is decided by :func:`frame`,
+    with the other rows of the family."""
     choice("claim", claim, CLAIMS)
     spec = CLAIMS[claim]
     values = per_seed if isinstance(per_seed, pd.Series) else pd.Series(np.asarray(per_seed, float))
     values = values.astype(float)[np.isfinite(values.astype(float))]
-    estimate = low = high = p = float("nan")
-    if len(values):
-        estimate, low, high = statistics.signed_rank_interval(values.to_numpy(), 1 - ALPHA)
-        p = statistics.signed_rank_p(values.to_numpy(), spec.threshold)
-    return _row(claim, setup, spec, estimate, low, high, p, len(values), values,
-                not_converged, trained, runs, figure)
+    return dict(claim=claim, setup=setup if component is None else f"{setup}, {component}",
+                group=setup, component=component, side=side or spec.side,
+                conjunction=conjunction or ("every pair" if spec.test == "equivalence" else
+                                            "all but one network named"
+                                            if spec.combine == "all but one"
+                                            else "every network named"),
+                resolution=resolution if resolution is not None else spec.resolution,
+                statement=spec.statement, source=spec.source, figure=figure or spec.figure,
+                seeds=len(values), values=values, not_converged=int(not_converged),
+                trained=int(trained), runs=int(runs))
 
 
-def share_row(claim: str, setup: str, outcomes, *, not_converged: int = 0, trained: int = 0,
-              runs: int = 0, figure: str | None = None) -> dict:
-    """A row whose quantity is a share of runs: ``outcomes``, one boolean per run (a Series
-    indexed by (..., seed)), estimated by their share with its Clopper-Pearson interval and an
-    exact binomial p-value against the claim's threshold; ``seeds`` counts the distinct seeds.
-    Other arguments as :func:`row`."""
-    choice("claim", claim, CLAIMS)
-    spec = CLAIMS[claim]
+def share_row(claim: str, setup: str, outcomes, **kwargs) -> dict:
+    """A row whose quantity is a share of seeds: ``outcomes``, one boolean per seed (whether
+    every solve of that seed's run converged). Other arguments as :func:`row`."""
     outcomes = pd.Series(outcomes).astype(bool)
-    require(len(outcomes) >= 1, "outcomes must hold at least one run")
-    k, n = int(outcomes.sum()), len(outcomes)
-    estimate, low, high = statistics.clopper_pearson(k, n, 1 - ALPHA)
-    seeds = (outcomes.index.get_level_values("seed").nunique()
-             if "seed" in (outcomes.index.names or []) else n)
-    return _row(claim, setup, spec, estimate, low, high, statistics.binomial_p(k, n, spec.threshold),
-                seeds, outcomes.astype(float), not_converged, trained, runs, figure)
+    require(len(outcomes) >= 1, "outcomes must hold at least one seed")
+    return row(claim, setup, outcomes.astype(float), **kwargs)
 
 
-def _row(claim, setup, spec, estimate, low, high, p, seeds, values, not_converged,
-         trained, runs, figure) -> dict:
-    return dict(claim=claim, setup=setup, statement=spec.statement, source=spec.source,
-                metric=f"{spec.metric} ({spec.side} {spec.threshold:.3g} claimed"
-                       + (f", margin {spec.margin:g})" if spec.margin else ")"),
-                estimate=estimate, low=low, high=high, p=p, p_holm=float("nan"), seeds=seeds,
-                seeds_needed=float("nan"), not_converged=int(not_converged), trained=int(trained),
-                runs=int(runs), verdict="inconclusive", figure=figure or spec.figure,
-                values=values)
+_ALTERNATIVE = {">": "greater", "<": "less"}
+_OTHER = {">": "<", "<": ">"}
 
 
-def verdict(estimate: float, low: float, high: float, p_holm: float, claim: str) -> str:
-    """The verdict of a row of ``claim`` (see the module docstring): the Holm-adjusted
-    ``p_holm`` against :data:`ALPHA` decides a side by ``estimate``; otherwise the interval
-    ``[low, high]`` within the claim's margin of its threshold reads ``equivalent``."""
-    spec = CLAIMS[claim]
-    if p_holm <= ALPHA and estimate != spec.threshold:
-        return spec.holds_as if (estimate < spec.threshold) == (spec.side == "<") else "contradicted"
-    if spec.margin and spec.threshold - spec.margin < low and high < spec.threshold + spec.margin:
-        return "equivalent"
-    return "inconclusive"
+def _tests(r: dict) -> dict:
+    """The row's tests, unadjusted: ``p`` for the claimed verdict, ``p_against`` for the
+    opposite one, the estimate, the bound of the test at ``level`` (a function) and ``far``,
+    the 95% bound on the other side (what an undecided row's data exclude)."""
+    spec = CLAIMS[r["claim"]]
+    values, side, res = r["values"].to_numpy(), r["side"], r["resolution"]
+    margin = MARGINS[spec.margin][0]
+    t = spec.threshold
+    if spec.test == "share":
+        k, n = int(values.sum()), len(values)
+        return dict(estimate=k / n,
+                    p=stats.binomtest(k, n, t, alternative="greater").pvalue,
+                    p_against=stats.binomtest(k, n, t, alternative="less").pvalue,
+                    bound=lambda level: float(stats.beta.ppf(1 - level, k, n - k + 1)) if k else 0.0,
+                    far=float(stats.beta.ppf(1 - ALPHA, k + 1, n - k)) if k < n else 1.0)
+    estimate = statistics.signed_rank_interval(values)[0]
+    if spec.test == "equivalence":
+        against = min(statistics.signed_rank_p(values, t + margin, "greater", res),
+                      statistics.signed_rank_p(values, t - margin, "less", res))
+        return dict(estimate=estimate, p=statistics.tost_p(values, t - margin, t + margin, res),
+                    p_against=min(1.0, 2 * against),
+                    bound=lambda level: statistics.signed_rank_interval(values, 2 * level - 1)[1:],
+                    far=float("nan"))
+    centre = t + margin if spec.test == "non-inferiority" else t
+    return dict(estimate=estimate,
+                p=statistics.signed_rank_p(values, centre, _ALTERNATIVE[side], res),
+                p_against=statistics.signed_rank_p(values, centre, _ALTERNATIVE[_OTHER[side]], res),
+                bound=lambda level: statistics.one_sided_bound(values, _ALTERNATIVE[side], level),
+                far=statistics.one_sided_bound(values, _ALTERNATIVE[_OTHER[side]], 1 - ALPHA))
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
-    """Rows as a table with the columns :data:`COLUMNS`, decided: the p-values of each
-    claim's rows Holm-adjusted together (``p_holm``), the verdicts (:func:`verdict`), and for
-    each row of per-seed values the seeds a test at the family's strictest Holm level
-    (``ALPHA`` / rows) would need to find an effect as large as the one measured or the
-    claim's margin, whichever is larger (:func:`irn.paper.statistics.seeds_needed`)."""
-    table = pd.DataFrame(rows, columns=COLUMNS)
-    for claim, family in table.groupby("claim", sort=False):
-        tested = family.p.notna() & (family.seeds >= MIN_SEEDS)
-        adjusted = pd.Series(np.nan, index=family.index)
-        adjusted[tested] = statistics.holm(family.p[tested])
-        table.loc[family.index, "p_holm"] = adjusted
-        for i in family.index:
-            r = table.loc[i]
-            table.loc[i, "verdict"] = (verdict(r.estimate, r.low, r.high, r.p_holm, claim)
-                                       if tested[i] else "inconclusive")
-            values = rows[i].get("values") if isinstance(rows, list) else None
-            if values is not None and np.isnan(r.seeds_needed) and claim != "4" and tested[i]:
-                spec = CLAIMS[claim]
-                effect = max(abs(r.estimate - spec.threshold), spec.margin)
-                table.loc[i, "seeds_needed"] = (statistics.seeds_needed(
-                    values.to_numpy(), effect, alpha=ALPHA / len(family)) if effect > 0 else np.nan)
-    return _without_redundant_earlier(table, rows)
+    """The rows decided, with the columns :data:`COLUMNS` (module docstring): each family's
+    (claim's) tested rows Holm-adjusted together, both ways; a conjunction row per (claim,
+    setup) whose rows are components of a sentence with ``combine``; the bound at each row's
+    Holm level, what an inconclusive row excludes, and the seeds a row would need against its
+    margin at the family's level."""
+    out = []
+    for claim, family in _families(rows):
+        spec = CLAIMS[claim]
+        tested = [r for r in family if r["seeds"] >= MIN_SEEDS]
+        tests = {id(r): _tests(r) for r in family if r["seeds"]}
+        adjusted = dict(zip(map(id, tested), statistics.holm([tests[id(r)]["p"] for r in tested])
+                            if tested else []))
+        against = dict(zip(map(id, tested), statistics.holm(
+            [tests[id(r)]["p_against"] for r in tested]) if tested else []))
+        levels = _holm_levels([tests[id(r)]["p"] for r in tested])
+        position = {id(r): j for j, r in enumerate(tested)}
+        for r in family:
+            t = tests.get(id(r))
+            p_holm = adjusted.get(id(r), float("nan"))
+            verdict = "inconclusive"
+            if id(r) in adjusted:
+                if p_holm <= ALPHA:
+                    verdict = "equivalent" if spec.test == "equivalence" else "holds"
+                elif against[id(r)] <= ALPHA:
+                    verdict = "contradicted"
+            level = 1 - levels[position[id(r)]] if id(r) in position else 1 - ALPHA
+            out.append(_decided(r, spec, t, p_holm, verdict, level, len(tested)))
+        out += _conjunctions(spec, claim, family, out)
+    return pd.DataFrame(out, columns=COLUMNS)
 
 
-def _without_redundant_earlier(table: pd.DataFrame, rows) -> pd.DataFrame:
-    """``table`` without the rows of an earlier measure (a row whose dict names the setups of
-    the new measure's rows, ``replaced_by``) whose verdict every one of those rows shares: an
-    earlier measure is kept only where the change of measure alters a verdict."""
-    if not isinstance(rows, list):
-        return table
-    drop = []
-    for i, r in enumerate(rows):
-        if "replaced_by" in r:
-            base = r["claim"].split("-")[0]
-            new = table[(table.claim == base) & table.setup.isin(r["replaced_by"])]
-            if len(new) and (new.verdict == table.loc[i, "verdict"]).all():
-                drop.append(i)
-    return table.drop(index=drop).reset_index(drop=True)
+def _families(rows):
+    order = list(dict.fromkeys(r["claim"] for r in rows))
+    return [(c, [r for r in rows if r["claim"] == c]) for c in order]
+
+
+def _holm_levels(pvalues) -> dict:
+    """The level Holm's step tests each p-value at: ``ALPHA / (m - j)`` for the ``j``-th
+    smallest (0-based), keyed by position."""
+    order = np.argsort(np.asarray(pvalues, float), kind="stable")
+    return {int(i): ALPHA / (len(order) - j) for j, i in enumerate(order)}
+
+
+def _decided(r, spec, t, p_holm, verdict, level, family_size) -> dict:
+    margin = MARGINS[spec.margin][0]
+    bound = excludes = float("nan")
+    needed = float("nan")
+    if t is not None:
+        bound = t["bound"](level)
+        # an undecided row: the far bound, beyond which its data exclude the effect
+        excludes = t["far"] if verdict == "inconclusive" else float("nan")
+        if spec.test != "share" and r["seeds"] >= 2 and margin > 0:
+            needed = statistics.seeds_needed(r["values"].to_numpy(), margin,
+                                             alpha=min(0.5, 2 * ALPHA / max(family_size, 1)))
+    side = r["side"]
+    test = {"directional": f"one-sided {side} {spec.threshold:g}",
+            "equivalence": f"TOST within {spec.threshold:g} +- {margin:.3g}",
+            "non-inferiority": f"one-sided < {spec.threshold + margin:.3g} (no worse than the "
+                               f"margin)",
+            "share": f"one-sided binomial > {spec.threshold:g}"}[spec.test]
+    return dict(claim=r["claim"], setup=r["setup"], statement=r["statement"],
+                source=r["source"], metric=spec.metric, test=test,
+                estimate=float("nan") if t is None else t["estimate"],
+                bound=_format_bound(bound), excludes=_format_bound(excludes),
+                p=float("nan") if t is None else t["p"], p_holm=p_holm, seeds=r["seeds"],
+                seeds_needed=needed, not_converged=r["not_converged"], trained=r["trained"],
+                runs=r["runs"], verdict=verdict, figure=r["figure"])
+
+
+def _format_bound(bound) -> str:
+    if isinstance(bound, tuple):
+        return f"[{bound[0]:+.3g}, {bound[1]:+.3g}]"
+    return "" if isinstance(bound, float) and math.isnan(bound) else f"{bound:+.3g}"
+
+
+def _conjunctions(spec, claim, family, decided) -> list[dict]:
+    """The sentence's conjunction rows: per setup and conjunction name, over its component
+    rows (module docstring). ``every``: holds (or reads equivalent) when every component's
+    unadjusted p is at most ALPHA (intersection-union), contradicted where a component is
+    (Holm-adjusted); ``all but one``: holds when all but one component hold, contradicted
+    when two are contradicted (both by their Holm-adjusted verdicts)."""
+    if spec.combine is None:
+        return []
+    by_row = dict(zip(map(id, family), decided[-len(family):]))
+    out = []
+    groups = dict.fromkeys((r["group"], r["conjunction"]) for r in family if r["component"])
+    for group, name in groups:
+        parts = [by_row[id(r)] for r in family
+                 if r["component"] and (r["group"], r["conjunction"]) == (group, name)]
+        if len(parts) < 2:
+            continue
+        verdicts = [d["verdict"] for d in parts]
+        tested = all(d["seeds"] >= MIN_SEEDS for d in parts)
+        p = statistics.intersection_union_p([d["p"] for d in parts]) if tested else float("nan")
+        if spec.combine == "every":
+            good, bad = tested and p <= ALPHA, "contradicted" in verdicts
+        else:
+            good = verdicts.count("holds") >= len(parts) - 1
+            bad = verdicts.count("contradicted") >= 2
+            p = float("nan")
+        verdict = ("equivalent" if spec.test == "equivalence" else "holds") if good else \
+            "contradicted" if bad else "inconclusive"
+        weakest = max(parts, key=lambda d: -1 if math.isnan(d["p"]) else d["p"])
+        out.append(weakest | dict(
+            setup=f"{group}, {name} (conjunction: weakest row shown)", p=p, p_holm=float("nan"),
+            seeds_needed=float("nan"), runs=sum(d["runs"] for d in parts),
+            not_converged=sum(d["not_converged"] for d in parts),
+            trained=sum(d["trained"] for d in parts), excludes="", verdict=verdict))
+    return out
 
 
 def per_seed(rows: list[dict]) -> pd.DataFrame:
-    """The values behind each row, one line per seed (per run for shares): ``claim``,
-    ``setup``, ``seed``, ``unit`` (the run's keys where a seed has several) and ``value``, so
-    a row can be recomputed by hand."""
+    """The values behind each row, one line per seed: ``claim``, ``setup``, ``seed``,
+    ``unit`` (the run's keys where a seed has several) and ``value``, so a row can be
+    recomputed by hand."""
     lines = []
     for r in rows:
         values = r["values"]
@@ -250,19 +365,15 @@ def show(rows) -> str:
     table = rows if isinstance(rows, pd.DataFrame) else frame(rows)
     return pd.DataFrame({
         "claim": table.claim, "setup": table.setup,
-        "estimate [95% interval]": [_interval(r) for r in table.itertuples()],
-        "p (Holm)": [f"{p:.2g}" for p in table.p_holm],
+        "estimate": [f"{e:+.3g}" for e in table.estimate],
+        "bound": table.bound, "p (Holm)": [f"{p:.2g}" for p in table.p_holm],
         "seeds": table.seeds, "needed": [_count(n) for n in table.seeds_needed],
         "not conv.": table.not_converged, "verdict": table.verdict,
     }).to_string(index=False)
 
 
-def _interval(r) -> str:
-    return f"{r.estimate:+.3g} [{r.low:+.3g}, {r.high:+.3g}]"
-
-
 def _count(n) -> str:
-    return "-" if pd.isna(n) else f"{int(n)}" if n <= 1000 else ">1000"
+    return "-" if pd.isna(n) else f"{int(n)}" if n <= MAX_SEEDS else f">{MAX_SEEDS}"
 
 
 def save(rows: list[dict], name: str, directory) -> Path:
@@ -291,38 +402,49 @@ def table(directory, per_seed_values: bool = False) -> pd.DataFrame:
         pd.concat(frames, ignore_index=True)[COLUMNS]
 
 
+def _estimate(r) -> str:
+    """The estimate with the bound of its test, and, where inconclusive, what it excludes."""
+    text = f"{r.estimate:+.3g} [{r.bound}]" if isinstance(r.bound, str) and r.bound else \
+        f"{r.estimate:+.3g}"
+    excludes = r.excludes if isinstance(r.excludes, str) else ""
+    return text + (f"; excludes beyond {excludes}" if excludes else "")
+
+
 def markdown(table: pd.DataFrame, figures_url: str = "figures") -> str:
     """The claims table in Markdown, each row linking the figure it rests on; a row whose
     verdict at half the training budget (column ``verdict_half``, when present) differs reads
     **budget-dependent** instead of a verdict."""
-    lines = ["| claim | setup | what is measured (claimed side) | estimate [95% interval] | "
+    lines = ["| claim | setup | what is measured | test | estimate [bound of the test] | "
              "p (Holm) | seeds (needed) | not converged | trained | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples():
         half = getattr(r, "verdict_half", r.verdict)
         shown = (f"**{r.verdict}**" if half == r.verdict
                  else f"**budget-dependent** ({r.verdict}; {half} at half the budget)")
         statement = r.statement if r.source.startswith("ours") else f'"{r.statement}"'
+        p_holm = "-" if pd.isna(r.p_holm) else f"{r.p_holm:.2g}"
         lines.append(f"| {r.claim}. [{statement}]({figures_url}/{r.figure}.png) ({r.source}) | "
-                     f"{r.setup} | {r.metric} | {_interval(r)} | {r.p_holm:.2g} | "
+                     f"{r.setup} | {r.metric} | {r.test} | {_estimate(r)} | {p_holm} | "
                      f"{r.seeds} ({_count(r.seeds_needed)}) | {r.not_converged} | "
                      f"{r.trained}/{r.runs} | {shown} |")
     return "\n".join(lines + ["", seeds_summary(table)]) + "\n"
 
 
 def seeds_summary(table: pd.DataFrame) -> str:
-    """One sentence per claim: how many seeds its rows would need (see :func:`frame`) against
-    the ten they have, so the reader sees which claims more seeds could decide."""
+    """One sentence per claim: how many seeds its rows would need for 80% power against their
+    margin at the family's level (see :func:`frame`), so the reader sees which claims more
+    seeds could decide, and which none up to :data:`MAX_SEEDS` can."""
     parts = []
     for claim, family in table.groupby("claim", sort=False):
         needed = family.seeds_needed.dropna()
         if needed.empty:
             continue
-        more = int((needed > family.seeds.loc[needed.index]).sum())
-        parts.append(f"{claim}: {_count(needed.min())} to {_count(needed.max())} "
-                     f"({more} of {len(needed)} rows need more than they have)")
-    return ("Seeds needed for 80% power at each claim's Holm level, per claim (the rows' range): "
-            + "; ".join(parts) + ".")
+        beyond = int((needed > MAX_SEEDS).sum())
+        parts.append(f"{claim}: {_count(needed.min())} to {_count(needed.max())}"
+                     + (f" ({beyond} of {len(needed)} rows undecidable at {MAX_SEEDS} seeds)"
+                        if beyond else ""))
+    return ("Seeds needed for 80% power against each row's margin at its family's level, per "
+            "claim (the rows' range): " + "; ".join(parts) + ".")
 
 
 def with_half_budget(table: pd.DataFrame, half: pd.DataFrame) -> pd.DataFrame:
@@ -339,7 +461,7 @@ def with_half_budget(table: pd.DataFrame, half: pd.DataFrame) -> pd.DataFrame:
 
 def compare(first: pd.DataFrame, second: pd.DataFrame, labels=("first", "second")) -> pd.DataFrame:
     """The rows of two claims tables side by side (e.g. two training budgets): per
-    ``(claim, setup)`` found in both, each table's interval and verdict, and ``changed`` when
+    ``(claim, setup)`` found in both, each table's estimate, bound and verdict, and ``changed`` when
     the verdicts differ. Rows found in only one table are left out (their setups differ)."""
     require(len(labels) == 2 and labels[0] != labels[1], f"labels must be two different names, "
                                                          f"got {labels!r}")
@@ -349,8 +471,8 @@ def compare(first: pd.DataFrame, second: pd.DataFrame, labels=("first", "second"
     both = first.merge(second, on=keys, suffixes=[f"_{label}" for label in labels])
     out = both[keys].copy()
     for label in labels:
-        out[label] = [_interval(r) for r in both[[f"estimate_{label}", f"low_{label}", f"high_{label}"]]
-                      .set_axis(["estimate", "low", "high"], axis=1).itertuples()]
+        out[label] = [f"{e:+.3g} [{b}]" for e, b in zip(both[f"estimate_{label}"],
+                                                        both[f"bound_{label}"].fillna(""))]
         out[f"verdict {label}"] = both[f"verdict_{label}"]
     out["changed"] = both[f"verdict_{labels[0]}"] != both[f"verdict_{labels[1]}"]
     return out.reset_index(drop=True)
@@ -397,20 +519,11 @@ def settled(histories: pd.DataFrame, by=("depth", "theta", "seed"),
     return changes <= tolerance
 
 
-def _explicit_minus(values: pd.Series, reduce) -> pd.Series:
-    """Per seed: the explicit model's value minus ``reduce`` (a DataFrame method name such as
-    ``"min"`` or ``"median"``, or a function of the implicit models' (seed x theta) table)
-    over the implicit ones; ``values`` indexed by (theta, seed)."""
+def _explicit_minus_each(values: pd.Series) -> dict:
+    """Per implicit theta: the explicit model's value minus that model's, per seed;
+    ``values`` indexed by (theta, seed)."""
     table = values.unstack("theta")
-    implicit = table[[t for t in table.columns if t > 0]]
-    reduced = reduce(implicit) if callable(reduce) else getattr(implicit, reduce)(axis=1)
-    return table[0.0] - reduced
-
-
-def _second_worst(implicit: pd.DataFrame) -> pd.Series:
-    """Per seed, the second largest value over the implicit models: the explicit model's
-    value above it means it is worse than all but one of them."""
-    return implicit.apply(lambda r: np.sort(r.to_numpy())[-min(2, len(r))], axis=1)
+    return {theta: table[0.0] - table[theta] for theta in table.columns if theta > 0}
 
 
 def _gradient_ratio(histories: pd.DataFrame, depth: int) -> pd.Series:
@@ -427,57 +540,64 @@ def function_approximation_rows(histories: pd.DataFrame, setup: str, *, shallow:
                                 figure_suffix: str = "", gain_thetas=None) -> list[dict]:
     """Claims 1-5 on Example 1 from the histories of :func:`irn.paper.training.train` (with
     ``depth``, ``theta``, ``seed`` columns; ``theta = 0`` and some ``theta > 0`` at the
-    depths ``shallow`` and ``deep``). ``gains``: the log10 gain of a perturbation through
-    each trained network (:func:`irn.paper.robustness.perturbation_gain`), indexed by (depth,
-    theta, seed) (claim 2, one row per implicit theta, or per theta in ``gain_thetas``).
-    ``regularized``: histories of models
-    retrained with R_fp (same keys, a subset of the implicit ones; claim 5). Each row links
-    its claim's figure with ``figure_suffix`` appended."""
+    depths ``shallow`` and ``deep``), one row per implicit network where the sentence is about
+    several (their conjunction added by :func:`frame`). ``gains``: the log10 gain of a
+    perturbation through each trained network (:func:`irn.paper.robustness.perturbation_gain`),
+    indexed by (depth, theta, seed) (claim 2: the explicit network against each implicit theta,
+    or each in ``gain_thetas``, and every network's own gain against 0). ``regularized``:
+    histories of models retrained with R_fp (same keys, a subset of the implicit ones; claim
+    5). Each row links its claim's figure with ``figure_suffix`` appended."""
     train = np.log10(_final(histories, "train_loss"))
     val = np.log10(_final(histories, "val_loss"))
     converged, trained = _converged(histories), settled(histories)
     rows = []
 
-    def linked(claim, setup, per_seed, runs, make=row):
-        return make(claim, setup, per_seed, **runs, figure=CLAIMS[claim].figure + figure_suffix)
+    def linked(claim, where, per_seed, runs, **kwargs):
+        return row(claim, where, per_seed, **runs, figure=CLAIMS[claim].figure + figure_suffix,
+                   **kwargs)
 
-    def behind(depth, thetas=None):
-        """The runs behind a row at ``depth`` (``thetas``: all): how many, unconverged, trained."""
+    def behind(depth, thetas):
+        """The runs behind a row at ``depth``: how many, unconverged, trained."""
         c, t = converged.loc[depth], trained.loc[depth]
-        if thetas is not None:
-            keep = c.index.get_level_values("theta").isin(list(thetas))
-            c, t = c[keep], t[keep]
+        keep = c.index.get_level_values("theta").isin(list(thetas))
+        c, t = c[keep], t[keep]
         return dict(not_converged=int((~c).sum()), trained=int(t.sum()), runs=len(c))
 
-    implicit = sorted(t for t in train.loc[shallow].index.get_level_values("theta").unique() if t > 0)
-    rows.append(linked("1a", setup, _explicit_minus(train.loc[shallow], "min"), behind(shallow)))
-    rows.append(linked("1b", setup, _explicit_minus(val.loc[shallow], _second_worst),
-                       behind(shallow)))
+    for claim, values in (("1a", train), ("1b", val)):
+        for theta, diff in _explicit_minus_each(values.loc[shallow]).items():
+            rows.append(linked(claim, setup, diff, behind(shallow, (0.0, theta)),
+                               component=f"theta = {theta:g}"))
     if gains is not None:
         table = gains.loc[shallow].unstack("theta")
-        thetas = implicit if gain_thetas is None else sorted(gain_thetas)
+        thetas = sorted(t for t in table.columns if t > 0) if gain_thetas is None \
+            else sorted(gain_thetas)
         for theta in thetas:
-            rows.append(linked("2", f"{setup}, theta = {theta:g}", table[0.0] - table[theta],
-                               behind(shallow, (0.0, theta))))
-        earlier = linked("2-max", setup, table[0.0] - table[thetas].max(axis=1),
-                         behind(shallow, [0.0] + list(thetas)))
-        rows.append(earlier | {"replaced_by": [r["setup"] for r in rows[-len(thetas):]]})
+            rows.append(linked("2", setup, table[0.0] - table[theta],
+                               behind(shallow, (0.0, theta)), component=f"theta = {theta:g}"))
+        rows.append(linked("2", f"{setup}, explicit network's own gain (> 0: unstable)",
+                           table[0.0], behind(shallow, (0.0,))))
+        for theta in thetas:
+            rows.append(linked("2", setup, table[theta], behind(shallow, (theta,)),
+                               component=f"theta = {theta:g}, own gain (< 0: stable)", side="<",
+                               conjunction="every implicit network stable"))
     if deep in train.index.get_level_values("depth"):
-        rows.append(linked("3a", setup, _explicit_minus(train.loc[deep], "median"), behind(deep)))
-        rows.append(linked("3b", setup, _explicit_minus(_gradient_ratio(histories, deep), "median"),
-                           behind(deep)))
-        deep_implicit = train.loc[deep].unstack("theta")
-        deep_implicit = deep_implicit[[t for t in deep_implicit.columns if t > 0]]
-        rows.append(linked("3c", setup, deep_implicit.max(axis=1) - deep_implicit.min(axis=1),
-                           behind(deep, deep_implicit.columns)))
+        for claim, values in (("3a", train.loc[deep]), ("3b", _gradient_ratio(histories, deep))):
+            for theta, diff in _explicit_minus_each(values).items():
+                rows.append(linked(claim, setup, diff, behind(deep, (0.0, theta)),
+                                   component=f"theta = {theta:g}"))
+        deep_train = train.loc[deep].unstack("theta")
+        implicit = [t for t in deep_train.columns if t > 0]
+        for i, a in enumerate(implicit):
+            for b in implicit[i + 1:]:
+                rows.append(linked("3c", setup, deep_train[a] - deep_train[b], behind(deep, (a, b)),
+                                   component=f"theta = {a:g} vs {b:g}"))
     for depth in (shallow, deep):
         if depth is None or depth not in converged.index.get_level_values("depth"):
             continue
         runs = converged.loc[depth]
-        runs = runs[runs.index.get_level_values("theta") > 0]
-        rows.append(linked("4", f"{setup}, L = {depth}", runs,
-                           behind(depth, runs.index.get_level_values("theta").unique()),
-                           make=share_row))
+        for theta in sorted(t for t in runs.index.get_level_values("theta").unique() if t > 0):
+            rows.append(linked("4", f"{setup}, L = {depth}", runs.loc[theta],
+                               behind(depth, (theta,)), component=f"theta = {theta:g}"))
     if regularized is not None:
         rows += [r | {"figure": r["figure"] + figure_suffix}
                  for r in _fixed_point_rows(histories, regularized, setup)]
@@ -486,8 +606,10 @@ def function_approximation_rows(histories: pd.DataFrame, setup: str, *, shallow:
 
 def _fixed_point_rows(plain: pd.DataFrame, regularized: pd.DataFrame, setup: str) -> list[dict]:
     """Claim 5 per (depth, theta) retrained with R_fp: per seed, the difference with minus
-    without it; 5a once more on the seeds whose two runs converged in every solve, where some
-    did not (an unconverged run stops at the iteration cap, which R_fp cannot lower)."""
+    without it. 5a is read twice, both in its family: over all runs (an unconverged run counts
+    its iteration cap, a lower bound of what converging would take) and over the pairs whose
+    two runs converged in every solve (what "iterations required for the convergence" counts
+    where it is defined), where those differ."""
     def iterations(histories):
         columns = [c for c in histories.columns if c.startswith("forward_iterations_")]
         tail = histories[histories.epoch > 0.9 * histories.epoch.max()]
@@ -510,29 +632,26 @@ def _fixed_point_rows(plain: pd.DataFrame, regularized: pd.DataFrame, setup: str
     for (depth, theta), group in iteration_change.groupby(["depth", "theta"]):
         runs = group.index
         label = f"{setup}, R_fp at L = {depth}, theta = {theta:g}"
-        rows.append(row("5a", label, group.droplevel(["depth", "theta"]), **behind(runs)))
+        rows.append(row("5a", f"{label}, all runs", group.droplevel(["depth", "theta"]),
+                        **behind(runs)))
         ok = (converged[0].loc[runs] & converged[1].loc[runs]).to_numpy()
-        if 0 < ok.sum() < len(ok):
+        if ok.sum() < len(ok):
             rows.append(row("5a", f"{label}, converged pairs ({int(ok.sum())})",
                             group[ok].droplevel(["depth", "theta"]), **behind(runs[ok])))
         rows.append(row("5b", label, loss_change_.loc[runs].droplevel(["depth", "theta"]),
                         **behind(runs)))
-    pooled = [r for r in rows if r["claim"] == "5b"]
-    if len(pooled) > 1:  # the earlier measure: the mean over the retrained (depth, theta)
-        depths = ", ".join(map(str, sorted({d for d, _, _ in keys})))
-        earlier = row("5b-pooled", f"{setup}, R_fp at L = {depths}",
-                      loss_change_.groupby("seed").mean(), **behind(keys))
-        rows.append(earlier | {"replaced_by": [r["setup"] for r in pooled]})
     return rows
 
 
 def classification_rows(results: pd.DataFrame, setup: str, *, reference="none",
-                        figure_suffix: str = "") -> list[dict]:
+                        figure_suffix: str = "", validation_points: int | None = None) -> list[dict]:
     """Claim 6 from one row per (variant, seed) with columns ``variant``, ``seed``,
     ``val_accuracy`` and ``pgd_accuracy`` (fractions), ``converged`` and ``trained``
     (:func:`settled`): each variant against ``reference`` (the unregularised ResNet), per
-    seed, in accuracy points. Each row links its claim's figure with ``figure_suffix``
-    appended."""
+    seed, in accuracy points, compared as whole validation points where
+    ``validation_points`` (the validation set's size) is given. Each row links its claim's
+    figure with ``figure_suffix`` appended."""
+    resolution = None if validation_points is None else 100 / validation_points
     table = results.set_index(["variant", "seed"]).sort_index()
     rows = []
     for variant in [v for v in results.variant.unique() if v != reference]:
@@ -542,7 +661,7 @@ def classification_rows(results: pd.DataFrame, setup: str, *, reference="none",
         for claim, column in (("6a", "val_accuracy"), ("6b", "pgd_accuracy")):
             change = 100 * (table[column].loc[variant] - table[column].loc[reference])
             rows.append(row(claim, f"{setup}, {variant}", change, **runs,
-                            figure=CLAIMS[claim].figure + figure_suffix))
+                            figure=CLAIMS[claim].figure + figure_suffix, resolution=resolution))
     return rows
 
 
