@@ -246,6 +246,11 @@ def test_saved_rows_make_the_table_its_per_seed_values_and_its_markdown(tmp_path
     assert "[R_fp costs no training loss]" in text        # our reading, not quoted
     assert text.count("\n") == 7   # header, rule, three rows, a blank line, the seeds needed
     assert "Seeds needed for 80% power against each row's margin" in text
+    mixed = pd.Series([0.5, -0.4, 0.3, 0.1, -0.2, 0.6, -0.1, 0.2, 0.4, -0.3],
+                      index=pd.Index(range(10), name="seed"))
+    claims.save([claims.row("7a", "d", mixed)], "04_d", tmp_path)  # read back from the CSV
+    undecided = claims.markdown(claims.table(tmp_path))
+    assert "excludes beyond -0." in undecided and "**inconclusive**" in undecided
     assert "-5.5" in claims.show(table) and "one-sided < 0" in text
     with pytest.raises(ValueError, match="claims"):
         claims.table(tmp_path / "empty")

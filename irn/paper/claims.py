@@ -18,7 +18,9 @@ chosen before the data:
 A sentence about every network ("all implicit networks are stable") becomes one row per
 network and a **conjunction** row (``every ...``): it holds when every component's own
 one-sided test holds at :data:`ALPHA` (the intersection-union rule: no adjustment for the
-number of components), and is contradicted where a component is (Holm-adjusted). "Second
+number of components), and is contradicted where a component is (Holm-adjusted). A row's
+``p_holm`` is the adjusted p-value of the test that decided it (the opposite one's for a
+contradicted row). "Second
 worst" holds when all components but one hold, by their Holm-adjusted verdicts. Every row
 prints the bound that inverts its test (one-sided at the row's Holm level; for equivalence
 the 90% interval), and an inconclusive row what its data exclude. Margins are fixed with
@@ -255,8 +257,8 @@ def frame(rows: list[dict]) -> pd.DataFrame:
             if id(r) in adjusted:
                 if p_holm <= ALPHA:
                     verdict = "equivalent" if spec.test == "equivalence" else "holds"
-                elif against[id(r)] <= ALPHA:
-                    verdict = "contradicted"
+                elif against[id(r)] <= ALPHA:  # the table shows the p that decided
+                    verdict, p_holm = "contradicted", against[id(r)]
             level = 1 - levels[position[id(r)]] if id(r) in position else 1 - ALPHA
             out.append(_decided(r, spec, t, p_holm, verdict, level, len(tested)))
         out += _conjunctions(spec, claim, family, out)
@@ -365,8 +367,9 @@ def show(rows) -> str:
     table = rows if isinstance(rows, pd.DataFrame) else frame(rows)
     return pd.DataFrame({
         "claim": table.claim, "setup": table.setup,
-        "estimate": [f"{e:+.3g}" for e in table.estimate],
-        "bound": table.bound, "p (Holm)": [f"{p:.2g}" for p in table.p_holm],
+        "estimate": ["-" if pd.isna(e) else f"{e:+.3g}" for e in table.estimate],
+        "bound": table.bound.fillna(""),
+        "p (Holm)": ["-" if pd.isna(p) else f"{p:.2g}" for p in table.p_holm],
         "seeds": table.seeds, "needed": [_count(n) for n in table.seeds_needed],
         "not conv.": table.not_converged, "verdict": table.verdict,
     }).to_string(index=False)
@@ -397,17 +400,25 @@ def table(directory, per_seed_values: bool = False) -> pd.DataFrame:
     paths = sorted((folder / "per_seed" if per_seed_values else folder).glob("*.csv"))
     require(bool(paths), f"directory must hold claims/*.csv written by the notebooks, "
                          f"found none in {folder}")
-    frames = [pd.read_csv(p) for p in paths]
+    frames = [pd.read_csv(p, dtype={"bound": str, "excludes": str}) for p in paths]
     return pd.concat(frames, ignore_index=True) if per_seed_values else \
         pd.concat(frames, ignore_index=True)[COLUMNS]
 
 
 def _estimate(r) -> str:
     """The estimate with the bound of its test, and, where inconclusive, what it excludes."""
-    text = f"{r.estimate:+.3g} [{r.bound}]" if isinstance(r.bound, str) and r.bound else \
-        f"{r.estimate:+.3g}"
-    excludes = r.excludes if isinstance(r.excludes, str) else ""
-    return text + (f"; excludes beyond {excludes}" if excludes else "")
+    if pd.isna(r.estimate):
+        return "-"
+    bound, excludes = _text(r.bound), _text(r.excludes)
+    return (f"{r.estimate:+.3g}" + (f" [{bound}]" if bound else "")
+            + (f"; excludes beyond {excludes}" if excludes else ""))
+
+
+def _text(value) -> str:
+    """A bound as the table prints it, whether kept as text or read back as a number."""
+    if isinstance(value, str):
+        return value
+    return "" if value is None or pd.isna(value) else f"{value:+.3g}"
 
 
 def markdown(table: pd.DataFrame, figures_url: str = "figures") -> str:
