@@ -285,7 +285,8 @@ def _decided(r, spec, t, p_holm, verdict, level, family_size) -> dict:
         bound = t["bound"](level)
         # an undecided row: the far bound, beyond which its data exclude the effect
         excludes = t["far"] if verdict == "inconclusive" else float("nan")
-        if spec.test != "share" and r["seeds"] >= 2 and margin > 0:
+        # a spread from fewer seeds than a verdict needs is no basis for a seed count
+        if spec.test != "share" and r["seeds"] >= MIN_SEEDS and margin > 0:
             needed = statistics.seeds_needed(r["values"].to_numpy(), margin,
                                              alpha=min(0.5, 2 * ALPHA / max(family_size, 1)))
     side = r["side"]
