@@ -18,12 +18,14 @@ chosen before the data:
 A sentence about every network ("all implicit networks are stable") becomes one row per
 network and a **conjunction** row (``every ...``): it holds when every component's own
 one-sided test holds at :data:`ALPHA` (the intersection-union rule: no adjustment for the
-number of components), and is contradicted where a component is (Holm-adjusted). A row's
+number of components; its p-value joins the family's Holm adjustment), and is contradicted
+where a component is (Holm-adjusted). A row's
 ``p_holm`` is the adjusted p-value of the test that decided it (the opposite one's for a
 contradicted row). "Second
 worst" holds when all components but one hold, by their Holm-adjusted verdicts. Every row
-prints the bound that inverts its test (one-sided at the row's Holm level; for equivalence
-the 90% interval), and an inconclusive row what its data exclude. Margins are fixed with
+prints the bound of the test that decided it, compatible with Holm's decisions
+(:func:`_compatible_levels`; for equivalence an interval), and an inconclusive row what its
+data exclude. Margins are fixed with
 their reasons (:data:`MARGINS`); the seeds each row would need for 80% power against its
 margin at the family's level are given beside it (capped: more than :data:`MAX_SEEDS` reads
 as undecidable at this scale).
@@ -65,8 +67,9 @@ VALIDATION_POINT = 100 / 97
 MARGINS = {
     "decades": (0.1, "0.1 decades (a factor 1.26) of a loss, gain or gradient ratio: below "
                      "the seed-to-seed spread of one model in Example 1, above rounding"),
-    "points": (2 * VALIDATION_POINT, "two validation points (2.06 accuracy points): one point "
-                                     "is the resolution of a 97-point validation set"),
+    "points": (2 * VALIDATION_POINT, "two validation points of the coarsest set, the two "
+                                     "spirals' 97 (2.06 accuracy points): one point is its "
+                                     "resolution; the same margin on the finer sets"),
     "iterations": (1.0, "one iteration per layer: the resolution of an iteration count"),
     "growth": (0.01, "0.01 per layer of the perturbation's growth factor: 10% over ten layers"),
     "factor 2": (math.log10(2), "a factor of 2 in training MSE between two networks (ours: "
@@ -216,6 +219,8 @@ def _tests(r: dict) -> dict:
                     p=stats.binomtest(k, n, t, alternative="greater").pvalue,
                     p_against=stats.binomtest(k, n, t, alternative="less").pvalue,
                     bound=lambda level: float(stats.beta.ppf(1 - level, k, n - k + 1)) if k else 0.0,
+                    opposite=lambda level: float(stats.beta.ppf(level, k + 1, n - k))
+                    if k < n else 1.0,
                     far=float(stats.beta.ppf(1 - ALPHA, k + 1, n - k)) if k < n else 1.0)
     estimate = statistics.signed_rank_interval(values)[0]
     if spec.test == "equivalence":
@@ -224,44 +229,65 @@ def _tests(r: dict) -> dict:
         return dict(estimate=estimate, p=statistics.tost_p(values, t - margin, t + margin, res),
                     p_against=min(1.0, 2 * against),
                     bound=lambda level: statistics.signed_rank_interval(values, 2 * level - 1)[1:],
+                    opposite=lambda level: statistics.signed_rank_interval(values, level)[1:],
                     far=float("nan"))
     centre = t + margin if spec.test == "non-inferiority" else t
     return dict(estimate=estimate,
                 p=statistics.signed_rank_p(values, centre, _ALTERNATIVE[side], res),
                 p_against=statistics.signed_rank_p(values, centre, _ALTERNATIVE[_OTHER[side]], res),
                 bound=lambda level: statistics.one_sided_bound(values, _ALTERNATIVE[side], level),
-                far=statistics.one_sided_bound(values, _ALTERNATIVE[_OTHER[side]], 1 - ALPHA))
+                opposite=lambda level: statistics.one_sided_bound(
+                    values, _ALTERNATIVE[_OTHER[side]], level),
+                # what an undecided row excludes: a direction, the effect beyond the far bound;
+                # no cost, the costs above its own upper bound
+                far=statistics.one_sided_bound(
+                    values, _ALTERNATIVE[side if spec.test == "non-inferiority" else _OTHER[side]],
+                    1 - ALPHA))
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
-    """The rows decided, with the columns :data:`COLUMNS` (module docstring): each family's
-    (claim's) tested rows Holm-adjusted together, both ways; a conjunction row per (claim,
-    setup) whose rows are components of a sentence with ``combine``; the bound at each row's
-    Holm level, what an inconclusive row excludes, and the seeds a row would need against its
-    margin at the family's level."""
+    """The rows decided, with the columns :data:`COLUMNS` (module docstring). Per family (a
+    claim's rows): the tested rows and the sentence's ``every`` conjunctions (their
+    intersection-union p-values) Holm-adjusted together on the claimed side, the rows alone on
+    the other; an ``all but one`` conjunction from its components' verdicts; bounds compatible
+    with Holm's decisions (Strassburger and Bretz 2008: a rejected row's bound is its
+    threshold unless every row is rejected, a row not rejected gets ``ALPHA / (m - r)`` with
+    ``r`` rejections), what an inconclusive row excludes, and the seeds a row would need."""
     out = []
     for claim, family in _families(rows):
         spec = CLAIMS[claim]
         tested = [r for r in family if r["seeds"] >= MIN_SEEDS]
         tests = {id(r): _tests(r) for r in family if r["seeds"]}
-        adjusted = dict(zip(map(id, tested), statistics.holm([tests[id(r)]["p"] for r in tested])
-                            if tested else []))
+        groups = _conjunction_groups(spec, family)
+        every = [(key, parts) for key, parts in groups if spec.combine == "every"
+                 and all(r["seeds"] >= MIN_SEEDS for r in parts)]
+        conj_p = [statistics.intersection_union_p([tests[id(r)]["p"] for r in parts])
+                  for _, parts in every]
+        claimed = statistics.holm([tests[id(r)]["p"] for r in tested] + conj_p) \
+            if tested or conj_p else np.array([])
+        adjusted = dict(zip(map(id, tested), claimed[:len(tested)]))
         against = dict(zip(map(id, tested), statistics.holm(
             [tests[id(r)]["p_against"] for r in tested]) if tested else []))
-        levels = _holm_levels([tests[id(r)]["p"] for r in tested])
-        position = {id(r): j for j, r in enumerate(tested)}
-        for r in family:
+        levels = _compatible_levels(list(claimed))
+        levels_against = _compatible_levels(list(against.values()))
+        for j, r in enumerate(family):
             t = tests.get(id(r))
-            p_holm = adjusted.get(id(r), float("nan"))
+            p_holm, level, side = adjusted.get(id(r), float("nan")), 1 - ALPHA, "claimed"
             verdict = "inconclusive"
             if id(r) in adjusted:
+                i = [id(x) for x in tested].index(id(r))
+                level = levels[i]
                 if p_holm <= ALPHA:
                     verdict = "equivalent" if spec.test == "equivalence" else "holds"
                 elif against[id(r)] <= ALPHA:  # the table shows the p that decided
                     verdict, p_holm = "contradicted", against[id(r)]
-            level = 1 - levels[position[id(r)]] if id(r) in position else 1 - ALPHA
-            out.append(_decided(r, spec, t, p_holm, verdict, level, len(tested)))
-        out += _conjunctions(spec, claim, family, out)
+                    level, side = levels_against[i], "against"
+            out.append(_decided(r, spec, t, p_holm, verdict, level, side,
+                                len(tested) + len(conj_p)))
+        decided = dict(zip(map(id, family), out[-len(family):]))
+        conj_levels = dict(zip((key for key, _ in every),
+                               zip(claimed[len(tested):], levels[len(tested):])))
+        out += _conjunctions(spec, groups, decided, tests, conj_levels)
     return pd.DataFrame(out, columns=COLUMNS)
 
 
@@ -270,27 +296,32 @@ def _families(rows):
     return [(c, [r for r in rows if r["claim"] == c]) for c in order]
 
 
-def _holm_levels(pvalues) -> dict:
-    """The level Holm's step tests each p-value at: ``ALPHA / (m - j)`` for the ``j``-th
-    smallest (0-based), keyed by position."""
-    order = np.argsort(np.asarray(pvalues, float), kind="stable")
-    return {int(i): ALPHA / (len(order) - j) for j, i in enumerate(order)}
+def _compatible_levels(adjusted) -> list:
+    """Per Holm-adjusted p-value of a family, the confidence level of a bound compatible with
+    Holm's decisions (Strassburger and Bretz 2008): ``None`` for a rejected hypothesis while
+    some are not (its bound is the threshold itself), ``1 - ALPHA / m`` for every one when all
+    are rejected (the bound clipped at the threshold), and ``1 - ALPHA / (m - r)`` for one not
+    rejected, ``r`` the number rejected."""
+    m = len(adjusted)
+    rejected = sum(p <= ALPHA for p in adjusted)
+    if m and rejected == m:
+        return [("all", 1 - ALPHA / m)] * m
+    return [None if p <= ALPHA else ("free", 1 - ALPHA / (m - rejected)) for p in adjusted]
 
 
-def _decided(r, spec, t, p_holm, verdict, level, family_size) -> dict:
+def _decided(r, spec, t, p_holm, verdict, level, side, family_size) -> dict:
     margin = MARGINS[spec.margin][0]
     bound = excludes = float("nan")
     needed = float("nan")
     if t is not None:
-        bound = t["bound"](level)
-        # an undecided row: the far bound, beyond which its data exclude the effect
+        bound = _compatible_bound(spec, t, level, side)
+        # an undecided row: the bound beyond which its data exclude the effect
         excludes = t["far"] if verdict == "inconclusive" else float("nan")
         # a spread from fewer seeds than a verdict needs is no basis for a seed count
         if spec.test != "share" and r["seeds"] >= MIN_SEEDS and margin > 0:
             needed = statistics.seeds_needed(r["values"].to_numpy(), margin,
                                              alpha=min(0.5, 2 * ALPHA / max(family_size, 1)))
-    side = r["side"]
-    test = {"directional": f"one-sided {side} {spec.threshold:g}",
+    test = {"directional": f"one-sided {r['side']} {spec.threshold:g}",
             "equivalence": f"TOST within {spec.threshold:g} +- {margin:.3g}",
             "non-inferiority": f"one-sided < {spec.threshold + margin:.3g} (no worse than the "
                                f"margin)",
@@ -304,45 +335,83 @@ def _decided(r, spec, t, p_holm, verdict, level, family_size) -> dict:
                 runs=r["runs"], verdict=verdict, figure=r["figure"])
 
 
+def _limit(spec, side: str):
+    """The value a row's test is tested against on ``side`` (``claimed`` or ``against``)."""
+    margin = MARGINS[spec.margin][0]
+    if spec.test == "equivalence":
+        return (spec.threshold - margin, spec.threshold + margin)
+    return spec.threshold + (margin if spec.test == "non-inferiority" else 0.0)
+
+
+def _compatible_bound(spec, t, level, side: str):
+    """The bound printed beside a row: of its claimed test (``side="claimed"``) or, for a
+    contradicted row, of the opposite one, at the Holm-compatible ``level``
+    (:func:`_compatible_levels`; a plain level for an untested row)."""
+    bound_of = t["bound"] if side == "claimed" else t["opposite"]
+    if level is None:  # rejected while others are not: the threshold is the bound
+        return _limit(spec, side)
+    if isinstance(level, tuple):
+        kind, level = level
+        value = bound_of(level)
+        if kind == "all" and not isinstance(value, tuple):
+            limit = _limit(spec, side)
+            upward = (spec.side == ">") == (side == "claimed") or spec.test == "share" \
+                and side == "claimed"
+            value = max(value, limit) if upward else min(value, limit)
+        return value
+    return bound_of(level)
+
+
 def _format_bound(bound) -> str:
     if isinstance(bound, tuple):
         return f"[{bound[0]:+.3g}, {bound[1]:+.3g}]"
     return "" if isinstance(bound, float) and math.isnan(bound) else f"{bound:+.3g}"
 
 
-def _conjunctions(spec, claim, family, decided) -> list[dict]:
-    """The sentence's conjunction rows: per setup and conjunction name, over its component
-    rows (module docstring). ``every``: holds (or reads equivalent) when every component's
-    unadjusted p is at most ALPHA (intersection-union), contradicted where a component is
-    (Holm-adjusted); ``all but one``: holds when all but one component hold, contradicted
-    when two are contradicted (both by their Holm-adjusted verdicts)."""
+def _conjunction_groups(spec, family) -> list:
+    """``[((setup, name), component rows)]``: the sentence's conjunctions, two components or
+    more each (none unless the claim has ``combine``)."""
     if spec.combine is None:
         return []
-    by_row = dict(zip(map(id, family), decided[-len(family):]))
+    keys = dict.fromkeys((r["group"], r["conjunction"]) for r in family if r["component"])
+    groups = [(key, [r for r in family if r["component"] and (r["group"], r["conjunction"]) == key])
+              for key in keys]
+    return [(key, parts) for key, parts in groups if len(parts) >= 2]
+
+
+def _conjunctions(spec, groups, decided, tests, conj_levels) -> list[dict]:
+    """The sentence's conjunction rows (module docstring). ``every``: its intersection-union p
+    (the largest of its components' own p-values), Holm-adjusted with the family
+    (``conj_levels``: its adjusted p and compatible level); it holds (reads equivalent) when
+    that is at most ALPHA, and is contradicted when a component is. ``all but one``: holds
+    when all but one component hold, contradicted when two are, by the components'
+    Holm-adjusted verdicts. Its estimate and bound are the weakest component's (the one with
+    the largest p), the bound at the conjunction's own level."""
     out = []
-    groups = dict.fromkeys((r["group"], r["conjunction"]) for r in family if r["component"])
-    for group, name in groups:
-        parts = [by_row[id(r)] for r in family
-                 if r["component"] and (r["group"], r["conjunction"]) == (group, name)]
-        if len(parts) < 2:
-            continue
-        verdicts = [d["verdict"] for d in parts]
-        tested = all(d["seeds"] >= MIN_SEEDS for d in parts)
-        p = statistics.intersection_union_p([d["p"] for d in parts]) if tested else float("nan")
+    for key, parts in groups:
+        rows = [decided[id(r)] for r in parts]
+        verdicts = [d["verdict"] for d in rows]
+        weakest = max(parts, key=lambda r: -1 if math.isnan(decided[id(r)]["p"])
+                      else decided[id(r)]["p"])
+        shown = dict(decided[id(weakest)])
+        p = p_holm = float("nan")
         if spec.combine == "every":
-            good, bad = tested and p <= ALPHA, "contradicted" in verdicts
+            if key in conj_levels:
+                p_holm, level = conj_levels[key]
+                p = statistics.intersection_union_p([decided[id(r)]["p"] for r in parts])
+                shown["bound"] = _format_bound(_compatible_bound(spec, tests[id(weakest)], level,
+                                                                 "claimed"))
+            good, bad = p_holm <= ALPHA, "contradicted" in verdicts
         else:
             good = verdicts.count("holds") >= len(parts) - 1
             bad = verdicts.count("contradicted") >= 2
-            p = float("nan")
         verdict = ("equivalent" if spec.test == "equivalence" else "holds") if good else \
             "contradicted" if bad else "inconclusive"
-        weakest = max(parts, key=lambda d: -1 if math.isnan(d["p"]) else d["p"])
-        out.append(weakest | dict(
-            setup=f"{group}, {name} (conjunction: weakest row shown)", p=p, p_holm=float("nan"),
-            seeds_needed=float("nan"), runs=sum(d["runs"] for d in parts),
-            not_converged=sum(d["not_converged"] for d in parts),
-            trained=sum(d["trained"] for d in parts), excludes="", verdict=verdict))
+        out.append(shown | dict(
+            setup=f"{key[0]}, {key[1]} (conjunction: weakest row shown)", p=p, p_holm=p_holm,
+            seeds_needed=float("nan"), runs=sum(d["runs"] for d in rows),
+            not_converged=sum(d["not_converged"] for d in rows),
+            trained=sum(d["trained"] for d in rows), excludes="", verdict=verdict))
     return out
 
 
