@@ -164,13 +164,11 @@ class Stopping:
     @staticmethod
     def of(config: SolveConfig, dtype: torch.dtype, low: torch.dtype | None) -> "Stopping":
         eps = torch.finfo(low or dtype).eps
-        if config.tol is not None:
-            atol, rtol = config.tol, 0.0
-        else:
-            atol = DEFAULT_ATOL if config.atol is None else config.atol
-            full = dtype == torch.float64 and low in (None, torch.float64)
-            rtol = config.rtol if config.rtol is not None else 0.0 if full else DEFAULT_RTOL_EPS * eps
-        lin_atol, lin_rtol = (atol, rtol) if config.lin_tol is None else (config.lin_tol, 0.0)
+        atol, lin_atol = config.absolute_tolerances()
+        full = dtype == torch.float64 and low in (None, torch.float64)
+        rtol = (0.0 if config.tol is not None else config.rtol if config.rtol is not None
+                else 0.0 if full else DEFAULT_RTOL_EPS * eps)
+        lin_rtol = rtol if config.lin_tol is None else 0.0
         precision = low or dtype
         require(atol + rtol > 0, f"atol={atol:g} with rtol={rtol:g} in {precision}: a rule no "
                                  f"solve can meet; give atol > 0 or rtol > 0")

@@ -59,12 +59,12 @@ class SolveRecord:
     # a plain object with slots: nn.Module's own __setattr__ is slow enough to show in a
     # 100-layer network's training step
     __slots__ = ("members", "solving", "policy", "labels", "stats", "iterate_means",
-                 "backward_converged", "solution", "_unsolved")
+                 "solution", "_unsolved")
 
     def __init__(self, members: int, theta, policy: str, labels: bool):
         self.members, self.policy, self.labels = members, policy, labels
         self.solving = [e for e, t in enumerate(theta) if t > 0]
-        self.stats = self.iterate_means = self.backward_converged = self.solution = None
+        self.stats = self.iterate_means = self.solution = None
         self._unsolved = None  # the statistics of a forward without a solve, made once
 
     def _new_stats(self) -> list[SolveStats]:
@@ -73,7 +73,6 @@ class SolveRecord:
     def no_solve(self, keep_iterates: bool) -> None:
         """A forward that solved nothing (every member explicit, or an empty batch)."""
         self.iterate_means = torch.zeros(0, self.members) if keep_iterates else None
-        self.backward_converged = None
         # no backward writes to them (nothing was solved), so one set serves every such
         # forward: a 100-layer explicit ensemble of 40 would make 4000 per step otherwise
         if self._unsolved is None:
@@ -84,7 +83,6 @@ class SolveRecord:
         """A forward solve's statistics ``info`` (and the per-sample residual norms of its
         iterates, ``record``, when kept); warns (or raises) per unconverged member."""
         self.iterate_means = None if record is None else self._means(record, info)
-        self.backward_converged = None
         solvers = info.solver or [None] * self.members
         if len(self.solving) == self.members:  # every member solves (one object each)
             self.stats = list(map(SolveStats, info.iterations, info.residual, info.converged,
@@ -100,6 +98,15 @@ class SolveRecord:
                     floor = None if info.resolution is None else info.resolution[e]
                     self._nonconvergence(name, "forward", info.iterations[e], info.residual[e], e,
                                          floor)
+
+    @property
+    def backward_converged(self) -> list[bool | None] | None:
+        """Whether the latest forward's backward met its rule, per member (None for a member
+        that does not solve); None before that backward, or where it solved nothing."""
+        if self.stats is None:
+            return None
+        flags = [s.backward_converged for s in self.stats]
+        return None if all(f is None for f in flags) else flags
 
     @property
     def iterate_residuals(self) -> list[torch.Tensor] | None:
@@ -123,18 +130,13 @@ class SolveRecord:
     def backward(self, info: SolveInfo, stats, name: str) -> None:
         """Hand a backward's statistics ``info`` (per member; ``converged`` None where nothing
         was solved) to the ``stats`` of its forward (None: a solve of second derivatives,
-        recorded nowhere), for the members that solve, and to ``backward_converged`` when that
-        forward is the latest one and solved something; warn (or raise) per unconverged
+        recorded nowhere), for the members that solve; warn (or raise) per unconverged
         member."""
         iterations, residuals, converged = info.iterations, info.residual, info.converged
         if stats is not None:
             for e in self.solving:
                 stats[e].backward_iterations, stats[e].backward_residual = iterations[e], residuals[e]
                 stats[e].backward_converged = converged[e]
-            if stats is self.stats and any(converged[e] is not None for e in self.solving):
-                self.backward_converged = [converged[e] if e in self.solving else None
-                                           for e in range(self.members)] \
-                    if len(self.solving) < self.members else list(converged)
         if any(converged[e] is False for e in self.solving):
             for e in self.solving:
                 if converged[e] is False:

@@ -66,8 +66,8 @@ def solve_summary(model: nn.Module) -> SolveSummary:
         return out if members is not None else out[0]
 
     # a member's backward flags where it solves (an explicit block has no backward solve)
-    backward = [{e: (b.record.backward_converged or [None] * count)[e] for e in b.record.solving}
-                for b in blocks]
+    backward = [{e: st[e].backward_converged for e in b.record.solving}
+                for b, st in zip(blocks, stats)]
     networks = [m for m in model.modules() if "_last_path" in m.__dict__]
     paths = {m.__dict__["_last_path"] for m in networks}
     path, reason = paths.pop() if len(paths) == 1 else (None, None)

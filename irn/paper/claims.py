@@ -270,12 +270,13 @@ def frame(rows: list[dict]) -> pd.DataFrame:
             [tests[id(r)]["p_against"] for r in tested]) if tested else []))
         levels = _compatible_levels(list(claimed))
         levels_against = _compatible_levels(list(against.values()))
-        for j, r in enumerate(family):
+        position = {id(r): i for i, r in enumerate(tested)}
+        for r in family:
             t = tests.get(id(r))
             p_holm, level, side = adjusted.get(id(r), float("nan")), 1 - ALPHA, "claimed"
             verdict = "inconclusive"
             if id(r) in adjusted:
-                i = [id(x) for x in tested].index(id(r))
+                i = position[id(r)]
                 level = levels[i]
                 if p_holm <= ALPHA:
                     verdict = "equivalent" if spec.test == "equivalence" else "holds"
@@ -355,8 +356,7 @@ def _compatible_bound(spec, t, level, side: str):
         value = bound_of(level)
         if kind == "all" and not isinstance(value, tuple):
             limit = _limit(spec, side)
-            upward = (spec.side == ">") == (side == "claimed") or spec.test == "share" \
-                and side == "claimed"
+            upward = (spec.side == ">") == (side == "claimed")
             value = max(value, limit) if upward else min(value, limit)
         return value
     return bound_of(level)
@@ -365,7 +365,7 @@ def _compatible_bound(spec, t, level, side: str):
 def _format_bound(bound) -> str:
     if isinstance(bound, tuple):
         return f"[{bound[0]:+.3g}, {bound[1]:+.3g}]"
-    return "" if isinstance(bound, float) and math.isnan(bound) else f"{bound:+.3g}"
+    return "" if bound is None or pd.isna(bound) else f"{bound:+.3g}"
 
 
 def _conjunction_groups(spec, family) -> list:
@@ -486,9 +486,7 @@ def _estimate(r) -> str:
 
 def _text(value) -> str:
     """A bound as the table prints it, whether kept as text or read back as a number."""
-    if isinstance(value, str):
-        return value
-    return "" if value is None or pd.isna(value) else f"{value:+.3g}"
+    return value if isinstance(value, str) else _format_bound(value)
 
 
 def markdown(table: pd.DataFrame, figures_url: str = "figures") -> str:
