@@ -17,7 +17,7 @@ export MKL_CBWR ?= AVX2
 export ONEDNN_MAX_CPU_ISA ?= AVX2
 endif
 
-.PHONY: help venv test unit figures smoke long references bench docs lab clean clean-cache
+.PHONY: help venv test unit figures pilot plan smoke references bench docs lab clean clean-cache
 .DEFAULT_GOAL := help
 
 help: ## list the targets
@@ -60,28 +60,33 @@ build/$(1)/%.ipynb: notebooks/%.ipynb build/$(1)/params/%.yaml $$(IRN_SRC) $$(RU
 endef
 $(eval $(call PROFILE_RULES,paper,figures,--copy notebooks/executed/$$*.ipynb))
 $(eval $(call PROFILE_RULES,half,build/half/figures,))
+$(eval $(call PROFILE_RULES,pilot,figures/pilot,))
+$(eval $(call PROFILE_RULES,pilot_half,build/pilot_half/figures,))
 $(eval $(call PROFILE_RULES,smoke,build/smoke/figures,))
-$(eval $(call PROFILE_RULES,long,build/long/figures,))
 .SECONDARY:
 
-figures: figures/claims.csv ## regenerate every figure of the paper into figures/ (paper profile)
+# The confirmatory run (params/paper.yaml: the seeds params/plan.yaml fixed from the pilot) and
+# the same runs trained half as long (params/half.yaml), whose differing verdicts the table
+# marks budget-dependent; the README gets the table, its headline and where the pilot and the
+# confirmation agree.
+figures: figures/claims.csv ## regenerate every figure of the paper into figures/ (the confirmatory run)
 
-# the claims rows every notebook saved, collected into one table and the README's headline;
-# the same runs trained half as long (params/half.yaml) mark the verdicts that depend on the
-# budget
 figures/claims.csv: $(NAMES:%=build/paper/%.ipynb) $(NAMES:%=build/half/%.ipynb) scripts/claims_table.py
 	$(BIN)/python scripts/claims_table.py build/half/figures
-	$(BIN)/python scripts/claims_table.py figures README.md --half build/half/figures
+	$(BIN)/python scripts/claims_table.py figures --half build/half/figures --pilot figures/pilot --readme README.md
+
+# The pilot: the same settings on seeds 0-9 (params/pilot.yaml), from which the plan was made.
+pilot: figures/pilot/claims.csv ## the pilot (seeds 0-9) the analysis plan was computed from -> figures/pilot/
+figures/pilot/claims.csv: $(NAMES:%=build/pilot/%.ipynb) $(NAMES:%=build/pilot_half/%.ipynb) scripts/claims_table.py
+	$(BIN)/python scripts/claims_table.py build/pilot_half/figures
+	$(BIN)/python scripts/claims_table.py figures/pilot --half build/pilot_half/figures
+
+# The analysis plan is written once, from the committed pilot, and then frozen: the
+# confirmatory seeds derive from its bytes (scripts/plan.py refuses to overwrite it).
+plan: $(STAMP) ## write the analysis plan params/plan.yaml from figures/pilot/ (once; it is then frozen)
+	$(BIN)/python scripts/plan.py figures/pilot params/plan.yaml
 
 smoke: $(NAMES:%=build/smoke/%.ipynb) ## run every notebook with the tiny smoke profile (build/smoke/)
-
-# the paper profile with twice the training (params/long.yaml): which verdicts depend on the
-# budget; compared with figures/claims.csv as it stands (`make figures` refreshes it)
-long: figures/claims_long.md ## the paper profile with twice the epochs (build/long/), verdicts compared
-figures/claims_long.md: $(NAMES:%=build/long/%.ipynb) scripts/compare_claims.py
-	$(BIN)/python scripts/claims_table.py build/long/figures
-	$(BIN)/python scripts/compare_claims.py figures/claims.csv build/long/figures/claims.csv \
-	  "paper profile" "long profile" $@
 
 references: $(STAMP) ## regenerate the nbval references tests/notebooks/ (smoke profile)
 	@$(BIN)/python scripts/split_params.py params/smoke.yaml build/references/params

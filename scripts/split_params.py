@@ -1,7 +1,9 @@
 """Split a profile (params/<profile>.yaml, one section per notebook) into one file per
 notebook, rewriting a file only when its content changes, so that make re-runs only the
 notebooks whose parameters changed. A profile may start from another one
-(`extends: paper.yaml`, a file beside it) and set only the parameters it changes.
+(`extends: paper.yaml`, a file beside it) and set only the parameters it changes, and may set
+the seeds of every notebook that has some (`seeds:` a list, or an analysis plan's file name:
+each notebook its planned count of the plan's seeds, `irn.paper.plan.seeds`).
 
     python scripts/split_params.py params/paper.yaml build/paper/params
 """
@@ -11,18 +13,32 @@ from pathlib import Path
 
 import yaml
 
+from irn.paper import plan
+
 
 def load(profile) -> dict:
     """The profile's sections (notebook -> parameters), those of the profile it ``extends``
-    updated parameter by parameter with its own."""
+    updated parameter by parameter with its own, then its ``seeds`` set."""
     sections = yaml.safe_load(Path(profile).read_text()) or {}
-    base = sections.pop("extends", None)
-    if base is None:
-        return sections
-    merged = load(Path(profile).parent / base)
+    base, seeds = sections.pop("extends", None), sections.pop("seeds", None)
+    merged = {} if base is None else load(Path(profile).parent / base)
     for name, values in sections.items():
         merged[name] = (merged.get(name) or {}) | (values or {})
+    if seeds is not None:
+        for name, values in merged.items():
+            if "seeds" in values:
+                values["seeds"] = seeds if isinstance(seeds, list) else planned(
+                    Path(profile).parent / seeds, name)
     return merged
+
+
+def planned(path: Path, notebook: str) -> list[int]:
+    """The confirmatory seeds the analysis plan ``path`` fixes for ``notebook``."""
+    counts = yaml.safe_load(path.read_text())["notebooks"]
+    if notebook not in counts:
+        sys.exit(f"error: the plan {path} fixes no seed count for {notebook}; it has "
+                 f"{', '.join(sorted(counts))}")
+    return plan.seeds(path, counts[notebook])
 
 
 def main(profile: str, out_dir: str) -> int:

@@ -46,7 +46,7 @@ def test_profiles_only_name_declared_parameters():
     """Every key of every profile is a parameter of its notebook (checked without running)."""
     import papermill
 
-    for profile in sorted((ROOT / "params").glob("*.yaml")):
+    for profile in sorted(p for p in (ROOT / "params").glob("*.yaml") if p.name != "plan.yaml"):
         for notebook, values in split_params().load(profile).items():
             declared = papermill.inspect_notebook(str(ROOT / "notebooks" / f"{notebook}.ipynb"))
             assert set(values) <= set(declared), (profile.name, notebook)
@@ -83,9 +83,10 @@ def test_a_profile_extends_another_parameter_by_parameter(tmp_path):
     assert yaml.safe_load((out / "03_two_spirals.yaml").read_text()) == {"seeds": [0]}
 
 
-@pytest.mark.parametrize("profile, factor", [("half", 0.5), ("long", 2.0)])
-def test_the_half_and_long_profiles_scale_only_the_paper_profiles_budgets(profile, factor):
-    paper, other = (split_params().load(ROOT / "params" / f"{p}.yaml") for p in ("paper", profile))
+@pytest.mark.parametrize("base, profile", [("paper", "half"), ("pilot", "pilot_half")])
+def test_the_half_profiles_halve_only_the_budgets_on_the_same_seeds(base, profile):
+    factor = 0.5
+    paper, other = (split_params().load(ROOT / "params" / f"{p}.yaml") for p in (base, profile))
     changed = {(nb, key) for nb in paper for key in paper[nb] if paper[nb][key] != other[nb][key]}
     assert changed == {("02_function_approximation", "epochs"), ("02_function_approximation", "lr_step"),
                        ("03_two_spirals", "training_settings"), ("04_robustness", "spirals"),
@@ -98,6 +99,42 @@ def test_the_half_and_long_profiles_scale_only_the_paper_profiles_budgets(profil
         assert after["epochs"] == math.ceil(factor * before["epochs"])
         assert {k: v for k, v in after.items() if k not in ("epochs", "lr_step")} == \
             {k: v for k, v in before.items() if k not in ("epochs", "lr_step")}
+
+
+def test_the_confirmatory_profile_is_the_pilot_on_the_plans_fresh_seeds():
+    """params/paper.yaml changes only the seeds of the pilot (params/pilot.yaml): each notebook
+    the count params/plan.yaml fixes, drawn from the plan file's SHA-256, none of the pilot's."""
+    from irn.paper import plan
+
+    pilot, paper = (split_params().load(ROOT / "params" / f"{p}.yaml") for p in ("pilot", "paper"))
+    counts = yaml.safe_load((ROOT / "params" / "plan.yaml").read_text())["notebooks"]
+    for notebook, values in pilot.items():
+        assert {k: v for k, v in paper[notebook].items() if k != "seeds"} == \
+            {k: v for k, v in values.items() if k != "seeds"}
+        if "seeds" in values:
+            assert paper[notebook]["seeds"] == plan.seeds(ROOT / "params" / "plan.yaml",
+                                                          counts[notebook])
+            assert not set(paper[notebook]["seeds"]) & set(values["seeds"])
+            assert len(set(paper[notebook]["seeds"])) == counts[notebook]
+
+
+def test_a_profile_sets_every_notebooks_seeds_from_a_list_or_a_plan(tmp_path):
+    from irn.paper import plan
+
+    (tmp_path / "base.yaml").write_text("01_linear_stability:\n  h: 0.1\n"
+                                        "03_two_spirals:\n  seeds: [0, 1]\n")
+    (tmp_path / "listed.yaml").write_text("extends: base.yaml\nseeds: [7]\n")
+    (tmp_path / "plan.yaml").write_text("notebooks: {03_two_spirals: 3}\n")
+    (tmp_path / "planned.yaml").write_text("extends: base.yaml\nseeds: plan.yaml\n")
+    listed, planned = (split_params().load(tmp_path / f"{p}.yaml") for p in ("listed", "planned"))
+    assert listed == {"01_linear_stability": {"h": 0.1}, "03_two_spirals": {"seeds": [7]}}
+    assert planned["03_two_spirals"]["seeds"] == plan.seeds(tmp_path / "plan.yaml", 3)
+    (tmp_path / "plan.yaml").write_text("notebooks: {03_two_spirals: 3}\n# edited\n")
+    assert split_params().load(tmp_path / "planned.yaml")["03_two_spirals"]["seeds"] != \
+        planned["03_two_spirals"]["seeds"]  # another plan, other seeds
+    (tmp_path / "plan.yaml").write_text("notebooks: {02_function_approximation: 3}\n")
+    with pytest.raises(SystemExit, match="no seed count for 03_two_spirals"):
+        split_params().load(tmp_path / "planned.yaml")
 
 
 def test_nbval_references_run_the_current_notebooks():
