@@ -73,13 +73,14 @@ figures: figures/claims.csv ## regenerate every figure of the paper into figures
 
 figures/claims.csv: $(NAMES:%=build/paper/%.ipynb) $(NAMES:%=build/half/%.ipynb) scripts/claims_table.py
 	$(BIN)/python scripts/claims_table.py build/half/figures
-	$(BIN)/python scripts/claims_table.py figures --half build/half/figures --pilot figures/pilot --readme README.md
+	$(BIN)/python scripts/claims_table.py figures --half build/half/figures --plan params/plan.yaml \
+	  --pilot figures/pilot --readme README.md
 
 # The pilot: the same settings on seeds 0-9 (params/pilot.yaml), from which the plan was made.
 pilot: figures/pilot/claims.csv ## the pilot (seeds 0-9) the analysis plan was computed from -> figures/pilot/
 figures/pilot/claims.csv: $(NAMES:%=build/pilot/%.ipynb) $(NAMES:%=build/pilot_half/%.ipynb) scripts/claims_table.py
 	$(BIN)/python scripts/claims_table.py build/pilot_half/figures
-	$(BIN)/python scripts/claims_table.py figures/pilot --half build/pilot_half/figures
+	$(BIN)/python scripts/claims_table.py figures/pilot --half build/pilot_half/figures --plan params/plan.yaml
 
 # The analysis plan is written once, from the committed pilot, and then frozen: the
 # confirmatory seeds derive from its bytes (scripts/plan.py refuses to overwrite it).

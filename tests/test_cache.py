@@ -57,6 +57,26 @@ def test_an_ensemble_of_more_than_ten_members_hits(tmp_path, count_training):
     assert count_training == [12]
 
 
+def test_batches_finished_before_a_failure_stay_cached(tmp_path, monkeypatch):
+    """A long sweep that fails in its last batch keeps what it trained: each batch is stored
+    as it finishes, and the rerun trains only the failed one."""
+    original, calls = experiments._run_jobs, []
+
+    def second_fails(batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise RuntimeError("a worker died")
+        return original(batch)
+
+    monkeypatch.setattr(experiments, "_run_jobs", second_fails)
+    two = jobs() + [job | dict(model_kwargs=job["model_kwargs"] | dict(num_layers=3))
+                    for job in jobs()]  # two batches (depths differ)
+    with pytest.raises(RuntimeError, match="a worker died"):
+        experiments.train_many(two, cache_dir=tmp_path)
+    experiments.train_many(two, cache_dir=tmp_path)
+    assert calls == [3, 3, 3]   # the first batch was not trained again
+
+
 def test_a_changed_setting_misses(tmp_path, count_training):
     experiments.train_many(jobs(), cache_dir=tmp_path)
     experiments.train_many(jobs(epochs=4), cache_dir=tmp_path)

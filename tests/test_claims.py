@@ -1,10 +1,15 @@
 """The claims table: rows, family-wise verdicts and the per-seed quantities of each claim."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from irn.paper import claims
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _decided(rows):
@@ -244,8 +249,15 @@ def test_saved_rows_make_the_table_its_per_seed_values_and_its_markdown(tmp_path
     assert "(figures/figure4_losses.png)" in text and "**holds**" in text
     assert '["explicit ResNet has the best' in text       # the paper's words, quoted
     assert "[R_fp costs no training loss]" in text        # our reading, not quoted
-    assert text.count("\n") == 7   # header, rule, three rows, a blank line, the seeds needed
-    assert "Seeds needed for 80% power against each row's margin" in text
+    assert text.count("\n") == 5   # header, rule, three rows; nothing planned
+    assert "seeds (planned)" in text and "| 10 (-) |" in text
+    plan = {"families": {"1a": {"rows": {"a": 12}}, "6a": {"rows": {"b": ">50"}}}}
+    planned = claims.with_plan(table, plan)
+    assert planned.seeds_planned.tolist()[::2] == [12.0, float("inf")]
+    assert np.isnan(planned.seeds_planned.iloc[1])  # 5b: not in the plan
+    text = claims.markdown(planned)
+    assert "| 10 (12) |" in text and "| 10 (>50) |" in text
+    assert "1a: 12 to 12; 6a: >50 to >50 (1 of 1 rows undecidable at 50 seeds)" in text
     mixed = pd.Series([0.5, -0.4, 0.3, 0.1, -0.2, 0.6, -0.1, 0.2, 0.4, -0.3],
                       index=pd.Index(range(10), name="seed"))
     claims.save([claims.row("7a", "d", mixed)], "04_d", tmp_path)  # read back from the CSV
@@ -307,27 +319,31 @@ def _upper_bound(hits, trials):
     return float(stats.beta.ppf(0.95, hits + 1, trials - hits))
 
 
+PLANNED = sorted({10, *yaml.safe_load((ROOT / "params" / "plan.yaml").read_text())["notebooks"].values()})
+
+
+@pytest.mark.parametrize("n", PLANNED)  # the pilot's seeds and the plan's counts
 @pytest.mark.parametrize("claim", ["1a", "1b", "3c", "4"])
-def test_each_conjunction_is_wrong_in_at_most_five_percent_of_null_data_sets(claim):
+def test_each_conjunction_is_wrong_in_at_most_five_percent_of_null_data_sets(claim, n):
     """Through claims.frame, as the notebooks decide: exchangeable networks (every network's
     value from one distribution) for the sentences about every network (1a: every; 1b: all but
     one), one pair exactly at the margin for "equally well" (3c), and convergence shares of
     exactly 0.9 (claim 4). The per-row tests' own rates are simulated in
     tests/test_statistics.py; here the conjunction rules on top of them."""
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(7 + n)
     # at the margin a TOST errs in nearly 5%: enough data sets for the bound to be under 6%
     trials, hits = 1500 if claim == "3c" else 300, 0
     for _ in range(trials):
         if claim in ("1a", "1b"):
-            explicit, implicit = rng.normal(size=10), rng.normal(size=(4, 10))
+            explicit, implicit = rng.normal(size=n), rng.normal(size=(4, n))
             rows = [claims.row(claim, "sim", explicit - other, component=f"theta {k}")
                     for k, other in enumerate(implicit)]
         elif claim == "3c":
             margin = claims.MARGINS["factor 2"][0]
-            rows = [claims.row("3c", "sim", rng.normal(shift, 0.1, 10), component=f"pair {k}")
+            rows = [claims.row("3c", "sim", rng.normal(shift, 0.1, n), component=f"pair {k}")
                     for k, shift in enumerate((margin, 0.0, 0.0))]
         else:
-            rows = [claims.share_row("4", "sim", rng.random(10) < 0.9, component=f"theta {k}")
+            rows = [claims.share_row("4", "sim", rng.random(n) < 0.9, component=f"theta {k}")
                     for k in range(4)]
         verdicts = claims.frame(rows).verdict
         hits += verdicts.iloc[-1] in ("holds", "equivalent")  # the conjunction, last

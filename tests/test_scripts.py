@@ -263,10 +263,18 @@ def test_claims_table_collects_the_rows_into_the_csv_and_the_readme(tmp_path):
     claims.save([claims.row("1a", "state", [-1.0, -2.0] * 5)], "02_x", figures)
     claims.save([claims.row("6a", "roll", [1.0, -1.0] * 5)], "03_y", figures)
     readme = tmp_path / "README.md"
+    pilot = tmp_path / "pilot"
+    claims.save([claims.row("1a", "state", [-1.0, 2.0] * 5)], "02_x", pilot)
+    claims.table(pilot).to_csv(pilot / "claims.csv", index=False)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("families: {1a: {rows: {state: 12}}, 6a: {rows: {roll: '>50'}}}\n")
+    readme = tmp_path / "README.md"
     readme.write_text("# title\n<!-- headline:begin -->\nold counts\n<!-- headline:end -->\n"
-                      "<!-- claims:begin -->\nold table\n<!-- claims:end -->\nrest\n")
+                      "<!-- claims:begin -->\nold table\n<!-- claims:end -->\n"
+                      "<!-- agreement:begin -->\n<!-- agreement:end -->\nrest\n")
     for _ in range(2):  # rerunning replaces the table, it does not add one
-        result = run("scripts/claims_table.py", str(figures), str(readme))
+        result = run("scripts/claims_table.py", str(figures), "--readme", str(readme),
+                     "--plan", str(plan), "--pilot", str(pilot))
         assert result.returncode == 0, result.stderr
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# title\n") and text.endswith("rest\n")
@@ -277,10 +285,15 @@ def test_claims_table_collects_the_rows_into_the_csv_and_the_readme(tmp_path):
             f"**{verdicts.count('inconclusive')} inconclusive**.") in text
     assert text.count("| 1a. [") == 1 and "**holds**" in text and "**inconclusive**" in text
     assert f"({figures.as_posix()}/figure4_losses.png)" in text
+    assert "| 10 (12) |" in text and "| 10 (>50) |" in text   # the plan's counts
+    # the pilot's 1a row is inconclusive, the confirmation's holds: off the diagonal
+    assert "| inconclusive | 1 | 0 | 0 | **0** | 1 |" in text
+    assert "0 of the 1 rows in both tables read the same" in text
+    assert "(changed)" in (figures / "agreement.md").read_text()
     csv = (figures / "claims.csv").read_text().splitlines()
     assert len(csv) == 3 and csv[0].startswith("claim,setup,")
     values = (figures / "claims_per_seed.csv").read_text().splitlines()
     assert len(values) == 21 and values[0].startswith("claim,setup,seed,unit,value,estimate,")
     readme.write_text("no markers\n")
-    result = run("scripts/claims_table.py", str(figures), str(readme))
+    result = run("scripts/claims_table.py", str(figures), "--readme", str(readme))
     assert result.returncode != 0 and "claims:begin" in result.stderr

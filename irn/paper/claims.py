@@ -26,9 +26,9 @@ worst" holds when all components but one hold, by their Holm-adjusted verdicts. 
 prints the bound of the test that decided it, compatible with Holm's decisions
 (:func:`_compatible_levels`; for equivalence an interval), and an inconclusive row what its
 data exclude. Margins are fixed with
-their reasons (:data:`MARGINS`); the seeds each row would need for 80% power against its
-margin at the family's level are given beside it (capped: more than :data:`MAX_SEEDS` reads
-as undecidable at this scale).
+their reasons (:data:`MARGINS`); the seeds each row was planned for (80% power against its
+margin at the family's level, :mod:`irn.paper.plan`, from the pilot) are added by
+:func:`with_plan` (more than :data:`MAX_SEEDS` reads as undecidable at this scale).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ except ImportError as err:  # the examples' dependencies: pip install 'irn[examp
     raise missing_extra("irn.paper.claims", err) from err
 
 COLUMNS = ["claim", "setup", "statement", "source", "metric", "test", "estimate", "bound",
-           "excludes", "p", "p_holm", "seeds", "seeds_needed", "not_converged", "trained",
+           "excludes", "p", "p_holm", "seeds", "seeds_planned", "not_converged", "trained",
            "runs", "verdict", "figure"]
 #: the level of every test (one-sided; TOST: per side); a family's rows are Holm-adjusted
 ALPHA = 0.05
@@ -283,8 +283,7 @@ def frame(rows: list[dict]) -> pd.DataFrame:
                 elif against[id(r)] <= ALPHA:  # the table shows the p that decided
                     verdict, p_holm = "contradicted", against[id(r)]
                     level, side = levels_against[i], "against"
-            out.append(_decided(r, spec, t, p_holm, verdict, level, side,
-                                len(tested) + len(conj_p)))
+            out.append(_decided(r, spec, t, p_holm, verdict, level, side))
         decided = dict(zip(map(id, family), out[-len(family):]))
         conj_levels = dict(zip((key for key, _ in every),
                                zip(claimed[len(tested):], levels[len(tested):])))
@@ -310,18 +309,13 @@ def _compatible_levels(adjusted) -> list:
     return [None if p <= ALPHA else ("free", 1 - ALPHA / (m - rejected)) for p in adjusted]
 
 
-def _decided(r, spec, t, p_holm, verdict, level, side, family_size) -> dict:
+def _decided(r, spec, t, p_holm, verdict, level, side) -> dict:
     margin = MARGINS[spec.margin][0]
     bound = excludes = float("nan")
-    needed = float("nan")
     if t is not None:
         bound = _compatible_bound(spec, t, level, side)
         # an undecided row: the bound beyond which its data exclude the effect
         excludes = t["far"] if verdict == "inconclusive" else float("nan")
-        # a spread from fewer seeds than a verdict needs is no basis for a seed count
-        if spec.test != "share" and r["seeds"] >= MIN_SEEDS and margin > 0:
-            needed = statistics.seeds_needed(r["values"].to_numpy(), margin,
-                                             alpha=min(0.5, 2 * ALPHA / max(family_size, 1)))
     test = {"directional": f"one-sided {r['side']} {spec.threshold:g}",
             "equivalence": f"TOST within {spec.threshold:g} +- {margin:.3g}",
             "non-inferiority": f"one-sided < {spec.threshold + margin:.3g} (no worse than the "
@@ -332,7 +326,7 @@ def _decided(r, spec, t, p_holm, verdict, level, side, family_size) -> dict:
                 estimate=float("nan") if t is None else t["estimate"],
                 bound=_format_bound(bound), excludes=_format_bound(excludes),
                 p=float("nan") if t is None else t["p"], p_holm=p_holm, seeds=r["seeds"],
-                seeds_needed=needed, not_converged=r["not_converged"], trained=r["trained"],
+                seeds_planned=float("nan"), not_converged=r["not_converged"], trained=r["trained"],
                 runs=r["runs"], verdict=verdict, figure=r["figure"])
 
 
@@ -409,7 +403,7 @@ def _conjunctions(spec, groups, decided, tests, conj_levels) -> list[dict]:
             "contradicted" if bad else "inconclusive"
         out.append(shown | dict(
             setup=f"{key[0]}, {key[1]} (conjunction: weakest row shown)", p=p, p_holm=p_holm,
-            seeds_needed=float("nan"), runs=sum(d["runs"] for d in rows),
+            seeds_planned=float("nan"), runs=sum(d["runs"] for d in rows),
             not_converged=sum(d["not_converged"] for d in rows),
             trained=sum(d["trained"] for d in rows), excludes="", verdict=verdict))
     return out
@@ -440,7 +434,7 @@ def show(rows) -> str:
         "estimate": ["-" if pd.isna(e) else f"{e:+.3g}" for e in table.estimate],
         "bound": table.bound.fillna(""),
         "p (Holm)": ["-" if pd.isna(p) else f"{p:.2g}" for p in table.p_holm],
-        "seeds": table.seeds, "needed": [_count(n) for n in table.seeds_needed],
+        "seeds": table.seeds,
         "not conv.": table.not_converged, "verdict": table.verdict,
     }).to_string(index=False)
 
@@ -494,7 +488,7 @@ def markdown(table: pd.DataFrame, figures_url: str = "figures") -> str:
     verdict at half the training budget (column ``verdict_half``, when present) differs reads
     **budget-dependent** instead of a verdict."""
     lines = ["| claim | setup | what is measured | test | estimate [bound of the test] | "
-             "p (Holm) | seeds (needed) | not converged | trained | verdict |",
+             "p (Holm) | seeds (planned) | not converged | trained | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table.itertuples():
         half = getattr(r, "verdict_half", r.verdict)
@@ -504,9 +498,10 @@ def markdown(table: pd.DataFrame, figures_url: str = "figures") -> str:
         p_holm = "-" if pd.isna(r.p_holm) else f"{r.p_holm:.2g}"
         lines.append(f"| {r.claim}. [{statement}]({figures_url}/{r.figure}.png) ({r.source}) | "
                      f"{r.setup} | {r.metric} | {r.test} | {_estimate(r)} | {p_holm} | "
-                     f"{r.seeds} ({_count(r.seeds_needed)}) | {r.not_converged} | "
+                     f"{r.seeds} ({_count(r.seeds_planned)}) | {r.not_converged} | "
                      f"{r.trained}/{r.runs} | {shown} |")
-    return "\n".join(lines + ["", seeds_summary(table)]) + "\n"
+    summary = seeds_summary(table)
+    return "\n".join(lines + (["", summary] if summary else [])) + "\n"
 
 
 def seeds_summary(table: pd.DataFrame) -> str:
@@ -515,15 +510,29 @@ def seeds_summary(table: pd.DataFrame) -> str:
     seeds could decide, and which none up to :data:`MAX_SEEDS` can."""
     parts = []
     for claim, family in table.groupby("claim", sort=False):
-        needed = family.seeds_needed.dropna()
+        needed = family.seeds_planned.dropna()
         if needed.empty:
             continue
         beyond = int((needed > MAX_SEEDS).sum())
         parts.append(f"{claim}: {_count(needed.min())} to {_count(needed.max())}"
                      + (f" ({beyond} of {len(needed)} rows undecidable at {MAX_SEEDS} seeds)"
                         if beyond else ""))
-    return ("Seeds needed for 80% power against each row's margin at its family's level, per "
-            "claim (the rows' range): " + "; ".join(parts) + ".")
+    if not parts:
+        return ""
+    return ("Seeds planned from the pilot for 80% power against each row's margin at its "
+            "family's level (params/plan.yaml), per claim (the rows' range): " + "; ".join(parts) + ".")
+
+
+def with_plan(table: pd.DataFrame, plan: dict) -> pd.DataFrame:
+    """``table`` with each row's planned seed count (``seeds_planned``) from the analysis plan
+    ``plan`` (the parsed params/plan.yaml, :mod:`irn.paper.plan`): a number, ``inf`` where
+    the plan found the row undecidable at :data:`MAX_SEEDS` seeds, NaN where it did not plan
+    the row (a conjunction, or a pilot row without spread)."""
+    planned = {(claim, setup): float("inf") if isinstance(n, str) else float(n)
+               for claim, family in plan["families"].items()
+               for setup, n in family["rows"].items()}
+    return table.assign(seeds_planned=[planned.get((c, s), float("nan"))
+                                       for c, s in zip(table.claim, table.setup)])
 
 
 def with_half_budget(table: pd.DataFrame, half: pd.DataFrame) -> pd.DataFrame:
@@ -555,6 +564,30 @@ def compare(first: pd.DataFrame, second: pd.DataFrame, labels=("first", "second"
         out[f"verdict {label}"] = both[f"verdict_{label}"]
     out["changed"] = both[f"verdict_{labels[0]}"] != both[f"verdict_{labels[1]}"]
     return out.reset_index(drop=True)
+
+
+VERDICTS = ("holds", "equivalent", "contradicted", "inconclusive")
+
+
+def agreement(first: pd.DataFrame, second: pd.DataFrame, labels=("pilot", "confirmation")) -> str:
+    """Where two claims tables (the pilot's and the confirmation's) agree, in Markdown: the
+    rows found in both counted by their verdict in each (a cross table: the diagonal agrees),
+    and the rows found in only one of them."""
+    both = compare(first, second, labels)
+    counts = pd.crosstab(both[f"verdict {labels[0]}"], both[f"verdict {labels[1]}"])
+    counts = counts.reindex(index=VERDICTS, columns=VERDICTS, fill_value=0)
+    lines = [f"| {labels[0]} \\ {labels[1]} | " + " | ".join(VERDICTS) + " | rows |",
+             "|---|" + "---|" * (len(VERDICTS) + 1)]
+    for verdict, row_ in counts.iterrows():
+        cells = [f"**{n}**" if v == verdict else str(n) for v, n in row_.items()]
+        lines.append(f"| {verdict} | " + " | ".join(cells) + f" | {row_.sum()} |")
+    keys = ["claim", "setup"]
+    alone = [len(t.merge(o[keys], on=keys, how="left", indicator=True).query("_merge == 'left_only'"))
+             for t, o in ((first, second), (second, first))]
+    same = int((~both.changed).sum())
+    return ("\n".join(lines) + f"\n\n{same} of the {len(both)} rows in both tables read the same "
+            f"(the diagonal); {alone[0]} rows are only in the {labels[0]}'s table and {alone[1]} "
+            f"only in the {labels[1]}'s.\n")
 
 
 # ------------------------------------------------------------------ per-seed quantities

@@ -235,16 +235,15 @@ def train_many(jobs: list[dict], workers: int = 1, desc: str = "training", *,
                 bar.update(len(batch))
     todo = [b for b, outcome in enumerate(outcomes) if outcome is None]
 
-    def done(index):
+    def done(index, outcome):  # stored as it finishes: a later failure keeps it
         b = todo[index]
-        bar.update(len(batches[b]))
-
-    trained = run_all(_run_jobs, [[jobs[i] for i in batches[b]] for b in todo], workers,
-                      on_done=done, executor=executor)
-    for b, outcome in zip(todo, trained):
         outcomes[b] = outcome
         if cache_dir:
             _store_batch(cache_dir, keys[b], outcome)
+        bar.update(len(batches[b]))
+
+    run_all(_run_jobs, [[jobs[i] for i in batches[b]] for b in todo], workers, on_done=done,
+            executor=executor)
     bar.close()
     results = [None] * len(jobs)
     for batch, outcome in zip(batches, outcomes):

@@ -16,13 +16,14 @@ def run_all(fn: Callable, tasks: list, workers: int = 1, on_done: Callable | Non
     """``[fn(task) for task in tasks]``, in order: on ``executor`` if given, else with
     ``workers > 1`` in that many spawned processes (fork is unsafe once torch has started
     threads), else here. Every task runs with one torch thread wherever it runs, so its result
-    does not depend on the place. ``on_done(index)`` is called as each task finishes."""
+    does not depend on the place. ``on_done(index, result)`` is called as each task finishes
+    (to keep what is done when a later task fails)."""
     results = [None] * len(tasks)
     if executor is None and (workers == 1 or len(tasks) <= 1):
         for i, task in enumerate(tasks):
             results[i] = fn(task)
             if on_done:
-                on_done(i)
+                on_done(i, results[i])
         return results
     if executor is not None:
         return _collect(executor, fn, tasks, results, on_done)
@@ -36,7 +37,7 @@ def _collect(pool, fn, tasks, results, on_done):
     for future in as_completed(futures):
         results[futures[future]] = future.result()
         if on_done:
-            on_done(futures[future])
+            on_done(futures[future], results[futures[future]])
     return results
 
 

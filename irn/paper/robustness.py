@@ -222,14 +222,17 @@ def measure_many(tasks: list, workers: int = 1, *, cache_dir=None, executor=None
             results[i] = (tables["curves"], tables["growth"].growth.to_numpy(),
                           tables["summary"].iloc[0].to_dict())
     todo = [i for i, result in enumerate(results) if result is None]
-    for i, result in zip(todo, run_all(_measure_task, [tasks[i] for i in todo], workers,
-                                       executor=executor)):
+
+    def done(index, result):  # stored as it finishes: a later failure keeps it
+        i = todo[index]
         results[i] = result
         if cache_dir:
             curves, growth, summary = result
             cache.store(cache_dir, keys[i], {"curves": curves,
                                              "growth": pd.DataFrame({"growth": growth}),
                                              "summary": pd.DataFrame([summary])}, {})
+
+    run_all(_measure_task, [tasks[i] for i in todo], workers, on_done=done, executor=executor)
     return results
 
 

@@ -174,39 +174,3 @@ def holm(pvalues) -> np.ndarray:
     adjusted = np.empty_like(p)
     adjusted[order] = np.maximum.accumulate(scaled)
     return adjusted
-
-
-#: Pitman efficiency of the signed-rank test relative to the t-test on normal data (3 / pi)
-_EFFICIENCY = 3 / math.pi
-
-
-def seeds_needed(values, effect: float, *, alpha: float = 0.05, power: float = 0.8) -> int:
-    """How many seeds a signed-rank test needs to find a shift of ``effect`` with ``power`` at
-    two-sided level ``alpha``, given the spread ``s`` of the per-seed ``values``: the smallest
-    ``n`` with ``n >= ((t_{1-alpha/2} + t_power) s / effect)^2 / (3 / pi)`` (t quantiles with
-    ``n - 1`` degrees of freedom: the normal ones promise too much at ten seeds), and at least
-    the smallest n whose exact test can reach ``alpha`` at all (``2 / 2^n <= alpha``)."""
-    values = _finite(values)
-    require(len(values) >= 2, f"values must hold at least two numbers, got {len(values)}")
-    require(effect > 0, f"effect must be positive, got {effect!r}")
-    require(0 < alpha < 1 and 0 < power < 1, f"alpha and power must lie in (0, 1), got {alpha!r}, {power!r}")
-    ratio = values.std(ddof=1) / effect
-    require(math.isfinite(ratio), f"the spread over the effect must be finite, got {ratio!r}")
-
-    def enough(n: int) -> bool:
-        required = (stats.t.ppf(1 - alpha / 2, n - 1) + stats.t.ppf(power, n - 1)) * ratio
-        return n >= required ** 2 / _EFFICIENCY
-
-    # the requirement falls as n grows (t quantiles above the median shrink with the degrees of
-    # freedom), so the smallest n that meets it is found by doubling, then bisection: the
-    # answer of counting up one by one, in a few dozen quantiles instead of up to thousands
-    low = max(2, math.ceil(math.log2(2 / alpha)))
-    if enough(low):
-        return low
-    high = 2 * low
-    while not enough(high):
-        low, high = high, 2 * high
-    while high - low > 1:  # enough(high), not enough(low)
-        middle = (low + high) // 2
-        low, high = (low, middle) if enough(middle) else (middle, high)
-    return high
