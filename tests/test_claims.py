@@ -233,6 +233,15 @@ def test_classification_and_robustness_rows():
         assert stab["setup"] == f"spirals, theta = {theta}"
         assert stab["estimate"] == pytest.approx(10.0) and stab["verdict"] == "holds"
     assert stab1["not_converged"] == 2
+    # PGD accuracies of a 97-point set as counts: a difference of 1.0309 and of 1.0310 points
+    # (one point each, rounded differently) tie; the growth (not a count) keeps its values
+    counted = summary.assign(pgd=summary.pgd.round(1) + np.where(
+        (summary.theta == 1.0) & (summary.regularizer == "none"), 100 / 97 + 1e-9 * summary.seed, 0))
+    rows = claims.robustness_rows(counted, "spirals", validation_points=97)
+    assert [r["resolution"] for r in rows] == [None] + [100 / 97] * 3
+    from irn.paper import statistics
+    assert _decided(rows)["7bspirals"]["p"] == pytest.approx(statistics.signed_rank_p(
+        rows[1]["values"].round(6), side="greater", resolution=100 / 97))
 
 
 def test_saved_rows_make_the_table_its_per_seed_values_and_its_markdown(tmp_path):

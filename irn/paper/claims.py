@@ -777,11 +777,14 @@ def classification_rows(results: pd.DataFrame, setup: str, *, reference="none",
     return rows
 
 
-def robustness_rows(summary: pd.DataFrame, setup: str) -> list[dict]:
+def robustness_rows(summary: pd.DataFrame, setup: str, *,
+                    validation_points: int | None = None) -> list[dict]:
     """Claim 7 from one row per (theta, regularizer, seed) of one dataset with columns
     ``theta``, ``regularizer`` (``none``/``R_stab``), ``seed``, ``growth`` (mean per-layer
     growth), ``pgd`` (accuracy, %), ``converged`` and ``trained`` (:func:`settled`); claim
-    7c once per theta trained with R_stab."""
+    7c once per theta trained with R_stab. PGD accuracies are compared as whole validation
+    points where ``validation_points`` (the validation set's size) is given."""
+    resolution = None if validation_points is None else 100 / validation_points
     table = summary.set_index(["theta", "regularizer", "seed"]).sort_index()
     low, high = table.index.get_level_values("theta").min(), table.index.get_level_values("theta").max()
 
@@ -795,9 +798,10 @@ def robustness_rows(summary: pd.DataFrame, setup: str) -> list[dict]:
 
     plain_low, plain_high = (low, "none"), (high, "none")
     rows = [row("7a", setup, change("growth", plain_high, plain_low), **behind(plain_low, plain_high)),
-            row("7b", setup, change("pgd", plain_high, plain_low), **behind(plain_low, plain_high))]
+            row("7b", setup, change("pgd", plain_high, plain_low), **behind(plain_low, plain_high),
+                resolution=resolution)]
     for theta in sorted(table.xs("R_stab", level="regularizer").index.get_level_values("theta").unique()):
         rows.append(row("7c", f"{setup}, theta = {theta:g}",
                         change("pgd", (theta, "R_stab"), (theta, "none")),
-                        **behind((theta, "none"), (theta, "R_stab"))))
+                        **behind((theta, "none"), (theta, "R_stab")), resolution=resolution))
     return rows
