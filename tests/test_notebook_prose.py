@@ -31,14 +31,20 @@ def _outputs(nb) -> str:
     return "\n".join(parts)
 
 
-#: a formula in LaTeX (math holding a letter or a command): a definition, not a result
-FORMULA = re.compile(r"\$\$.*?\$\$|\$[^$]*[A-Za-z\\][^$]*\$", re.S)
+#: math, display or inline, paired left to right (a number alone in $...$ is still a result)
+MATH = re.compile(r"\$\$.*?\$\$|\$[^$]*\$", re.S)
+
+
+def _formulas_removed(markdown: str) -> str:
+    """``markdown`` without its formulas (math holding a letter or a command: a definition, not
+    a result); math that holds only a number stays and is checked."""
+    return MATH.sub(lambda m: " " if re.search(r"[A-Za-z\\]", m.group()) else m.group(), markdown)
 
 
 def quoted_numbers(markdown: str) -> list[str]:
     """The numbers a markdown text quotes (see :data:`NUMBER`), outside formulas and arXiv
     identifiers."""
-    return NUMBER.findall(FORMULA.sub(" ", re.sub(r"arXiv:\s*\d+\.\d+", "", markdown)))
+    return NUMBER.findall(_formulas_removed(re.sub(r"arXiv:\s*\d+\.\d+", "", markdown)))
 
 
 def printed(number: str, text: str) -> bool:
@@ -51,6 +57,9 @@ def test_quoted_numbers_are_found_as_printed():
         ["0.27", "99.5", "1e-6"]
     assert quoted_numbers(r"class 1 is $(r_i + 0.2)$, $[-0.05, +0.67]$, $\sigma = 0.1$") == \
         ["0.05", "0.67"]
+    # text between two numbers in math is prose, not a formula: its numbers are checked
+    assert quoted_numbers(r"$+0.04$ and so 0.109 decades, $-1.2$; $\theta = 0.5$ at 0.3") == \
+        ["0.04", "0.109", "1.2", "0.3"]
     assert printed("0.27", "estimate +0.27 [") and not printed("0.27", "0.272")
     assert not printed("2.1", "12.1") and printed("2.1", "(2.1,")
 

@@ -427,12 +427,13 @@ def per_seed(rows: list[dict]) -> pd.DataFrame:
 
 
 def show(rows) -> str:
-    """The rows as a fixed-width text table (what the notebooks print)."""
+    """The rows as a fixed-width text table (what the notebooks print): estimate, the bound of
+    the test that decided the row, what an inconclusive row's data exclude, adjusted p."""
     table = rows if isinstance(rows, pd.DataFrame) else frame(rows)
     return pd.DataFrame({
         "claim": table.claim, "setup": table.setup,
         "estimate": ["-" if pd.isna(e) else f"{e:+.3g}" for e in table.estimate],
-        "bound": table.bound.fillna(""),
+        "bound": table.bound.fillna(""), "excludes": table.excludes.fillna(""),
         "p (Holm)": ["-" if pd.isna(p) else f"{p:.2g}" for p in table.p_holm],
         "seeds": table.seeds,
         "not conv.": table.not_converged, "verdict": table.verdict,
