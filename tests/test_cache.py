@@ -218,3 +218,32 @@ def test_executor_context_connects_to_a_scheduler(dask_client):
         assert executor.submit(sum, [1, 2]).result() == 3
     with experiments.executor(None) as executor:
         assert executor is None
+
+
+_MANY_TENSORS = """
+import resource, sys
+import torch
+from irn.paper.parallel import run_all
+
+def many(n):
+    return {f"w{i}": torch.full((3,), float(i)) for i in range(n)}
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    out = run_all(many, [2000, 2000, 10], workers=2)
+    assert [len(o) for o in out] == [2000, 2000, 10] and float(out[0]["w1999"][0]) == 1999.0
+    print("ok")
+"""
+
+
+def test_results_of_many_tensors_come_back_under_a_low_limit_on_open_files(tmp_path):
+    """A batch of many deep models returns thousands of tensors from a worker process: they
+    come back whole with 256 open files allowed (the process pool's own pickler sends each
+    tensor through a file descriptor, and a 50-seed sweep ran out of them)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "many.py"
+    script.write_text(_MANY_TENSORS)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

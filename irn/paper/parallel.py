@@ -4,6 +4,7 @@ on any ``concurrent.futures.Executor`` (a Dask cluster's, see :func:`executor`).
 from __future__ import annotations
 
 import multiprocessing
+import pickle
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from typing import Callable
@@ -35,15 +36,19 @@ def run_all(fn: Callable, tasks: list, workers: int = 1, on_done: Callable | Non
 def _collect(pool, fn, tasks, results, on_done):
     futures = {pool.submit(_one_thread, fn, task): i for i, task in enumerate(tasks)}
     for future in as_completed(futures):
-        results[futures[future]] = future.result()
+        results[futures[future]] = pickle.loads(future.result())
         if on_done:
             on_done(futures[future], results[futures[future]])
     return results
 
 
-def _one_thread(fn, task):
+def _one_thread(fn, task) -> bytes:
+    """``fn(task)`` on one torch thread, pickled here by the standard pickler: the process
+    pool's would send every tensor through a file descriptor of its own, and the weights of a
+    batch of many deep models (64 networks of 100 layers: 13,000 tensors) exceed the limit on
+    open files."""
     torch.set_num_threads(1)  # one task per core
-    return fn(task)
+    return pickle.dumps(fn(task), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 @contextmanager
