@@ -225,21 +225,22 @@ import resource, sys
 import torch
 from irn.paper.parallel import run_all
 
-def many(n):
-    return {f"w{i}": torch.full((3,), float(i)) for i in range(n)}
+def many(weights):
+    return {f"w{i}": w + 1 for i, w in enumerate(weights)}
 
 if __name__ == "__main__":
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-    out = run_all(many, [2000, 2000, 10], workers=2)
-    assert [len(o) for o in out] == [2000, 2000, 10] and float(out[0]["w1999"][0]) == 1999.0
+    tasks = [[torch.full((3,), float(i)) for i in range(n)] for n in (2000, 2000, 10)]
+    out = run_all(many, tasks, workers=2)
+    assert [len(o) for o in out] == [2000, 2000, 10] and float(out[0]["w1999"][0]) == 2000.0
     print("ok")
 """
 
 
 def test_results_of_many_tensors_come_back_under_a_low_limit_on_open_files(tmp_path):
-    """A batch of many deep models returns thousands of tensors from a worker process: they
-    come back whole with 256 open files allowed (the process pool's own pickler sends each
-    tensor through a file descriptor, and a 50-seed sweep ran out of them)."""
+    """Thousands of tensors go to a worker process (trained models to measure) and come back
+    (a batch of many deep models): whole, with 256 open files allowed (the process pool's own
+    pickler sends each tensor through a file descriptor, and a 50-seed sweep ran out of them)."""
     import subprocess
     import sys
 
