@@ -288,7 +288,8 @@ def test_claims_table_collects_the_rows_into_the_csv_and_the_readme(tmp_path):
     assert "| 10 (12) |" in text and "| 10 (>50) |" in text   # the plan's counts
     # the pilot's 1a row is inconclusive, the confirmation's holds: off the diagonal
     assert "| inconclusive | 1 | 0 | 0 | **0** | 1 |" in text
-    assert "0 of the 1 rows in both tables read the same" in text
+    assert "Of the 0 rows the pilot decided, 0 read the same in the confirmation; of its 1 " \
+           "inconclusive rows, the confirmation decided 1." in text
     assert "(changed)" in (figures / "agreement.md").read_text()
     csv = (figures / "claims.csv").read_text().splitlines()
     assert len(csv) == 3 and csv[0].startswith("claim,setup,")

@@ -585,10 +585,14 @@ def agreement(first: pd.DataFrame, second: pd.DataFrame, labels=("pilot", "confi
     keys = ["claim", "setup"]
     alone = [len(t.merge(o[keys], on=keys, how="left", indicator=True).query("_merge == 'left_only'"))
              for t, o in ((first, second), (second, first))]
-    same = int((~both.changed).sum())
-    return ("\n".join(lines) + f"\n\n{same} of the {len(both)} rows in both tables read the same "
-            f"(the diagonal); {alone[0]} rows are only in the {labels[0]}'s table and {alone[1]} "
-            f"only in the {labels[1]}'s.\n")
+    first_verdict = both[f"verdict {labels[0]}"]
+    decided = first_verdict != "inconclusive"
+    kept = int((decided & ~both.changed).sum())
+    newly = int((~decided & both.changed).sum())
+    return ("\n".join(lines) + f"\n\nOf the {int(decided.sum())} rows the {labels[0]} decided, "
+            f"{kept} read the same in the {labels[1]}; of its {int((~decided).sum())} inconclusive "
+            f"rows, the {labels[1]} decided {newly}. {alone[0]} rows are only in the "
+            f"{labels[0]}'s table and {alone[1]} only in the {labels[1]}'s.\n")
 
 
 # ------------------------------------------------------------------ per-seed quantities
