@@ -93,19 +93,24 @@ def _centred(spec: claims.Claim, side: str, values: np.ndarray) -> np.ndarray:
     return target + (values - centre) * math.sqrt(len(values) / (len(values) - 1))
 
 
-def _draws(values: np.ndarray, rng_seed: int, draws: int) -> np.ndarray:
-    """``draws`` resamples of ``values``, each ``MAX_SEEDS`` long: a count ``n`` takes the
-    first ``n`` of each, so every count sees the same draws."""
+def _samples(spec: claims.Claim, side: str, values, rng_seed: int, draws: int) -> np.ndarray:
+    """``draws`` resamples of the centred ``values`` (:func:`_centred`), each ``MAX_SEEDS``
+    long: a count ``n`` takes the first ``n`` of each, so every count sees the same draws."""
+    values = _centred(spec, side, np.asarray(values, dtype=float))
     picks = np.random.default_rng(rng_seed).integers(len(values), size=(draws, claims.MAX_SEEDS))
     return values[picks]
+
+
+def _power(spec: claims.Claim, side: str, samples: np.ndarray, n: int, alpha: float) -> float:
+    """The share of ``samples`` whose first ``n`` values the row's test decides for the claim."""
+    return float(np.mean([_rejects(spec, side, x[:n], alpha) for x in samples]))
 
 
 def power(spec: claims.Claim, side: str, values, n: int, alpha: float,
           rng_seed: int = 0, draws: int = DRAWS) -> float:
     """The simulated power of the row's test with ``n`` seeds at level ``alpha`` (module
     docstring), from the pilot's per-seed ``values``."""
-    samples = _draws(_centred(spec, side, np.asarray(values, dtype=float)), rng_seed, draws)
-    return float(np.mean([_rejects(spec, side, x[:n], alpha) for x in samples]))
+    return _power(spec, side, _samples(spec, side, values, rng_seed, draws), n, alpha)
 
 
 def seeds_for(spec: claims.Claim, side: str, values, alpha: float, rng_seed: int = 0,
@@ -116,10 +121,10 @@ def seeds_for(spec: claims.Claim, side: str, values, alpha: float, rng_seed: int
     if spec.test == "share":
         n = math.ceil(math.log(alpha) / math.log(spec.threshold))
         return n if n <= claims.MAX_SEEDS else None
-    samples = _draws(_centred(spec, side, np.asarray(values, dtype=float)), rng_seed, draws)
+    samples = _samples(spec, side, values, rng_seed, draws)
 
     def enough(n):
-        return np.mean([_rejects(spec, side, x[:n], alpha) for x in samples]) >= POWER
+        return _power(spec, side, samples, n, alpha) >= POWER
 
     if not enough(claims.MAX_SEEDS):
         return None
